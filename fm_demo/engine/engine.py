@@ -1,0 +1,204 @@
+"""Engine: exact chunked prefill from any state, single-token steps and streaming decode.
+
+Invariant kept by every method: a State holds exactly the tokens it has been fed (State.seqlen),
+so continuing from it equals re-reading the whole history from scratch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import OpSet, select_ops
+from .mixer import forward_chunk, forward_step, head, layer_consts
+from .sampling import SamplingParams, make_generator, sample
+from .state import State, StateError, model_signature
+
+DEFAULT_CHUNK = 256
+
+
+@dataclass
+class StreamMetrics:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # from the call to the first token
+    new_tokens: int = 0
+    decode_s: float = 0.0  # time spent after the first token
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s, "ttft_s": self.ttft_s,
+                "new_tokens": self.new_tokens, "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # the new piece of text ("" while a multi-byte character is incomplete)
+    index: int  # 0-based position among generated tokens
+    metrics: StreamMetrics
+    finish_reason: str | None = None  # "stop" | "length" on the last event
+
+
+@dataclass
+class _Detok:
+    """Incremental detokenization that never emits half a UTF-8 character."""
+
+    tokenizer: object
+    ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+class Engine:
+    """Wraps a transformers FalconMambaForCausalLM (fp32, bf16 or bitsandbytes 4-bit)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ops: OpSet | None = None):
+        if getattr(model.config, "model_type", None) not in ("falcon_mamba", "mamba"):
+            raise TypeError(f"Engine needs a Falcon Mamba model, got {type(model).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model.eval()
+        self.config = model.config
+        self.chunk_size = chunk_size
+        self.device = model.backbone.embeddings.weight.device
+        self.dtype = model.backbone.embeddings.weight.dtype
+        self.ops = ops or select_ops(self.device)
+        self.consts = [layer_consts(b.mixer) for b in model.backbone.layers]
+        self.signature = model_signature(model)
+
+    # -- state -------------------------------------------------------------------------------
+    def new_state(self, batch_size: int = 1) -> State:
+        c = self.config
+        L, D = c.num_hidden_layers, c.intermediate_size
+        conv = torch.zeros(L, batch_size, D, c.conv_kernel - 1, device=self.device, dtype=self.dtype)
+        ssm = torch.zeros(L, batch_size, D, c.state_size, device=self.device, dtype=torch.float32)
+        return State(conv, ssm, self.signature)
+
+    def state_nbytes(self, batch_size: int = 1) -> int:
+        c = self.config
+        per_row = c.num_hidden_layers * c.intermediate_size * (
+            (c.conv_kernel - 1) * self.dtype.itemsize + c.state_size * 4)
+        return per_row * batch_size
+
+    def kernel_report(self) -> dict[str, str]:
+        return {**self.ops.paths, "reason": self.ops.reason}
+
+    # -- checks ------------------------------------------------------------------------------
+    def _check_state(self, state: State, batch: int) -> None:
+        if not isinstance(state, State):
+            raise TypeError(f"state must be a State, got {type(state).__name__}")
+        if state.signature != self.signature:
+            raise StateError("this state belongs to another model; start a new state for this one")
+        if state.batch_size != batch:
+            raise StateError(f"state batch size {state.batch_size} does not match input batch {batch}")
+        if state.device != self.device:
+            raise StateError(f"state is on {state.device}, model on {self.device}")
+
+    def _check_ids(self, ids: Tensor, ndim: int) -> Tensor:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be int64 or int32, got {ids.dtype}")
+        if ids.ndim != ndim:
+            want = "[batch, tokens]" if ndim == 2 else "[batch]"
+            raise ValueError(f"token ids must have shape {want}, got {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("token ids are empty: nothing to read")
+        vocab = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got min {int(ids.min())} max {int(ids.max())}")
+        return ids.to(self.device, torch.long)
+
+    # -- compute -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, state: State, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> Tensor:
+        """Read input_ids [B, T] into `state` (in place), chunk by chunk.
+
+        Returns logits of the last position [B, V], or of every position [B, T, V]. Memory is
+        bounded by the chunk size, not by T; only the requested logits are materialised.
+        """
+        ids = self._check_ids(input_ids, 2)
+        self._check_state(state, ids.shape[0])
+        T, outs = ids.shape[1], []
+        for start in range(0, T, self.chunk_size):
+            chunk = ids[:, start:start + self.chunk_size]
+            hidden, conv, ssm = forward_chunk(self.model, self.consts, self.ops, chunk, state.conv, state.ssm)
+            state.conv.copy_(conv)
+            state.ssm.copy_(ssm)
+            state.seqlen += chunk.shape[1]
+            outs.append(head(self.model, hidden if all_logits else hidden[:, -1]))
+            if progress is not None:
+                progress(min(start + self.chunk_size, T), T)
+        return torch.cat(outs, dim=1) if all_logits else outs[-1]
+
+    @torch.inference_mode()
+    def step(self, token_ids: Tensor, state: State) -> Tensor:
+        """Feed one token per row, token_ids [B], and return the next logits [B, V]."""
+        ids = self._check_ids(token_ids, 1)
+        self._check_state(state, ids.shape[0])
+        logits = forward_step(self.model, self.consts, self.ops, ids, state.conv, state.ssm)
+        state.seqlen += 1
+        return logits
+
+    def stream(self, input_ids: Tensor, state: State, sampling: SamplingParams | None = None,
+               max_new_tokens: int = 256, stop_token_ids: Iterable[int] = (),
+               tokenizer: object | None = None, context_ids: Tensor | None = None) -> Iterator[TokenEvent]:
+        """Prefill input_ids [1, T] into `state`, then sample up to max_new_tokens tokens.
+
+        Each token is fed into the state before it is yielded, so whenever the consumer stops
+        (finished, or closed mid-reply) the state holds exactly prompt + yielded tokens.
+        context_ids [1, S] are earlier tokens the repetition penalty should also see.
+        """
+        sampling = sampling or SamplingParams()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self._check_ids(input_ids, 2)
+        if ids.shape[0] != 1:
+            raise ValueError("stream decodes one sequence at a time (batch size 1)")
+        stops = set(int(t) for t in stop_token_ids)
+        gen = make_generator(sampling, self.device)
+        seen = [ids] if context_ids is None else [context_ids.to(self.device, torch.long), ids]
+        seen_ids = torch.cat(seen, dim=1)
+        detok = _Detok(tokenizer) if tokenizer is not None else None
+        m = StreamMetrics(prompt_tokens=ids.shape[1])
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, state)
+        m.prefill_s = time.perf_counter() - t0
+        for i in range(max_new_tokens):
+            prev = seen_ids if sampling.repetition_penalty != 1.0 else None
+            tok = sample(logits, sampling, gen, prev)  # [1]
+            logits = self.step(tok, state)
+            tid = int(tok)
+            now = time.perf_counter()
+            if i == 0:
+                m.ttft_s = now - t0
+                t_first = now
+            m.new_tokens, m.decode_s = i + 1, now - t_first
+            if prev is not None:
+                seen_ids = torch.cat([seen_ids, tok.view(1, 1)], dim=1)
+            finish = "stop" if tid in stops else ("length" if i == max_new_tokens - 1 else None)
+            text = detok.push(tid) if detok is not None and tid not in stops else ""
+            yield TokenEvent(tid, text, i, m, finish)
+            if finish:
+                return

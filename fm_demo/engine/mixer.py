@@ -57,7 +57,7 @@ def _delta(mixer: nn.Module, c: LayerConsts, ts: Tensor) -> Tensor:
     if c.dt_w is not None:
         dt = F.linear(ts, c.dt_w).float()
     else:
-        dt = mixer.dt_proj(ts).float() - c.dt_b
+        dt = mixer.dt_proj(ts.contiguous()).float() - c.dt_b
     return F.softplus(dt + c.dt_b)
 
 
@@ -73,10 +73,11 @@ def mixer_chunk(mixer: nn.Module, c: LayerConsts, ops: OpSet, x: Tensor, conv_st
     """x [B, T, H] from (conv_state [B, D, K-1], ssm_state [B, D, N]) -> (y [B, T, H], conv', ssm')."""
     u, z = mixer.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, D, T] each
     u, conv_state = ops.conv(u, c.conv_w, c.conv_b, conv_state)  # [B, D, T]
-    delta, Bm, Cm = _ssm_inputs(mixer, c, u.transpose(1, 2))  # [B, T, D], [B, T, N], [B, T, N]
+    # contiguous: bitsandbytes' CPU 4-bit matmul returns wrong values for strided inputs
+    delta, Bm, Cm = _ssm_inputs(mixer, c, u.transpose(1, 2).contiguous())  # [B, T, D], [B, T, N] x2
     y, ssm_state = ops.scan(u, delta.transpose(1, 2), c.A, Bm.transpose(1, 2), Cm.transpose(1, 2),
                             c.D, z, ssm_state)  # [B, D, T]
-    return mixer.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state
+    return mixer.out_proj(y.transpose(1, 2).to(x.dtype).contiguous()), conv_state, ssm_state
 
 
 def mixer_step(mixer: nn.Module, c: LayerConsts, ops: OpSet, x: Tensor, conv_state: Tensor,

@@ -26,18 +26,18 @@ class StateError(ValueError):
 def model_signature(model) -> str:
     """Identifies a model's architecture and weights well enough to refuse a foreign state.
 
-    Shape fields come from the config; the weight fingerprint uses A_log of the first and last
-    layer rounded to bf16, so the same checkpoint in fp32, bf16 or 4-bit (bitsandbytes leaves
-    A_log unquantized) shares a signature while base and instruct differ.
+    Shape fields come from the config; the weight fingerprint uses a corner of the embeddings and
+    A_log of the first and last layer, rounded to bf16, so the same checkpoint in fp32, bf16 or
+    4-bit (bitsandbytes quantizes neither) shares a signature while base and instruct differ.
     """
     cfg = model.config
     fields = [cfg.model_type, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
               cfg.state_size, cfg.conv_kernel, cfg.vocab_size]
     h = hashlib.sha256(json.dumps(fields).encode())
     layers = model.backbone.layers
-    for layer in (layers[0], layers[-1]):
-        a = layer.mixer.A_log.detach()[:4, :].to(torch.bfloat16).float().cpu()
-        h.update(a.numpy().tobytes())
+    parts = [model.backbone.embeddings.weight[:4, :16]] + [l.mixer.A_log[:4] for l in (layers[0], layers[-1])]
+    for p in parts:
+        h.update(p.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,97 @@
+"""build_demo(settings): the whole Gradio app. One call lays out every tab and wires its events.
+
+The model manager and the session store are created here and closed over by the handlers;
+nothing lives in module globals, so several demos (tests) can coexist in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from ..settings import Settings
+from .api import register_api
+from .chat_tab import build_chat_tab
+from .common import AppContext, session_id
+from .compare_tab import build_compare_tab
+from .lab_tab import build_lab_tab
+from .long_tab import build_long_tab
+from .readout import CSS
+from .system_tab import build_system_tab
+
+TITLE = "Falcon Mamba: attention-free chat"
+INTRO = ("**Falcon Mamba** is a 7B language model with no attention: a fixed-size recurrent state replaces "
+         "the KV cache. Here every conversation keeps its state on the server, so each turn reads only its "
+         "new tokens, and speed and memory stay flat however long the conversation grows.")
+
+
+def offline_environment() -> None:
+    """No telemetry and no network calls from Gradio at launch (update check, analytics)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def make_context(settings: Settings) -> AppContext:
+    from ..models import ModelManager
+    from ..sessions import SessionStore
+
+    manager = ModelManager(settings)
+    return AppContext(settings, manager, SessionStore(settings, manager))
+
+
+def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) -> gr.Blocks:
+    offline_environment()
+    settings = settings or Settings.from_env()
+    ctx = ctx or make_context(settings)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab(ctx)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(ctx)
+            with gr.Tab("Long context", id="long"):
+                build_long_tab(ctx)
+            with gr.Tab("Constant-memory lab", id="lab"):
+                build_lab_tab(ctx)
+            with gr.Tab("System", id="system"):
+                system_outputs = build_system_tab(ctx)
+        register_api(ctx)
+        demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
+        demo.unload(_forget_session(ctx))
+    demo.fm_context = ctx  # for tests and app.py: the live manager and store
+    return demo
+
+
+def _system_loader(ctx: AppContext):
+    from .common import bind
+    from .system_tab import system_report
+
+    return bind(system_report, ctx)
+
+
+def _forget_session(ctx: AppContext):
+    """When a browser tab closes, drop its conversations and stop flags."""
+    def forget(request: gr.Request) -> None:
+        try:
+            sid = session_id(request)
+        except gr.Error:
+            return
+        ctx.store.reset(sid)
+        ctx.stops.forget(sid)
+    return forget
+
+
+def launch_kwargs(settings: Settings) -> dict:
+    """Arguments of demo.launch() that style and bound the app (Gradio 6 takes theme/css here)."""
+    max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
+    return {"theme": gr.themes.Soft(primary_hue="emerald"), "css": CSS, "max_file_size": max_upload,
+            "footer_links": ["api", "settings"], "show_error": False}
+
+
+def queue_kwargs(concurrency: int = 4, max_size: int | None = 64) -> dict:
+    from ..zerogpu import queue_options
+
+    return queue_options(max_size, concurrency)

@@ -1,0 +1,213 @@
+"""Chat tab: a streaming chat whose recurrent state is cached between turns, with live metrics.
+
+Every reply-producing handler yields the same outputs, REPLY_OUTPUTS:
+    (message box, chatbot, readout html, memory plot, speed plot, plot points state)
+and takes the same model/sampling inputs after its own, REPLY_INPUTS.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from .common import (SAMPLING_DEFAULTS, AppContext, bind, check_message, controlled, model_pickers, on_preset_change,
+                     open_conversation, precision_choices, sampling_params, session_id, user_errors)
+from .readout import (live_metrics, memory_frame, plot_points, readout_html, speed_frame, trim_points)
+
+SLOT = "chat"
+SKIP6 = (gr.skip(),) * 6
+
+
+@dataclass
+class Knobs:
+    """The model and sampling inputs every reply handler takes, in REPLY_INPUTS order."""
+
+    preset: str
+    precision: str
+    system: str
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+    seed: int
+
+    def sampling(self):
+        return sampling_params(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+
+
+def _open(ctx: AppContext, request, knobs: Knobs, progress):
+    return open_conversation(ctx, request, knobs.preset, knobs.precision, SLOT, progress, knobs.system)
+
+
+def _stream(ctx: AppContext, sid: str, conv, events, points) -> Iterator[tuple]:
+    """REPLY_OUTPUTS while the reply streams, then the final readout and plots."""
+    for ev in controlled(ctx, sid, SLOT, events):
+        if not ev.done:
+            yield gr.skip(), conv.messages, readout_html(live_metrics(conv, ev.metrics), streaming=True), \
+                gr.skip(), gr.skip(), gr.skip()
+    m = conv.last_metrics
+    points = plot_points(points, m)
+    yield gr.skip(), conv.messages, readout_html(m), memory_frame(points), speed_frame(points), points
+
+
+@user_errors
+def send(ctx: AppContext, message: str, preset: str, precision: str, system: str, temperature: float,
+         top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int,
+         points: list, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+    """A new user message: the state continues from the last turn, only this turn is read."""
+    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    text = check_message(message, ctx.settings.max_input_chars)
+    if text is None:
+        yield SKIP6
+        return
+    sid, conv = _open(ctx, request, knobs, progress)
+    events = conv.send(text, knobs.sampling(), int(max_new_tokens))
+    yield "", conv.messages + [{"role": "user", "content": text}], gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    yield from _stream(ctx, sid, conv, events, points)
+
+
+def _user_turn(messages: list[dict], index) -> int:
+    """The 0-based user turn of chatbot message `index`."""
+    index = index[0] if isinstance(index, (list, tuple)) else int(index)
+    return sum(1 for m in messages[:index] if m["role"] == "user")
+
+
+@user_errors
+def retry(ctx: AppContext, preset: str, precision: str, system: str, temperature: float, top_p: float,
+          top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int, points: list,
+          request: gr.Request, progress=gr.Progress(), retry_data: gr.RetryData = None) -> Iterator[tuple]:
+    """A new reply to the last user message (or, from the chatbot's icon, to message `index`)."""
+    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    sid, conv = _open(ctx, request, knobs, progress)
+    if not conv.turns:
+        raise gr.Error("Nothing to retry yet: send a message first.")
+    turn = len(conv.turns) - 1 if retry_data is None else _user_turn(conv.messages, retry_data.index)
+    if turn >= len(conv.turns) - 1:
+        events = conv.retry(knobs.sampling(), int(max_new_tokens))
+    else:
+        events = conv.edit(turn, conv.turns[turn].user, knobs.sampling(), int(max_new_tokens))
+    yield from _stream(ctx, sid, conv, events, points)
+
+
+@user_errors
+def edit(ctx: AppContext, preset: str, precision: str, system: str, temperature: float, top_p: float,
+         top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int, points: list,
+         edit_data: gr.EditData, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+    """The user edited one of their messages in the chatbot: replay from there."""
+    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    value = edit_data.value if isinstance(edit_data.value, str) else str(edit_data.value)
+    text = check_message(value, ctx.settings.max_input_chars)
+    if text is None:
+        raise gr.Error("An edited message cannot be empty; use Undo to remove a turn.")
+    sid, conv = _open(ctx, request, knobs, progress)
+    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, knobs.sampling(), int(max_new_tokens))
+    yield from _stream(ctx, sid, conv, events, points)
+
+
+@user_errors
+def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr.Request,
+         undo_data: gr.UndoData = None) -> tuple:
+    """Remove the last exchange (or everything from message `index`); its text returns to the box."""
+    _, conv = open_conversation(ctx, request, preset, precision, SLOT)
+    keep = len(conv.turns) - 1 if undo_data is None else _user_turn(conv.messages, undo_data.index)
+    text = None
+    while len(conv.turns) > max(0, keep):
+        text = conv.undo()
+    box = gr.skip() if text is None else text
+    points = trim_points(points, conv.context_tokens)
+    return box, conv.messages, readout_html(conv.last_metrics), memory_frame(points), speed_frame(points), points
+
+
+@user_errors
+def clear(ctx: AppContext, request: gr.Request) -> tuple:
+    ctx.store.reset(session_id(request), SLOT)
+    return "", [], readout_html(None), memory_frame([]), speed_frame([]), []
+
+
+def stop(ctx: AppContext, request: gr.Request) -> None:
+    ctx.stops.stop(session_id(request), SLOT)
+
+
+@user_errors
+def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> str:
+    """Write transcript + state to a file the browser downloads."""
+    _, conv = open_conversation(ctx, request, preset, precision, SLOT)
+    if not conv.turns:
+        raise gr.Error("Nothing to export yet: the conversation is empty.")
+    path = Path(tempfile.mkdtemp(prefix="fm-demo-")) / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
+    path.write_bytes(conv.export())
+    return str(path)
+
+
+@user_errors
+def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
+    """Resume an exported conversation (transcript and state) on the model it was saved with."""
+    path = Path(file if isinstance(file, str) else file.name)
+    size, limit = path.stat().st_size, ctx.settings.max_import_bytes
+    if size > limit:
+        raise gr.Error(f"That file is {size / 2**20:,.1f} MiB; the import limit is {limit / 2**20:,.0f} MiB.")
+    conv = ctx.store.import_bytes(session_id(request), path.read_bytes(), SLOT)
+    gr.Info(f"Imported {len(conv.turns)} turns ({conv.context_tokens:,} tokens) on {conv.lm.label}.")
+    preset, precision = conv.lm.key
+    return ("", conv.messages, readout_html(None), memory_frame([]), speed_frame([]), [],
+            gr.Dropdown(value=preset), gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision))
+
+
+def build_chat_tab(ctx: AppContext) -> None:
+    s = ctx.settings
+    points = gr.State([])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="Falcon Mamba", height=460, editable="user", elem_id="chatbot",
+                                 buttons=["copy", "copy_all"], placeholder="Ask anything. Each turn reads only its new tokens.")
+            with gr.Row():
+                msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                 max_lines=8, elem_id="chat-input", autofocus=True)
+                send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
+            with gr.Row():
+                stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
+                retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
+                undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
+                clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
+                export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
+                import_btn = gr.UploadButton("Import", size="sm", file_types=[".fmconv"], elem_id="chat-import")
+            export_file = gr.File(label="Exported conversation", visible=True, height=60)
+        with gr.Column(scale=2):
+            readout = gr.HTML(readout_html(None), elem_id="readout")
+            preset, precision = model_pickers(s, s.default_preset)
+            system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
+            with gr.Accordion("Sampling", open=False):
+                d = SAMPLING_DEFAULTS
+                temperature = gr.Slider(0, 2, d["temperature"], step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, d["top_p"], step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, d["top_k"], step=1, label="Top-k (0 = off)")
+                rep = gr.Slider(1, 2, d["repetition_penalty"], step=0.05, label="Repetition penalty")
+                max_new = gr.Slider(1, s.max_new_tokens_cap, s.max_new_tokens, step=1, label="Max new tokens")
+                seed = gr.Number(d["seed"], precision=0, label="Seed (-1 = random)")
+    with gr.Row():
+        mem_plot = gr.LinePlot(memory_frame([]), x="context tokens", y="MiB", color="series", height=280,
+                               title="Memory over this conversation (MiB)", y_lim=[0, None])
+        speed_plot = gr.LinePlot(speed_frame([]), x="context tokens", y="tokens/s", color="series", height=280,
+                                 title="Speed per turn (tokens/s)", y_lim=[0, None])
+
+    knobs = [preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points]
+    outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
+    preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
+    for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
+        trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
+    stop_btn.click(bind(stop, ctx), None, None, api_name="chat_stop", queue=False)
+    retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None)
+    chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
+    chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None)
+    undo_btn.click(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo")
+    chatbot.undo(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo_at")
+    clear_btn.click(bind(clear, ctx), None, outs, api_name="chat_clear")
+    chatbot.clear(bind(clear, ctx), None, outs, api_name="chat_clear_icon")
+    export_btn.click(bind(export, ctx), [preset, precision], export_file, api_name="chat_export")
+    import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision], api_name="chat_import")

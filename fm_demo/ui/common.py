@@ -1,0 +1,255 @@
+"""What every tab shares: the app context, session ids, sampling inputs, throttling, errors.
+
+Handlers are plain functions of (context, inputs, request); tests call them with a
+`gr.Request(session_hash=...)` and no browser. Per-session objects live in the SessionStore and
+in StopFlags, both keyed by the Gradio session hash and owned by the context build_demo makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import gradio as gr
+
+from ..engine import SamplingParams, StateError
+from ..settings import Settings, SettingsError
+
+log = logging.getLogger("fm_demo.ui")
+T = TypeVar("T")
+
+UPDATES_PER_S = 15.0  # streaming refresh rate: smooth to the eye, cheap for the browser
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "seed": -1}
+
+
+@dataclass
+class StopFlags:
+    """A stop request per (session, slot): set by the Stop button, read between tokens."""
+
+    _flags: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def arm(self, session_id: str, slot: str) -> threading.Event:
+        """A fresh, unset flag for a reply that is about to start."""
+        with self._lock:
+            flag = self._flags[(session_id, slot)] = threading.Event()
+        return flag
+
+    def stop(self, session_id: str, slot: str | None = None) -> None:
+        with self._lock:
+            for (sid, s), flag in self._flags.items():
+                if sid == session_id and slot in (None, s):
+                    flag.set()
+
+    def forget(self, session_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._flags if k[0] == session_id]:
+                del self._flags[key]
+
+
+@dataclass
+class AppContext:
+    """Everything the handlers share; build_demo creates one per app and closes over it."""
+
+    settings: Settings
+    manager: object  # fm_demo.models.ModelManager
+    store: object  # fm_demo.sessions.SessionStore
+    stops: StopFlags = field(default_factory=StopFlags)
+
+
+def session_id(request: gr.Request | None) -> str:
+    sid = getattr(request, "session_hash", None)
+    if not sid:
+        raise gr.Error("This request has no session; reload the page.")
+    return sid
+
+
+def sampling_params(temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, repetition_penalty: float | None = None,
+                    seed: int | None = None) -> SamplingParams:
+    """SamplingParams from UI/API values; None means the UI default, a negative seed means random."""
+    d = SAMPLING_DEFAULTS
+    seed = d["seed"] if seed is None else int(seed)
+    try:
+        return SamplingParams(
+            temperature=float(d["temperature"] if temperature is None else temperature),
+            top_p=float(d["top_p"] if top_p is None else top_p),
+            top_k=int(d["top_k"] if top_k is None else top_k),
+            repetition_penalty=float(d["repetition_penalty"] if repetition_penalty is None else repetition_penalty),
+            seed=None if seed < 0 else seed,
+        )
+    except (TypeError, ValueError) as e:
+        raise gr.Error(f"Invalid sampling setting: {e}") from None
+
+
+def check_message(text: str | None, limit: int) -> str | None:
+    """The message to send, None for an empty one (ignored); refuses an oversized one."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if len(text) > limit:
+        raise gr.Error(f"That message is {len(text):,} characters; the limit is {limit:,}. "
+                       "Use the Long context tab for long documents.")
+    return text
+
+
+def throttle(events: Iterable[T], hz: float = UPDATES_PER_S,
+             is_last: Callable[[T], bool] = lambda e: bool(getattr(e, "done", False))) -> Iterator[T]:
+    """Pass at most `hz` events per second, always including the first and the last."""
+    gap, last_t, pending = 1.0 / hz, 0.0, None
+    for event in events:
+        now = time.perf_counter()
+        if is_last(event) or now - last_t >= gap:
+            yield event
+            last_t, pending = now, None
+        else:
+            pending = event
+    if pending is not None:
+        yield pending
+
+
+# Exceptions whose message is written for the user; anything else is a bug, logged with its trace.
+_USER_FACING = (SettingsError, StateError, ValueError, MemoryError)
+
+
+def _user_facing_types() -> tuple[type[BaseException], ...]:
+    extra = []
+    for module, name in (("fm_demo.models", "ModelLoadError"), ("fm_demo.sessions", "ImportRefused")):
+        try:
+            extra.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return (*_USER_FACING, *extra)
+
+
+def to_user_error(e: BaseException) -> gr.Error:
+    if isinstance(e, gr.Error):
+        return e
+    if type(e).__name__ == "OutOfMemoryError":
+        return gr.Error("The device ran out of memory. Try a shorter input, fewer new tokens, or 4-bit.")
+    if isinstance(e, _user_facing_types()):
+        return gr.Error(str(e))
+    log.exception("unexpected error in a handler")
+    return gr.Error(f"Something went wrong on the server ({type(e).__name__}). "
+                    "The details are in the server log; try again or reload the page.")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn exceptions into gr.Error with a human message, for plain and generator handlers."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:
+                raise to_user_error(e) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise to_user_error(e) from None
+    return wrapper
+
+
+def bind(fn: Callable, *bound) -> Callable:
+    """fn with its first parameters bound, keeping the signature and type hints Gradio reads to
+    inject gr.Request, gr.Progress and event data (functools.partial hides the type hints)."""
+    sig = inspect.signature(fn)
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def bound_fn(*args, **kwargs):
+            yield from fn(*bound, *args, **kwargs)
+    else:
+        @functools.wraps(fn)
+        def bound_fn(*args, **kwargs):
+            return fn(*bound, *args, **kwargs)
+    hints = typing.get_type_hints(fn)  # resolved: Gradio reads annotations off the signature too
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in list(sig.parameters.values())[len(bound):]]
+    bound_fn.__signature__ = sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation))
+    return bound_fn
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_rate(tok_s: float | None) -> str:
+    return "n/a" if not tok_s else f"{tok_s:,.1f} tok/s"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s * 1000:,.0f} ms" if s < 1 else f"{s:,.2f} s"
+
+
+# -- model pickers -----------------------------------------------------------------------------
+def preset_choices(settings: Settings) -> list[tuple[str, str]]:
+    return [(p.label, key) for key, p in settings.presets().items()]
+
+
+def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, str]]:
+    from ..settings import PRECISION_LABELS
+
+    return [(PRECISION_LABELS.get(p, p), p) for p in settings.preset(preset_key).precisions]
+
+
+def model_pickers(settings: Settings, preset_key: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Dropdown]:
+    """A preset dropdown and a precision dropdown that follows it (wired by `wire_pickers`)."""
+    preset = gr.Dropdown(preset_choices(settings), value=preset_key, label=label, interactive=True)
+    precision = gr.Dropdown(precision_choices(settings, preset_key), value=settings.precision_for(preset_key),
+                            label="Precision", interactive=True)
+    return preset, precision
+
+
+def on_preset_change(settings: Settings, preset_key: str) -> gr.Dropdown:
+    return gr.Dropdown(choices=precision_choices(settings, preset_key), value=settings.precision_for(preset_key))
+
+
+def load_progress(progress: gr.Progress | None) -> Callable[[float, str], None] | None:
+    """Adapts gr.Progress to the model manager's progress(fraction, message) callback."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+# -- conversations -----------------------------------------------------------------------------
+def open_conversation(ctx: AppContext, request: gr.Request | None, preset: str, precision: str | None,
+                      slot: str, progress: gr.Progress | None = None, system: str | None = None):
+    """(session id, Conversation) for this browser session's `slot`, its model loaded first."""
+    sid = session_id(request)
+    conv = ctx.store.conversation(sid, preset, precision or None, slot=slot, progress=load_progress(progress))
+    if system is not None:
+        conv.set_system_prompt(system.strip())
+    return sid, conv
+
+
+def controlled(ctx: AppContext, sid: str, slot: str, events: Iterator[T], first: T | None = None) -> Iterator[T]:
+    """Throttle a reply's events (after `first`, if given) and end it when Stop is pressed.
+
+    Closing `events` is what stops the reply: the conversation keeps exactly the tokens shown.
+    """
+    flag = ctx.stops.arm(sid, slot)
+    try:
+        if first is not None:
+            yield first
+        for event in throttle(events):
+            yield event
+            if flag.is_set():
+                break
+    finally:
+        events.close()

@@ -1,0 +1,128 @@
+"""Compare tab: one prompt streams into two models at once, each with its own cached state.
+
+The two replies advance in lockstep, one token of each in turn, in one handler: both panes
+stream together and each pane's conversation keeps its own state across turns.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import gradio as gr
+
+from .common import (UPDATES_PER_S, AppContext, bind, check_message, model_pickers, on_preset_change,
+                     open_conversation, sampling_params, session_id, user_errors)
+from .readout import live_metrics, readout_html
+
+SLOTS = ("left", "right")
+SLOT = "compare"  # the stop flag both panes share
+
+
+def interleave(streams: dict[str, Iterator]) -> Iterator[tuple[str, object]]:
+    """(key, event) from each stream in turn until all are exhausted."""
+    live = dict(streams)
+    while live:
+        for key, it in list(live.items()):
+            event = next(it, None)
+            if event is None:
+                del live[key]
+            else:
+                yield key, event
+
+
+def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
+    """(left chat, right chat, left readout, right readout)."""
+    def shown(side):
+        m = metrics.get(side)
+        if streaming and m is not None:
+            m = live_metrics(convs[side], m)
+        return readout_html(m, streaming=streaming and side in metrics)
+
+    return convs["left"].messages, convs["right"].messages, shown("left"), shown("right")
+
+
+@user_errors
+def compare(ctx: AppContext, message: str, left_preset: str, left_precision: str, right_preset: str,
+            right_precision: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+            max_new_tokens: int, seed: int, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+    """Stream one message into both panes: (message box, left chat, right chat, left/right readouts)."""
+    text = check_message(message, ctx.settings.max_input_chars)
+    if text is None:
+        yield (gr.skip(),) * 5
+        return
+    sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
+    picks = {"left": (left_preset, left_precision), "right": (right_preset, right_precision)}
+    convs = {side: open_conversation(ctx, request, *picks[side], side, progress)[1] for side in SLOTS}
+    sid = session_id(request)
+    streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
+    flag = ctx.stops.arm(sid, SLOT)
+    metrics, last = {}, 0.0
+    pending = [{"role": "user", "content": text}]
+    yield "", convs["left"].messages + pending, convs["right"].messages + pending, gr.skip(), gr.skip()
+    try:
+        for side, ev in interleave(streams):
+            metrics[side] = ev.metrics
+            if time.perf_counter() - last >= 1 / UPDATES_PER_S:
+                last = time.perf_counter()
+                yield gr.skip(), *_panes(convs, metrics, streaming=True)
+            if flag.is_set():
+                break
+    finally:
+        for it in streams.values():
+            it.close()
+    final = {side: convs[side].last_metrics for side in SLOTS}
+    yield gr.skip(), *_panes(convs, final, streaming=False)
+
+
+def stop(ctx: AppContext, request: gr.Request) -> None:
+    ctx.stops.stop(session_id(request), SLOT)
+
+
+@user_errors
+def clear(ctx: AppContext, request: gr.Request) -> tuple:
+    sid = session_id(request)
+    for side in SLOTS:
+        ctx.store.reset(sid, side)
+    return "", [], [], readout_html(None), readout_html(None)
+
+
+def build_compare_tab(ctx: AppContext) -> None:
+    s = ctx.settings
+    left_key, right_key = s.compare_presets
+    gr.Markdown("One prompt, two models, streamed side by side. Each pane keeps its own recurrent-state "
+                "cache across turns, so later turns read only their new tokens. Try base vs instruct, or "
+                "bf16 vs 4-bit of the same model.")
+    panes = {}
+    with gr.Row(equal_height=False):
+        for side, key in (("left", left_key), ("right", right_key)):
+            with gr.Column():
+                preset, precision = model_pickers(s, key, label=f"{side.capitalize()} model")
+                chatbot = gr.Chatbot(height=380, label=side.capitalize(), elem_id=f"compare-{side}",
+                                     buttons=["copy"])
+                readout = gr.HTML(readout_html(None), elem_id=f"compare-{side}-readout")
+                preset.input(bind(on_preset_change, s), preset, precision, api_name=f"compare_{side}_precisions")
+                panes[side] = (preset, precision, chatbot, readout)
+    with gr.Row():
+        msg = gr.Textbox(placeholder="One message for both models", show_label=False, scale=6,
+                         elem_id="compare-input")
+        send_btn = gr.Button("Send to both", variant="primary", scale=1, min_width=100, elem_id="compare-send")
+    with gr.Row():
+        stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="compare-stop")
+        clear_btn = gr.Button("Clear both", size="sm", elem_id="compare-clear")
+    with gr.Accordion("Sampling (both panes)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, 0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, 0.9, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, 50, step=1, label="Top-k (0 = off)")
+            rep = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
+            max_new = gr.Slider(1, s.max_new_tokens_cap, min(128, s.max_new_tokens), step=1, label="Max new tokens")
+            seed = gr.Number(0, precision=0, label="Seed (-1 = random)")
+
+    (lp, lq, lchat, lread), (rp, rq, rchat, rread) = panes["left"], panes["right"]
+    inputs = [msg, lp, lq, rp, rq, temperature, top_p, top_k, rep, max_new, seed]
+    outs = [msg, lchat, rchat, lread, rread]
+    for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
+        trigger(bind(compare, ctx), inputs, outs, api_name=name)
+    stop_btn.click(bind(stop, ctx), None, None, api_name="compare_stop", queue=False)
+    clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

@@ -1,0 +1,118 @@
+"""The live readout panel and the per-conversation plot, rendered from ReplyMetrics.
+
+Every number names its unit; the transformer comparison names its reference config and shows its
+formula, so a reader can check it: Llama-3-8B / Mistral-7B in bf16 stores
+2 (K, V) x 32 layers x 8 KV heads x 128 dims x 2 bytes = 128 KiB per token of context.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import replace
+
+import pandas as pd
+
+from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
+from .common import fmt_bytes, fmt_rate, fmt_seconds
+
+MiB = 1 << 20
+PLOT_COLUMNS = ["context tokens", "series", "MiB"]
+SPEED_COLUMNS = ["context tokens", "series", "tokens/s"]
+
+
+def kv_formula(tokens: int) -> str:
+    r = KV_REFERENCE
+    return (f"{r.name}: 2 (K,V) x {r.layers} layers x {r.kv_heads} KV heads x {r.head_dim} dims x "
+            f"{r.bytes_per_value} B = {fmt_bytes(r.bytes_per_token)}/token x {tokens:,} tokens")
+
+
+def _card(label: str, value: str, sub: str = "") -> str:
+    sub_html = f"<div class='fm-sub'>{html.escape(sub)}</div>" if sub else ""
+    return (f"<div class='fm-card'><div class='fm-label'>{html.escape(label)}</div>"
+            f"<div class='fm-value'>{html.escape(value)}</div>{sub_html}</div>")
+
+
+def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
+    """The panel for one reply's metrics (None: before the first reply)."""
+    if m is None:
+        return ("<div class='fm-readout fm-empty'>Send a message to see time to first token, speed, "
+                "state-cache reuse and memory.</div>")
+    kv = kv_cache_bytes(m.context_tokens)
+    ratio = f"{kv / m.state_bytes:,.1f}x the Mamba state" if m.state_bytes else ""
+    reuse_sub = "cache hit" if m.cache_hit else f"{m.rebuilt_tokens:,} re-read after eviction"
+    mem_kind = "CUDA allocated" if m.device.startswith("cuda") else "process RSS"
+    status = "streaming..." if streaming else (m.finish_reason or "")
+    cards = [
+        _card("Time to first token", fmt_seconds(m.ttft_s if m.new_tokens else None)),
+        _card("Prefill", fmt_rate(m.prefill_tok_s), f"{m.prefilled_tokens:,} tokens read"),
+        _card("Decode", fmt_rate(m.decode_tok_s), f"{m.new_tokens:,} tokens generated"),
+        _card("Tokens in context", f"{m.context_tokens:,}"),
+        _card("Reused from state cache", f"{m.reused_tokens:,} tokens", reuse_sub),
+        _card("Recurrent state", fmt_bytes(m.state_bytes), f"{fmt_bytes(m.cache_bytes)} with turn snapshots"),
+        _card("Device memory", fmt_bytes(m.device_mem_bytes), f"peak {fmt_bytes(m.device_peak_bytes)} ({mem_kind})"),
+        _card("Transformer KV cache", fmt_bytes(kv), ratio),
+    ]
+    return (f"<div class='fm-readout'><div class='fm-status'>{html.escape(m.model)} · {html.escape(status)}</div>"
+            f"<div class='fm-grid'>{''.join(cards)}</div>"
+            f"<div class='fm-formula'>KV reference: {html.escape(kv_formula(m.context_tokens))} "
+            f"= {fmt_bytes(kv)}</div></div>")
+
+
+def live_metrics(conv, m: ReplyMetrics) -> ReplyMetrics:
+    """A streaming reply's metrics with the fields the conversation fills in only at its end."""
+    engine = conv.lm.engine
+    now, peak = device_memory(engine.device)
+    return replace(m, context_tokens=conv.context_tokens, state_bytes=engine.state_nbytes(),
+                   cache_bytes=conv.cache_bytes(), device_mem_bytes=now, device_peak_bytes=peak)
+
+
+def plot_points(points: list[dict] | None, m: ReplyMetrics | None) -> list[dict]:
+    """Per-turn points of the conversation plot; points past the current context (undone or
+    edited turns) are dropped before the new one is added."""
+    if m is None:
+        return []
+    kept = [p for p in points or [] if p["context"] < m.context_tokens]
+    return kept + [turn_point(m)]
+
+
+def trim_points(points: list[dict] | None, context_tokens: int) -> list[dict]:
+    return [p for p in points or [] if p["context"] <= context_tokens]
+
+
+def turn_point(m: ReplyMetrics) -> dict:
+    """One point of the conversation plot, kept per session between turns."""
+    return {"context": m.context_tokens, "state": m.state_bytes, "device": m.device_mem_bytes,
+            "decode": m.decode_tok_s, "prefill": m.prefill_tok_s}
+
+
+def memory_frame(points: list[dict]) -> pd.DataFrame:
+    rows = []
+    for p in points:
+        n = p["context"]
+        rows += [{"context tokens": n, "series": "Falcon Mamba state", "MiB": p["state"] / MiB},
+                 {"context tokens": n, "series": "device memory (whole process)", "MiB": p["device"] / MiB},
+                 {"context tokens": n, "series": f"transformer KV cache ({KV_REFERENCE.name})",
+                  "MiB": kv_cache_bytes(n) / MiB}]
+    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
+
+
+def speed_frame(points: list[dict]) -> pd.DataFrame:
+    rows = []
+    for p in points:
+        rows += [{"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
+                 {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]}]
+    return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+
+
+CSS = """
+.fm-readout {font-size: 0.9em;}
+.fm-grid {display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 6px;}
+.fm-card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 8px;
+          background: var(--background-fill-secondary);}
+.fm-label {font-size: 0.8em; opacity: 0.75;}
+.fm-value {font-size: 1.15em; font-weight: 600; font-variant-numeric: tabular-nums;}
+.fm-sub {font-size: 0.75em; opacity: 0.7;}
+.fm-status {margin-bottom: 4px; opacity: 0.8;}
+.fm-formula {margin-top: 6px; font-size: 0.78em; opacity: 0.75;}
+.fm-empty {opacity: 0.7; padding: 8px;}
+"""

@@ -1,0 +1,89 @@
+"""System tab: the machine, library versions, which kernel path each op runs, loaded models."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+
+import gradio as gr
+
+from ..metrics import device_memory
+from .common import AppContext, bind, fmt_bytes, user_errors
+
+LIBRARIES = ("torch", "transformers", "gradio", "gradio_client", "tokenizers", "accelerate", "bitsandbytes",
+             "mamba_ssm", "causal_conv1d", "kernels", "huggingface_hub")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def machine(ctx: AppContext) -> dict[str, str]:
+    from ..zerogpu import hardware_info
+
+    info = hardware_info()
+    now, peak = device_memory(ctx.settings.device)
+    what = "CUDA allocated" if ctx.settings.device == "cuda" else "process RSS"
+    info["memory"] = f"{fmt_bytes(now)} now, {fmt_bytes(peak)} peak ({what})"
+    return info
+
+
+def models_table(ctx: AppContext) -> list[list[str]]:
+    rows = []
+    for lm in ctx.manager.loaded():
+        kernels = lm.engine.kernel_report()
+        paths = ", ".join(f"{op}: {path}" for op, path in kernels.items() if op != "reason")
+        rows.append([lm.label, lm.device, fmt_bytes(lm.nbytes), f"{lm.load_s:.1f} s", paths,
+                     kernels.get("reason", ""), "; ".join(lm.notes)])
+    return rows
+
+
+def kernels_check_report() -> dict:
+    """The kernels_check package's environment report, where it is installed."""
+    try:
+        module = importlib.import_module("kernels_check")
+    except ImportError as e:
+        return {"available": False, "why": f"kernels_check is not importable: {e}"}
+    for name in ("report", "environment_report", "run_report"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            try:
+                return fn()
+            except Exception as e:  # a diagnostics failure must not take the tab down
+                return {"available": True, "error": f"{type(e).__name__}: {e}"}
+    return {"available": False, "why": "kernels_check has no report function; run python -m kernels_check --json"}
+
+
+def _md(title: str, d: dict[str, str]) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in d.items())
+    return f"#### {title}\n| | |\n|---|---|\n{rows}"
+
+
+@user_errors
+def system_report(ctx: AppContext) -> tuple[str, list[list[str]], dict]:
+    """(machine + versions markdown, loaded-models rows, session-cache stats)."""
+    text = _md("Machine", machine(ctx)) + "\n\n" + _md("Versions", versions())
+    return text, models_table(ctx), ctx.store.stats()
+
+
+def build_system_tab(ctx: AppContext) -> list:
+    """Lays out the tab; returns the outputs of system_report (build_demo also fills them on load)."""
+    with gr.Row():
+        refresh = gr.Button("Refresh", variant="secondary")
+        run_check = gr.Button("Run kernels_check report")
+    info = gr.Markdown()
+    models = gr.Dataframe(headers=["model", "device", "weights", "load time", "kernel path per op",
+                                   "why this path", "notes"], label="Loaded models", interactive=False, wrap=True)
+    with gr.Row():
+        stats = gr.JSON(label="Session cache (all sessions)")
+        check = gr.JSON(label="kernels_check report")
+    refresh.click(bind(system_report, ctx), None, [info, models, stats], api_name="system")
+    run_check.click(user_errors(kernels_check_report), None, check, api_name="kernels_check")
+    return [info, models, stats]

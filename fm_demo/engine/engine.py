@@ -147,7 +147,10 @@ class Engine:
             state.conv.copy_(conv)
             state.ssm.copy_(ssm)
             state.seqlen += chunk.shape[1]
-            outs.append(head(self.model, hidden if all_logits else hidden[:, -1]))
+            if all_logits:
+                outs.append(head(self.model, hidden))
+            elif start + self.chunk_size >= T:  # only the last position's logits are wanted
+                outs.append(head(self.model, hidden[:, -1]))
             if progress is not None:
                 progress(min(start + self.chunk_size, T), T)
         return torch.cat(outs, dim=1) if all_logits else outs[-1]

@@ -1,0 +1,287 @@
+"""Server settings and the model presets: one source of defaults.
+
+Every Settings field can be set by an FM_DEMO_<FIELD> environment variable (`Settings.from_env`)
+or a --field-name flag (`Settings.add_cli_args` / `Settings.from_cli`, parsed only under
+`__main__` in app.py). Model ids reach the server only from here: the presets below and
+FM_DEMO_EXTRA_MODELS; the browser only ever picks among preset keys.
+
+Defaults: the bundled tiny checkpoints on CPU, Falcon Mamba 7B where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+PRECISIONS = ("bf16", "fp32", "4bit")
+PRECISION_LABELS = {"bf16": "bf16 (GPU)", "fp32": "fp32 (CPU)", "4bit": "4-bit NF4 (bitsandbytes)"}
+KINDS = ("base", "instruct")
+ENV_PREFIX = "FM_DEMO_"
+GiB, MiB = 1 << 30, 1 << 20
+COMPARE_BF16_MIN_GPU_BYTES = 40 * GiB  # two 7B models in bf16 (2 x 14.5 GB) plus headroom
+
+
+class SettingsError(ValueError):
+    """A setting with a bad value; the message names the variable or flag to fix."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    label: str
+    source: str  # hub repo id or local checkpoint directory
+    kind: str  # "base" | "instruct"
+    precisions: tuple[str, ...]
+    default_precision: str  # on CUDA; on CPU fp32 is used where the preset allows it
+    prequantized: bool = False  # the checkpoint itself is 4-bit (bitsandbytes config inside)
+
+    @property
+    def local(self) -> bool:
+        return Path(self.source).is_dir()
+
+
+def tiny_checkpoint(kind: str) -> str:
+    """Path of a bundled tiny checkpoint ("base" | "instruct")."""
+    try:
+        from fm_demo.tiny import checkpoint_path
+    except ImportError:  # the tiny package provides it once its checkpoints are trained
+        return str(Path(__file__).parent / "tiny" / "checkpoints" / f"falcon-mamba-tiny-{kind}")
+    return str(checkpoint_path(kind))
+
+
+def _presets() -> dict[str, Preset]:
+    tiny_prec, big_prec = ("fp32", "bf16", "4bit"), ("bf16", "4bit", "fp32")
+    rows = [
+        Preset("tiny-base", "Falcon Mamba tiny (base, bundled)", tiny_checkpoint("base"), "base",
+               tiny_prec, "fp32"),
+        Preset("tiny-instruct", "Falcon Mamba tiny (instruct, bundled)", tiny_checkpoint("instruct"),
+               "instruct", tiny_prec, "fp32"),
+        Preset("7b-base", "Falcon Mamba 7B (base)", "tiiuae/falcon-mamba-7b", "base", big_prec, "bf16"),
+        Preset("7b-instruct", "Falcon Mamba 7B Instruct", "tiiuae/falcon-mamba-7b-instruct", "instruct",
+               big_prec, "bf16"),
+        Preset("7b-base-4bit", "Falcon Mamba 7B (base, TII 4-bit)", "tiiuae/falcon-mamba-7b-4bit", "base",
+               ("4bit",), "4bit", prequantized=True),
+        Preset("7b-instruct-4bit", "Falcon Mamba 7B Instruct (TII 4-bit)",
+               "tiiuae/falcon-mamba-7b-instruct-4bit", "instruct", ("4bit",), "4bit", prequantized=True),
+    ]
+    return {p.key: p for p in rows}
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def extra_preset(spec: str) -> Preset:
+    """A server-configured hub model: "org/name" or "org/name:instruct" / "org/name:base"."""
+    repo, _, kind = spec.strip().partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo) or ".." in repo:
+        raise SettingsError(f"'{spec}' is not a hub model id of the form org/name[:base|:instruct]")
+    kind = kind or ("instruct" if re.search(r"instruct|chat", repo, re.I) else "base")
+    if kind not in KINDS:
+        raise SettingsError(f"'{spec}': kind must be base or instruct, got '{kind}'")
+    quant = bool(re.search(r"4bit|bnb|nf4", repo, re.I))
+    precisions = ("4bit",) if quant else ("bf16", "4bit", "fp32")
+    return Preset(repo, repo, repo, kind, precisions, precisions[0], prequantized=quant)
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5e9' or a plain integer -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B)?\s*", text)
+    if not m:
+        raise ValueError(f"not a byte size: '{text}'")
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    unit = m.group(2) or ""
+    if unit not in units:
+        raise ValueError(f"unknown unit '{unit}' in '{text}'")
+    return int(float(m.group(1)) * units[unit])
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Settings:
+    default_preset: str = _help("preset of the chat tab; 'auto': tiny-instruct on CPU, 7b-instruct on CUDA",
+                                "auto")
+    compare_presets: tuple[str, ...] = _help("two presets for the compare tab, comma separated; empty: auto",
+                                             ())
+    offered_presets: tuple[str, ...] = _help("the presets the app offers, comma separated; empty: all", ())
+    device: str = _help("auto | cpu | cuda", "auto")
+    precision: str = _help("auto | bf16 | fp32 | 4bit; auto: fp32 on CPU, each preset's default on CUDA",
+                           "auto")
+    chunk_size: int = _help("tokens per prefill chunk (bounds prefill memory)", 256)
+    max_new_tokens: int = _help("default reply length in tokens", 256)
+    max_new_tokens_cap: int = _help("hard cap on reply length a browser may ask for", 2048)
+    max_input_chars: int = _help("longest chat message accepted", 16_000)
+    max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
+    max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
+    system_prompt: str = _help("default system prompt of instruct conversations", "")
+    session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
+                                      4 * GiB)
+    session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
+    max_sessions: int = _help("most browser sessions kept at once", 256)
+    hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
+    offload_after_s: float = _help("seconds of idleness after which a GPU state moves to CPU", 60.0)
+    model_memory_budget_bytes: int = _help("bytes of model weights kept loaded; 0: 90% of the device", 0)
+    extra_models: tuple[str, ...] = _help("extra hub models, comma separated org/name[:base|:instruct]", ())
+    queue_max_size: int = _help("most requests waiting in the queue (set explicitly: ZeroGPU's default is 1)",
+                                64)
+    concurrency_limit: int = _help("replies generated at once (on ZeroGPU each holds its own GPU slice)", 1)
+    host: str = _help("address to listen on", "127.0.0.1")
+    port: int = _help("port to listen on", 7860)
+
+    def __post_init__(self) -> None:
+        self.compare_presets = tuple(self.compare_presets)
+        self.offered_presets = tuple(self.offered_presets)
+        self.extra_models = tuple(self.extra_models)
+        self._check()
+        if self.device == "auto":
+            self.device = "cuda" if _cuda_available() else "cpu"
+        elif self.device == "cuda" and not _cuda_available():
+            raise SettingsError("device: cuda was asked for but no CUDA device is visible")
+        if self.default_preset == "auto":
+            self.default_preset = "7b-instruct" if self.device == "cuda" else "tiny-instruct"
+        if not self.compare_presets:
+            self.compare_presets = _auto_compare(self.device)
+        known = self.presets()
+        for name, keys in (("default_preset", [self.default_preset]), ("compare_presets", self.compare_presets)):
+            for key in keys:
+                if key not in known:
+                    raise SettingsError(f"{name}: unknown preset '{key}'; known: {', '.join(known)}")
+
+    def _check(self) -> None:
+        positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_input_chars",
+                    "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
+                    "max_sessions", "port", "queue_max_size", "concurrency_limit")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("hot_states", "offload_after_s", "model_memory_budget_bytes"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise SettingsError(f"max_new_tokens: {self.max_new_tokens} exceeds max_new_tokens_cap "
+                                f"{self.max_new_tokens_cap}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"device: must be auto, cpu or cuda, got '{self.device}'")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise SettingsError(f"precision: must be auto, {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.compare_presets and len(self.compare_presets) != 2:
+            raise SettingsError(f"compare_presets: needs exactly two presets, got {list(self.compare_presets)}")
+        for spec in self.extra_models:
+            try:
+                extra_preset(spec)
+            except SettingsError as e:
+                raise SettingsError(f"extra_models: {e}") from None
+        every = {**PRESETS, **{p.key: p for p in map(extra_preset, self.extra_models)}}
+        for key in self.offered_presets:
+            if key not in every:
+                raise SettingsError(f"offered_presets: unknown preset '{key}'; known: {', '.join(every)}")
+
+    # -- presets -----------------------------------------------------------------------------
+    def presets(self) -> dict[str, Preset]:
+        """The built-in presets plus the server's extra models, by key."""
+        extras = (extra_preset(s) for s in self.extra_models)
+        every = {**PRESETS, **{p.key: p for p in extras}}
+        return {k: p for k, p in every.items() if not self.offered_presets or k in self.offered_presets}
+
+    def preset(self, key: str) -> Preset:
+        try:
+            return self.presets()[key]
+        except KeyError:
+            raise SettingsError(f"unknown model preset '{key}'") from None
+
+    def precision_for(self, preset: Preset | str) -> str:
+        """The precision a preset loads in when the request names none."""
+        p = self.preset(preset) if isinstance(preset, str) else preset
+        if self.precision in p.precisions:
+            return self.precision
+        if self.device == "cpu" and "fp32" in p.precisions:
+            return "fp32"
+        return p.default_precision
+
+    def clamp_new_tokens(self, n: int | None) -> int:
+        return self.max_new_tokens if n is None else max(1, min(int(n), self.max_new_tokens_cap))
+
+    # -- sources -----------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Settings from FM_DEMO_* variables (then `overrides`); errors name the variable."""
+        return _build(cls, {**_env_values(cls, env), **overrides}, lambda name: ENV_PREFIX + name.upper())
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        group = parser.add_argument_group("server settings (each also read from FM_DEMO_<NAME>)")
+        for f in fields(cls):
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                               metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+        return parser
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        """Environment first, then the flags given on the command line; errors name the flag."""
+        given = {f.name: _parse_field(f, getattr(args, f.name), _flag(f.name))
+                 for f in fields(cls) if getattr(args, f.name, None) is not None}
+        return _build(cls, {**_env_values(cls, env), **given}, _flag)
+
+    def replace(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _auto_compare(device: str) -> tuple[str, str]:
+    if device != "cuda":
+        return ("tiny-base", "tiny-instruct")
+    import torch
+
+    if torch.cuda.get_device_properties(0).total_memory >= COMPARE_BF16_MIN_GPU_BYTES:
+        return ("7b-base", "7b-instruct")
+    return ("7b-base-4bit", "7b-instruct-4bit")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_values(cls, env: Mapping[str, str] | None) -> dict:
+    env = os.environ if env is None else env
+    out = {}
+    for f in fields(cls):
+        var = ENV_PREFIX + f.name.upper()
+        if env.get(var, "").strip():
+            out[f.name] = _parse_field(f, env[var], var)
+    return out
+
+
+def _parse_field(f, text: str, source: str):
+    kind, text = type(f.default), str(text).strip()
+    try:
+        if kind is tuple:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        if kind is int:
+            return parse_bytes(text) if f.name.endswith("_bytes") else int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError as e:
+        raise SettingsError(f"{source}: expected {kind.__name__}, got '{text}' ({e})") from None
+
+
+def _build(cls, values: dict, name_of) -> Settings:
+    try:
+        return cls(**values)
+    except SettingsError as e:
+        name, _, rest = str(e).partition(":")
+        if name in {f.name for f in fields(cls)}:
+            raise SettingsError(f"{name_of(name)}:{rest}") from None
+        raise

@@ -1,0 +1,81 @@
+"""Settings: one source of defaults, environment and CLI overrides, errors that name the variable."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from fm_demo.settings import PRESETS, Settings, SettingsError, extra_preset, parse_bytes
+
+
+def test_presets_table():
+    assert set(PRESETS) == {"tiny-base", "tiny-instruct", "7b-base", "7b-instruct", "7b-base-4bit",
+                            "7b-instruct-4bit"}
+    assert PRESETS["7b-instruct"].source == "tiiuae/falcon-mamba-7b-instruct"
+    assert PRESETS["7b-base-4bit"].source == "tiiuae/falcon-mamba-7b-4bit"
+    assert PRESETS["7b-instruct-4bit"].prequantized and PRESETS["7b-instruct-4bit"].precisions == ("4bit",)
+    assert PRESETS["tiny-instruct"].source.endswith("falcon-mamba-tiny-instruct")
+    for p in PRESETS.values():
+        assert p.kind in ("base", "instruct") and p.default_precision in p.precisions
+
+
+def test_cpu_defaults_are_tiny_and_fp32():
+    s = Settings.from_env({"FM_DEMO_DEVICE": "cpu"})
+    assert s.default_preset == "tiny-instruct" and s.compare_presets == ("tiny-base", "tiny-instruct")
+    assert s.precision_for("tiny-instruct") == "fp32" and s.precision_for("7b-instruct") == "fp32"
+    assert s.precision_for("7b-instruct-4bit") == "4bit"
+    assert s.replace(precision="4bit").precision_for("7b-base") == "4bit"
+
+
+def test_env_overrides_and_units():
+    s = Settings.from_env({"FM_DEMO_DEVICE": "cpu", "FM_DEMO_CHUNK_SIZE": "64",
+                           "FM_DEMO_SESSION_BUDGET_BYTES": "1.5GiB", "FM_DEMO_COMPARE_PRESETS": "tiny-instruct, 7b-base",
+                           "FM_DEMO_EXTRA_MODELS": "org/model-instruct,org/other:base", "FM_DEMO_SESSION_TTL_S": "60"})
+    assert s.chunk_size == 64 and s.session_budget_bytes == int(1.5 * 2 ** 30) and s.session_ttl_s == 60.0
+    assert s.compare_presets == ("tiny-instruct", "7b-base")
+    assert s.preset("org/model-instruct").kind == "instruct" and s.preset("org/other").kind == "base"
+    assert parse_bytes("512MB") == 512_000_000 and parse_bytes("42") == 42
+
+
+@pytest.mark.parametrize("env, var", [
+    ({"FM_DEMO_CHUNK_SIZE": "abc"}, "FM_DEMO_CHUNK_SIZE"),
+    ({"FM_DEMO_CHUNK_SIZE": "0"}, "FM_DEMO_CHUNK_SIZE"),
+    ({"FM_DEMO_DEFAULT_PRESET": "gpt-9"}, "FM_DEMO_DEFAULT_PRESET"),
+    ({"FM_DEMO_COMPARE_PRESETS": "tiny-base"}, "FM_DEMO_COMPARE_PRESETS"),
+    ({"FM_DEMO_PRECISION": "int3"}, "FM_DEMO_PRECISION"),
+    ({"FM_DEMO_SESSION_BUDGET_BYTES": "lots"}, "FM_DEMO_SESSION_BUDGET_BYTES"),
+    ({"FM_DEMO_EXTRA_MODELS": "../etc/passwd"}, "FM_DEMO_EXTRA_MODELS"),
+    ({"FM_DEMO_MAX_NEW_TOKENS": "5000"}, "FM_DEMO_MAX_NEW_TOKENS"),
+])
+def test_env_errors_name_the_variable(env, var):
+    with pytest.raises(SettingsError, match=var):
+        Settings.from_env({"FM_DEMO_DEVICE": "cpu", **env})
+
+
+def test_cli_overrides_env_and_names_flags():
+    parser = Settings.add_cli_args(argparse.ArgumentParser())
+    s = Settings.from_cli(parser.parse_args(["--chunk-size", "32", "--port", "8000"]),
+                          env={"FM_DEMO_DEVICE": "cpu", "FM_DEMO_CHUNK_SIZE": "64", "FM_DEMO_MAX_SESSIONS": "3"})
+    assert (s.chunk_size, s.port, s.max_sessions) == (32, 8000, 3)
+    with pytest.raises(SettingsError, match="--max-new-tokens"):
+        Settings.from_cli(parser.parse_args(["--max-new-tokens", "-1"]), env={"FM_DEMO_DEVICE": "cpu"})
+
+
+def test_cuda_request_without_cuda_is_an_error():
+    import torch
+
+    if torch.cuda.is_available():
+        assert Settings.from_env({"FM_DEMO_DEVICE": "cuda"}).default_preset == "7b-instruct"
+    else:
+        with pytest.raises(SettingsError, match="FM_DEMO_DEVICE"):
+            Settings.from_env({"FM_DEMO_DEVICE": "cuda"})
+
+
+def test_browser_cannot_name_arbitrary_models():
+    s = Settings(device="cpu")
+    with pytest.raises(SettingsError, match="unknown model preset"):
+        s.preset("someone/any-model")
+    with pytest.raises(SettingsError):
+        extra_preset("not a repo id")
+    assert s.clamp_new_tokens(10 ** 9) == s.max_new_tokens_cap and s.clamp_new_tokens(None) == s.max_new_tokens

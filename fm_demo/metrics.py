@@ -1,0 +1,115 @@
+"""Per-reply metrics, memory probes and the transformer KV-cache comparison.
+
+The comparison numbers: a transformer of similar size (Llama-3-8B / Mistral-7B: 32 layers, 8 KV
+heads of dimension 128, bf16) stores 2 x 32 x 8 x 128 x 2 bytes = 128 KiB of KV cache per token
+of context; Falcon Mamba keeps a fixed-size state instead (see `mamba_state_bytes`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class ReplyMetrics:
+    reused_tokens: int = 0  # history tokens taken from the cached state, not read again
+    prefilled_tokens: int = 0  # tokens read by prefill for this reply (rebuilt + new turn)
+    rebuilt_tokens: int = 0  # of those, history re-read because its cached state was evicted
+    new_tokens: int = 0  # generated tokens
+    ttft_s: float = 0.0  # from the request to the first generated token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # after the first token
+    state_bytes: int = 0  # the conversation's recurrent state (constant in context length)
+    cache_bytes: int = 0  # its state plus turn snapshots kept for retry / undo / edit
+    context_tokens: int = 0  # tokens in the conversation after this reply
+    device: str = "cpu"
+    device_mem_bytes: int = 0  # now: CUDA allocated, or the process RSS on CPU
+    device_peak_bytes: int = 0  # peak since the process started (CUDA allocator / max RSS)
+    cache_hit: bool = True  # False when evicted history had to be read again
+    finish_reason: str | None = None  # stop | length | stop_string | cancelled | error
+    model: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return rate(self.prefilled_tokens, self.prefill_s)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return rate(self.new_tokens - 1, self.decode_s) if self.new_tokens > 1 else 0.0
+
+    @property
+    def kv_cache_equiv_bytes(self) -> int:
+        """What a transformer of similar size would hold for the same context."""
+        return kv_cache_bytes(self.context_tokens)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "kv_cache_equiv_bytes": self.kv_cache_equiv_bytes}
+
+
+def rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 and tokens > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class KVReference:
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value  # K and V
+
+
+KV_REFERENCE = KVReference("Llama-3-8B / Mistral-7B (bf16)", layers=32, kv_heads=8, head_dim=128,
+                           bytes_per_value=2)
+
+
+def kv_cache_bytes(tokens: int, ref: KVReference = KV_REFERENCE) -> int:
+    return tokens * ref.bytes_per_token
+
+
+def mamba_state_bytes(config, conv_dtype: torch.dtype = torch.bfloat16,
+                      ssm_dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
+    """Bytes of one Falcon Mamba recurrent state: conv [L, B, D, K-1] + ssm [L, B, D, N].
+
+    The engine keeps ssm in fp32 (as the fused kernels accumulate it): 35 MiB for the 7B with a
+    bf16 conv state; 19 MiB if everything were bf16 (the conv keeps K-1 = 3 inputs per channel).
+    """
+    per_layer = config.intermediate_size * ((config.conv_kernel - 1) * conv_dtype.itemsize
+                                            + config.state_size * ssm_dtype.itemsize)
+    return config.num_hidden_layers * per_layer * batch_size
+
+
+def device_memory(device: str | torch.device) -> tuple[int, int]:
+    """(bytes now, peak bytes) on `device`: the CUDA allocator, or this process's RSS on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    return rss, max(rss, _max_rss())
+
+
+def _max_rss() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,53 @@
+"""Metrics: the KV-cache reference, the Mamba state size, memory probes, reply metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fm_demo.engine import Engine, tiny_model
+from fm_demo.metrics import (KV_REFERENCE, ReplyMetrics, device_memory, human_bytes, kv_cache_bytes,
+                             mamba_state_bytes, rate)
+
+
+def test_kv_reference_is_128_kib_per_token():
+    assert KV_REFERENCE.bytes_per_token == 128 * 1024
+    assert kv_cache_bytes(8192) == 2 ** 30 and kv_cache_bytes(131072) == 16 * 2 ** 30
+
+
+def test_state_bytes_match_the_engine_and_the_7b_reference():
+    model = tiny_model(seed=0)
+    engine = Engine(model)
+    assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.new_state().nbytes
+    assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.state_nbytes()
+    from transformers import FalconMambaConfig
+
+    ref = Path("/work/shared/reference/falcon-mamba-7b.config.json")
+    fields = json.loads(ref.read_text()) if ref.exists() else dict(
+        hidden_size=4096, num_hidden_layers=64, intermediate_size=8192, state_size=16, conv_kernel=4)
+    cfg = FalconMambaConfig(**fields)
+    all_bf16 = mamba_state_bytes(cfg, torch.bfloat16, torch.bfloat16)
+    # 19 MiB: K-1 = 3 conv inputs are state (the reference's "about 20 MiB" counts all 4)
+    assert all_bf16 == 64 * 8192 * (3 + 16) * 2
+    assert mamba_state_bytes(cfg) == 64 * 8192 * (3 * 2 + 16 * 4)  # fp32 ssm as the engine keeps it
+
+
+def test_reply_metrics_rates_and_dict():
+    m = ReplyMetrics(prefilled_tokens=100, prefill_s=0.5, new_tokens=11, decode_s=2.0, context_tokens=1000)
+    assert m.prefill_tok_s == 200 and m.decode_tok_s == 5.0  # the first token is not a decode step
+    d = m.as_dict()
+    assert d["kv_cache_equiv_bytes"] == 1000 * 128 * 1024 and d["cache_hit"] is True
+    assert json.loads(json.dumps(d)) == d
+    assert ReplyMetrics(new_tokens=1, decode_s=1.0).decode_tok_s == 0 and rate(5, 0) == 0
+
+
+def test_memory_probe_sees_an_allocation():
+    now, peak = device_memory("cpu")
+    assert 0 < now <= peak
+    big = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    after, _ = device_memory("cpu")
+    assert after - now > 32 * 2 ** 20
+    del big
+    assert human_bytes(1536) == "1.5 KiB" and human_bytes(3 * 2 ** 30) == "3.0 GiB"

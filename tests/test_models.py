@@ -1,0 +1,161 @@
+"""ModelManager: real loads through transformers, LRU under a memory budget, clear load errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fm_demo.models import ModelLoadError, ModelManager, estimate_model_bytes
+from fm_demo.settings import PRESETS, Preset, Settings, tiny_checkpoint
+
+TINY_PREC = ("fp32", "bf16", "4bit")
+
+
+def checkpoint(kind: str, tmp_path_factory) -> str:
+    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
+    real = Path(tiny_checkpoint(kind))
+    if (real / "config.json").exists():
+        return str(real)
+    from transformers import FalconMambaForCausalLM
+
+    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
+    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp(f"tiny-{kind}")
+    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
+    torch.manual_seed(0)
+    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    tiny = {k: Preset(k, f"tiny {k}", checkpoint(k, tmp_path_factory), k, TINY_PREC, "fp32")
+            for k in ("instruct", "base")}
+    return {**tiny, "7b": PRESETS["7b-instruct"],
+            "missing": Preset("missing", "missing tiny", "/nonexistent/falcon-mamba-tiny", "base", TINY_PREC, "fp32"),
+            "nohub": Preset("nohub", "a model that is not there", "fm-demo-tests/no-such-model", "base",
+                            TINY_PREC, "fp32")}
+
+
+@pytest.fixture()
+def manager(presets):
+    return ModelManager(Settings(device="cpu"), presets=presets)
+
+
+def test_load_reports_progress_and_reuses(manager):
+    seen = []
+    lm = manager.get("instruct", progress=lambda f, msg: seen.append((f, msg)))
+    assert lm.key == ("instruct", "fp32") and lm.kind == "instruct" and lm.nbytes > 0
+    assert lm.engine.dtype == torch.float32 and lm.tokenizer.eos_token == "<|im_end|>"
+    assert seen[0][0] == 0.0 and seen[-1][0] == 1.0 and "ready" in seen[-1][1]
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    assert manager.get("instruct") is lm and manager.loaded() == [lm]
+    bf16 = manager.get("instruct", "bf16")
+    assert bf16 is not lm and bf16.engine.dtype == torch.bfloat16 and len(manager.loaded()) == 2
+
+
+def test_concurrent_requests_share_one_load(manager):
+    got, errors = [], []
+
+    def worker():
+        try:
+            got.append(manager.get("base"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len({id(x) for x in got}) == 1 and len(manager.loaded()) == 1
+
+
+def test_budget_keeps_two_or_evicts_least_recent(presets):
+    one = ModelManager(Settings(device="cpu"), presets=presets).get("instruct").nbytes
+    roomy = ModelManager(Settings(device="cpu", model_memory_budget_bytes=3 * one), presets=presets)
+    a, b = roomy.get("instruct"), roomy.get("base")
+    assert roomy.loaded() == [a, b]  # compare needs both at once
+    tight = ModelManager(Settings(device="cpu", model_memory_budget_bytes=int(1.5 * one)), presets=presets)
+    dropped = []
+    tight.on_unload(dropped.append)
+    a = tight.get("instruct")
+    tight.get("base")
+    assert [lm.key for lm in tight.loaded()] == [("base", "fp32")] and dropped == [a]
+    assert not tight.is_loaded(a)
+
+
+@pytest.mark.parametrize("key, precision, reason, words", [
+    ("gpt-5", None, "unknown_model", "Unknown model"),
+    ("instruct", "int8", "bad_precision", "comes in"),
+    ("missing", None, "not_found", "No checkpoint"),
+    ("nohub", None, ("network", "not_found"), "Hugging Face Hub"),
+])
+def test_load_errors_are_clear_and_typed(manager, key, precision, reason, words):
+    with pytest.raises(ModelLoadError, match=words) as info:
+        manager.get(key, precision)
+    assert info.value.reason in ((reason,) if isinstance(reason, str) else reason)
+    assert manager.get("instruct").engine is not None  # the server keeps serving
+
+
+def test_too_big_for_the_budget_is_refused_before_loading(presets, monkeypatch):
+    manager = ModelManager(Settings(device="cpu", model_memory_budget_bytes=10 ** 6), presets=presets)
+    with pytest.raises(ModelLoadError, match="needs about") as info:
+        manager.get("instruct")
+    assert info.value.reason == "out_of_memory" and manager.loaded() == []
+
+
+def test_missing_bitsandbytes_is_explained(manager, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(ModelLoadError, match="bitsandbytes") as info:
+        manager.get("instruct", "4bit")
+    assert info.value.reason == "missing_dependency"
+
+
+def test_not_a_falcon_mamba_checkpoint(tmp_path, presets):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text((Path(presets["base"].source) / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(
+        (Path(presets["base"].source) / "tokenizer_config.json").read_text())
+    gpt = Preset("gpt", "a GPT-2", str(tmp_path), "base", TINY_PREC, "fp32")
+    with pytest.raises(ModelLoadError) as info:
+        ModelManager(Settings(device="cpu"), presets={"gpt": gpt}).get("gpt")
+    assert info.value.reason == "incompatible" and "gpt2 model, not Falcon Mamba" in str(info.value)
+
+
+def test_corrupt_weights_are_reported(tmp_path, presets):
+    src = Path(presets["base"].source)
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    bad = Preset("bad", "broken tiny", str(tmp_path), "base", TINY_PREC, "fp32")
+    with pytest.raises(ModelLoadError, match="broken tiny"):
+        ModelManager(Settings(device="cpu"), presets={"bad": bad}).get("bad")
+
+
+def test_tiny_loads_in_4bit_on_cpu(manager):
+    pytest.importorskip("bitsandbytes")
+    lm = manager.get("instruct", "4bit")
+    state = lm.engine.new_state()
+    logits = lm.engine.prefill(torch.tensor([[1, 5, 9, 12]]), state)
+    assert torch.isfinite(logits).all() and lm.nbytes < manager.get("instruct").nbytes
+
+
+def test_estimate_matches_the_published_7b():
+    from transformers import FalconMambaConfig
+    import json
+
+    ref = Path("/work/shared/reference/falcon-mamba-7b.config.json")
+    cfg = FalconMambaConfig(**json.loads(ref.read_text())) if ref.exists() else FalconMambaConfig(
+        hidden_size=4096, num_hidden_layers=64, vocab_size=65024, expand=2, tie_word_embeddings=False)
+    assert abs(estimate_model_bytes(cfg, "bf16") / 2 - 7.27e9) < 0.05e9
+    # NF4 mixers (~3.8 GB) plus embeddings and lm_head, which bitsandbytes leaves in bf16 (~1.07 GB)
+    assert 4.6e9 < estimate_model_bytes(cfg, "4bit") < 5.1e9

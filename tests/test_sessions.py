@@ -1,0 +1,324 @@
+"""Conversation and SessionStore on a real tiny Falcon Mamba checkpoint.
+
+The central claim: a reply computed from the cached recurrent state (only the new turn's tokens
+read) is token for token the reply computed by re-reading the whole transcript from a fresh
+state; after retry, undo, edit, a stopped reply, eviction, export/import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fm_demo import chat
+from fm_demo.engine import SamplingParams
+from fm_demo.models import ModelManager
+from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused, SessionStore
+from fm_demo.settings import Preset, Settings, tiny_checkpoint
+
+GREEDY = SamplingParams()
+N = 16  # new tokens per reply: enough to see divergence, short enough for a fast suite
+
+
+def checkpoint(kind: str, tmp_path_factory) -> str:
+    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
+    real = Path(tiny_checkpoint(kind))
+    if (real / "config.json").exists():
+        return str(real)
+    from transformers import FalconMambaForCausalLM
+
+    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
+    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp(f"tiny-{kind}")
+    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
+    torch.manual_seed(0 if kind == "instruct" else 1)
+    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices run fastest on one thread, and far faster than two on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return Settings(device="cpu", max_new_tokens=N)
+
+
+@pytest.fixture(scope="module")
+def manager(settings, tmp_path_factory):
+    presets = {kind: Preset(kind, f"tiny {kind}", checkpoint(kind, tmp_path_factory), kind,
+                            ("fp32", "bf16"), "fp32") for kind in ("instruct", "base")}
+    return ModelManager(settings, presets=presets)
+
+
+@pytest.fixture(scope="module")
+def lm(manager):
+    return manager.get("instruct")
+
+
+def scratch_reply(lm, ids: list[int], sampling=GREEDY, max_new=N) -> list[int]:
+    """The reply after reading `ids` from a fresh state in one go (no cache)."""
+    stops = chat.stop_token_ids(chat.format_for(lm.kind), lm.tokenizer, lm.model.generation_config.eos_token_id)
+    stream = lm.engine.stream(torch.tensor([ids]), lm.engine.new_state(), sampling, max_new, stops, lm.tokenizer)
+    return [ev.token_id for ev in stream]
+
+
+def check_last_reply(conv: Conversation, sampling=GREEDY) -> None:
+    ids, last = conv.token_ids(), conv.turns[-1]
+    prompt_end = len(ids) - len(last.reply_ids)
+    assert last.reply_ids == scratch_reply(conv.lm, ids[:prompt_end], sampling)
+    if all(chat.encode(conv.lm.tokenizer, conv.lm.tokenizer.decode(t.reply_ids)) == t.reply_ids
+           for t in conv.turns[:-1]):  # replies that re-tokenize to themselves: text == tokens
+        system = [{"role": "system", "content": conv.system}] if conv.system else []
+        text = chat.render(conv.fmt, system + conv.messages[:-1], add_generation_prompt=True)
+        assert chat.encode(conv.lm.tokenizer, text) == ids[:prompt_end]
+
+
+def run(events) -> object:
+    *_, last = list(events)
+    assert last.done
+    return last
+
+
+def test_five_turns_with_retry_undo_edit_equal_full_reencoding(lm, settings):
+    conv = Conversation(lm, settings, system_prompt="You are a helpful falcon.")
+    first = run(conv.send("Hello! Who are you?"))
+    check_last_reply(conv)
+    assert first.metrics.reused_tokens == 0 and first.metrics.cache_hit
+    run(conv.send("What is 3 plus 4?"))
+    check_last_reply(conv)
+    hist = len(conv.token_ids()) - len(conv.turns[-1].reply_ids) - len(conv.turns[-1].prompt_ids)
+    assert conv.last_metrics.reused_tokens == hist  # only the new turn was read
+    assert conv.last_metrics.prefilled_tokens == len(conv.turns[-1].prompt_ids)
+
+    hot = SamplingParams(temperature=1.0, seed=11)
+    run(conv.retry(hot))
+    check_last_reply(conv, hot)
+    assert conv.last_metrics.prefilled_tokens == 1  # retry reads one token, from the snapshot
+    run(conv.send("Name a capital city."))
+    check_last_reply(conv)
+    assert conv.undo() == "Name a capital city."
+    assert len(conv.turns) == 2 and conv.messages[-1]["role"] == "assistant"
+    run(conv.send("Spell the word cat."))
+    check_last_reply(conv)
+    assert conv.last_metrics.cache_hit and conv.last_metrics.rebuilt_tokens == 0
+
+    run(conv.edit(1, "What is 5 plus 2?"))
+    check_last_reply(conv)
+    assert len(conv.turns) == 2 and conv.turns[1].user == "What is 5 plus 2?"
+    assert conv.last_metrics.prefilled_tokens == len(conv.turns[1].prompt_ids)
+    run(conv.send("Thanks, bye!"))
+    check_last_reply(conv)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
+
+
+def test_stop_mid_reply_keeps_state_consistent(lm, settings):
+    conv = Conversation(lm, settings)
+    gen = conv.send("Tell me a long story about a falcon.", max_new_tokens=N)
+    got = [next(gen) for _ in range(5)]
+    gen.close()
+    turn = conv.turns[-1]
+    assert len(turn.reply_ids) == 5 and turn.finish_reason == "cancelled"
+    assert conv.messages[-1] == {"role": "assistant", "content": got[-1].text}
+    assert conv._live is None or conv._live.seqlen == conv.context_tokens
+    run(conv.send("Go on."))
+    check_last_reply(conv)
+    closing = chat.encode(lm.tokenizer, chat.INSTRUCT.turn_end + chat.INSTRUCT.turn_sep)
+    assert conv.turns[-1].prompt_ids[:len(closing)] == closing  # the cut reply was closed for the model
+
+
+def test_eviction_rebuilds_identical_reply_and_reports_miss(lm, settings):
+    conv = Conversation(lm, settings)
+    run(conv.send("Hello!"))
+    run(conv.send("What is 2 plus 2?"))
+    twin = conv.fork()
+    assert conv.trim(2) > 0 and conv.cache_bytes() == 0
+    a, b = run(conv.send("And 3 plus 3?")), run(twin.send("And 3 plus 3?"))
+    assert conv.turns[-1].reply_ids == twin.turns[-1].reply_ids
+    check_last_reply(conv)
+    assert not a.metrics.cache_hit and a.metrics.rebuilt_tokens == a.metrics.reused_tokens + len(
+        conv.token_ids()) - len(conv.turns[-1].reply_ids) - len(conv.turns[-1].prompt_ids)
+    assert b.metrics.cache_hit and b.metrics.rebuilt_tokens == 0
+    # the rebuild restored the turn snapshots: undo + send is a cache hit again
+    conv.undo()
+    run(conv.send("And 3 plus 3?"))
+    assert conv.last_metrics.cache_hit and conv.turns[-1].reply_ids == twin.turns[-1].reply_ids
+
+
+def test_store_budget_evicts_least_recent_and_rebuilds(manager, settings):
+    one_state = manager.get("instruct").engine.state_nbytes()
+    store = SessionStore(settings.replace(session_budget_bytes=6 * one_state), manager)
+    a = store.conversation("A", "instruct")
+    for q in ("Hi!", "What is 1 plus 1?", "And 2 plus 2?"):
+        run(a.send(q))
+    ref = a.fork()
+    b = store.conversation("B", "instruct")
+    for q in ("Hello!", "What is 4 plus 4?", "And 5 plus 5?", "Bye."):
+        run(b.send(q))
+    stats = store.stats()
+    assert stats["cache_bytes"] <= 6 * one_state and stats["trims"] + stats["evictions"] > 0
+    a = store.conversation("A", "instruct")
+    run(a.send("And 3 plus 3?"))
+    run(ref.send("And 3 plus 3?"))
+    assert a.turns[-1].reply_ids == ref.turns[-1].reply_ids
+    assert not a.last_metrics.cache_hit and store.stats()["cache_misses"] >= 1
+
+
+def test_sessions_are_isolated(manager, settings):
+    store = SessionStore(settings, manager)
+    a, b = store.conversation("a", "instruct"), store.conversation("b", "instruct")
+    assert a is not b and store.conversation("a", "instruct") is a
+    run(a.send("My secret word is falcon."))
+    assert b.messages == [] and b.context_tokens == 0
+    run(b.send("What is my secret word?"))
+    check_last_reply(b)
+    assert b.last_metrics.reused_tokens == 0
+    left = store.conversation("a", "instruct", slot="left")
+    assert left is not a and left.messages == []
+    store.reset("a")
+    assert store.get("a") is None and store.get("b") is b
+
+
+def test_export_import_resumes_identically(lm, settings):
+    conv = Conversation(lm, settings, system_prompt="Be brief.")
+    run(conv.send("Hello!"))
+    gen = conv.send("Count to ten.")
+    next(gen), next(gen)
+    gen.close()
+    data = conv.export()
+    back = Conversation.import_bytes(data, lm, settings)
+    assert back.messages == conv.messages and back.system == "Be brief."
+    assert back.token_ids() == conv.token_ids()
+    run(conv.send("Again please.")), run(back.send("Again please."))
+    assert back.turns[-1].reply_ids == conv.turns[-1].reply_ids
+    assert back.last_metrics.cache_hit and back.last_metrics.prefilled_tokens == len(back.turns[-1].prompt_ids)
+
+
+def _tamper_payload(data: bytes, edit) -> bytes:
+    """Rewrite the transcript and recompute the checksum, as a careful forger would."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from fm_demo.sessions import _digest
+
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    payload = json.loads(meta["fm_demo"])
+    edit(payload)
+    body = json.dumps(payload, sort_keys=True)
+    tensors = load(data)
+    return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
+
+
+def test_bad_imports_are_refused(manager, lm, settings):
+    conv = Conversation(lm, settings)
+    run(conv.send("Hello!"))
+    data = conv.export()
+    base = manager.get("base")
+    cases = {
+        "not a conversation file": b"garbage" * 10,
+        "not a conversation file ": data[:20],
+        "checksum": data[:-3] + bytes([data[-3] ^ 1]) + data[-2:],
+        "version": _tamper_payload(data, lambda p: p.update(version=99)),
+        "prompt format": _tamper_payload(data, lambda p: p["turns"][0].update(user="Hi!")),
+        "malformed": _tamper_payload(data, lambda p: p["turns"][0].update(reply_ids=[10 ** 9])),
+        "tokens": _tamper_payload(data, lambda p: p["state"].update(seqlen="5")),
+    }
+    for why, blob in cases.items():
+        with pytest.raises(ImportRefused, match=why.strip()):
+            Conversation.import_bytes(blob, lm, settings)
+    with pytest.raises(ImportRefused, match="another model"):
+        Conversation.import_bytes(data, base, settings)
+    small = settings.replace(max_import_bytes=len(data) - 1)
+    with pytest.raises(ImportRefused, match="accepts up to"):
+        Conversation.import_bytes(data, lm, small)
+
+
+def test_wrong_state_shape_is_refused(lm, settings):
+    from safetensors.torch import load
+
+    conv = Conversation(lm, settings)
+    run(conv.send("Hello!"))
+    data = conv.export()
+    tensors = load(data)
+
+    def shrink(p):
+        p.update(turns=p["turns"])
+
+    blob = _tamper_payload(data, shrink)
+    import json
+
+    from safetensors.torch import save
+
+    from fm_demo.sessions import _digest
+
+    n = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    bad = {"conv": tensors["conv"][:, :, :8].contiguous(), "ssm": tensors["ssm"][:, :, :8].contiguous()}
+    forged = save(bad, metadata={"fm_demo": meta["fm_demo"], "sha256": _digest(meta["fm_demo"], bad)})
+    with pytest.raises(ImportRefused, match="shape"):
+        Conversation.import_bytes(forged, lm, settings)
+
+
+def test_busy_and_input_errors(lm, settings):
+    conv = Conversation(lm, settings)
+    gen = conv.send("Hello!")
+    next(gen)
+    with pytest.raises(ConversationBusy):
+        next(conv.send("Another"))
+    with pytest.raises(ConversationBusy):
+        conv.undo()
+    gen.close()
+    with pytest.raises(ConversationError, match="empty"):
+        conv.send("   ")
+    with pytest.raises(ConversationError, match="limit"):
+        conv.send("x" * (settings.max_input_chars + 1))
+    with pytest.raises(ConversationError, match="no user message 5"):
+        conv.edit(5, "hi")
+    assert conv.undo() == "Hello!" and conv.undo() is None
+    with pytest.raises(ConversationError, match="nothing to retry"):
+        conv.retry()
+
+
+def test_system_prompt_change_rereads_and_matches(lm, settings):
+    conv = Conversation(lm, settings)
+    run(conv.send("Hello!"))
+    conv.set_system_prompt("Answer in one word.")
+    run(conv.send("Who are you?"))
+    check_last_reply(conv)
+    assert not conv.last_metrics.cache_hit
+    assert conv.token_ids()[:3] == chat.encode(lm.tokenizer, "<|im_start|>system\nAnswer")[:3]
+
+
+def test_base_model_transcript_and_stop_string(manager, settings):
+    base = manager.get("base")
+    conv = Conversation(base, settings)
+    run(conv.send("Hello there."))
+    check_last_reply(conv)
+    run(conv.send("Tell me about falcons."))
+    assert conv.fmt is chat.BASE
+    if conv.turns[-1].finish_reason != "stop_string":
+        check_last_reply(conv)
+    assert "\nUser:" not in conv.turns[-1].reply
+    assert conv._snaps.get(conv.context_tokens) is not None
+
+
+def test_switching_model_keeps_the_conversation(manager, settings):
+    store = SessionStore(settings, manager)
+    conv = store.conversation("s", "instruct")
+    run(conv.send("Hello!"))
+    same = store.conversation("s", "base")
+    assert same is conv and conv.fmt is chat.BASE and conv.messages[0]["content"] == "Hello!"
+    run(conv.send("And now?"))
+    assert not conv.last_metrics.cache_hit  # the new model read the transcript once
+    check_last_reply(conv)

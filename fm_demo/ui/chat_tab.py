@@ -16,7 +16,7 @@ from typing import Iterator
 import gradio as gr
 
 from .common import (SAMPLING_DEFAULTS, AppContext, bind, check_message, controlled, model_pickers, on_preset_change,
-                     open_conversation, precision_choices, sampling_params, session_id, user_errors)
+                     open_conversation, precision_choices, preset_choices, sampling_params, session_id, user_errors)
 from .readout import (live_metrics, memory_frame, plot_points, readout_html, speed_frame, trim_points)
 
 SLOT = "chat"
@@ -135,14 +135,14 @@ def stop(ctx: AppContext, request: gr.Request) -> None:
 
 
 @user_errors
-def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> str:
+def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> gr.File:
     """Write transcript + state to a file the browser downloads."""
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
     if not conv.turns:
         raise gr.Error("Nothing to export yet: the conversation is empty.")
     path = Path(tempfile.mkdtemp(prefix="fm-demo-")) / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
     path.write_bytes(conv.export())
-    return str(path)
+    return gr.File(value=str(path), visible=True)
 
 
 @user_errors
@@ -156,7 +156,7 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     gr.Info(f"Imported {len(conv.turns)} turns ({conv.context_tokens:,} tokens) on {conv.lm.label}.")
     preset, precision = conv.lm.key
     return ("", conv.messages, readout_html(None), memory_frame([]), speed_frame([]), [],
-            gr.Dropdown(value=preset), gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision))
+            gr.Dropdown(choices=preset_choices(ctx.settings), value=preset), gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision))
 
 
 def build_chat_tab(ctx: AppContext) -> None:
@@ -177,7 +177,7 @@ def build_chat_tab(ctx: AppContext) -> None:
                 clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
                 export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".fmconv"], elem_id="chat-import")
-            export_file = gr.File(label="Exported conversation", visible=True, height=60)
+            export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
             readout = gr.HTML(readout_html(None), elem_id="readout")
             preset, precision = model_pickers(s, s.default_preset)

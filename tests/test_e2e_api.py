@@ -1,0 +1,89 @@
+"""End to end: the real app on 127.0.0.1 (free port), driven through gradio_client.
+
+The client is one Gradio session, so /chat twice is a two-turn conversation: the second turn must
+report tokens reused from the cached recurrent state (/stats).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from gradio_client import Client
+
+from fm_demo.settings import Settings
+from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
+from test_ui_handlers import tiny_context
+
+N = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    settings = Settings(device="cpu", max_new_tokens=N, max_input_chars=1000)
+    demo = build_demo(settings, tiny_context(settings, tmp_path_factory)).queue(**queue_kwargs())
+    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True, **launch_kwargs(settings))
+    yield local_url
+    demo.close()
+
+
+def test_api_lists_the_documented_endpoints(url):
+    endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/chat", "/compare", "/reset", "/stats"} <= set(endpoints)
+    chat_params = {p["parameter_name"]: p for p in endpoints["/chat"]["parameters"]}
+    assert not chat_params["message"]["parameter_has_default"]
+    assert all(chat_params[k]["parameter_has_default"] for k in ("temperature", "top_p", "top_k", "seed"))
+
+
+def test_chat_streams_and_the_second_turn_reuses_the_state(url):
+    client = Client(url, verbose=False)
+    job = client.submit("Hello there", max_new_tokens=N, api_name="/chat")
+    first = job.result()
+    streamed = job.outputs()
+    assert isinstance(first, str) and first and streamed[-1] == first
+    assert len(streamed) >= 2  # partial replies arrived before the whole one
+
+    stats = client.predict(api_name="/stats")
+    assert stats["turns"] == 1 and stats["last_reply"]["reused_tokens"] == 0
+    context = stats["context_tokens"]
+
+    second = client.predict("Tell me more", temperature=0.8, seed=3, max_new_tokens=N, api_name="/chat")
+    assert isinstance(second, str)
+    stats = client.predict(api_name="/stats")
+    reply = stats["last_reply"]
+    assert stats["turns"] == 2 and reply["reused_tokens"] == context > 0 and reply["cache_hit"]
+    assert reply["new_tokens"] <= N and reply["kv_cache_equiv_bytes"] == stats["context_tokens"] * 128 * 1024
+
+    assert client.predict(api_name="/reset").startswith("reset")
+    assert client.predict(api_name="/stats")["turns"] == 0
+
+
+def test_sessions_are_separate(url):
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    a.predict("Only in A", max_new_tokens=4, api_name="/chat")
+    assert a.predict(api_name="/stats")["turns"] == 1
+    assert b.predict(api_name="/stats")["turns"] == 0
+
+
+def test_compare_streams_both_panes(url):
+    client = Client(url, verbose=False)
+    result = client.predict("Compare this", max_new_tokens=N, api_name="/compare")
+    assert set(result) == {"left", "right"} and result["left"] and result["right"]
+    client.predict("And this", max_new_tokens=N, api_name="/compare")
+    for slot in ("left", "right"):
+        stats = client.predict(slot=slot, api_name="/stats")
+        assert stats["turns"] == 2 and stats["last_reply"]["reused_tokens"] > 0
+
+
+def test_oversized_message_is_refused_with_its_reason(url):
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match="limit is 1,000"):
+        client.predict("z" * 1001, api_name="/chat")
+    assert client.predict("", api_name="/chat") == ""  # an empty message does nothing

@@ -1,0 +1,260 @@
+"""The app's event handlers, called as plain functions on the tiny checkpoints (no browser).
+
+Each handler gets a gr.Request with a session hash, as Gradio would pass it, and the real
+ModelManager / SessionStore / engine behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from fm_demo import lab
+from fm_demo.engine import Engine
+from fm_demo.models import ModelManager
+from fm_demo.sessions import SessionStore
+from fm_demo.settings import Settings, tiny_checkpoint
+from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
+from fm_demo.ui.common import AppContext, throttle, to_user_error
+from fm_demo.ui.readout import readout_html
+
+N = 12  # new tokens per reply: short replies keep the suite fast
+
+
+def tiny_checkpoint_dir(kind: str, tmp_path_factory) -> str:
+    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
+    real = Path(tiny_checkpoint(kind))
+    if (real / "config.json").exists():
+        return str(real)
+    from transformers import FalconMambaForCausalLM
+
+    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
+    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp(f"tiny-{kind}")
+    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
+    torch.manual_seed(0 if kind == "instruct" else 1)
+    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
+    return str(out)
+
+
+def tiny_context(settings: Settings, tmp_path_factory) -> AppContext:
+    """An AppContext whose tiny presets load the bundled (or stand-in) checkpoints."""
+    presets = dict(settings.presets())
+    for key in ("tiny-base", "tiny-instruct"):
+        kind = key.split("-")[1]
+        presets[key] = dataclasses.replace(presets[key], source=tiny_checkpoint_dir(kind, tmp_path_factory))
+    manager = ModelManager(settings, presets=presets)
+    return AppContext(settings, manager, SessionStore(settings, manager))
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return tiny_context(Settings(device="cpu", max_new_tokens=N, max_input_chars=2000, max_upload_chars=50_000),
+                        tmp_path_factory)
+
+
+def request(sid: str) -> gr.Request:
+    return gr.Request(session_hash=sid)
+
+
+# knobs after the message: preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points
+def knobs(points=None, max_new=N, temperature=0.0):
+    return ["tiny-instruct", "fp32", "", temperature, 1.0, 0, 1.0, max_new, 0, points or []]
+
+
+def drain(gen):
+    return list(gen)
+
+
+def test_throttle_limits_rate_and_keeps_first_and_last():
+    events = list(range(1000))
+    out = list(throttle(iter(events), hz=10, is_last=lambda e: e == 999))
+    assert out[0] == 0 and out[-1] == 999
+    assert len(out) < 20  # 1000 events in well under a second -> a handful pass
+
+
+def test_empty_message_does_nothing(ctx):
+    outs = drain(chat_tab.send(ctx, "   ", *knobs(), request=request("empty")))
+    assert len(outs) == 1 and all(o == gr.skip() for o in outs[0])
+    assert ctx.store.get("empty", "chat") is None  # no conversation created, no model touched
+
+
+def test_oversized_message_is_refused_with_a_clear_message(ctx):
+    with pytest.raises(gr.Error, match="limit is 2,000"):
+        drain(chat_tab.send(ctx, "x" * 2001, *knobs(), request=request("big")))
+
+
+def test_send_streams_then_second_turn_reuses_the_state(ctx):
+    sid = "two-turns"
+    outs = drain(chat_tab.send(ctx, "Hello!", *knobs(), request=request(sid)))
+    box, chat, html, mem, speed, points = outs[-1]
+    assert outs[0][0] == "" and chat[0] == {"role": "user", "content": "Hello!"}
+    assert chat[-1]["role"] == "assistant" and len(points) == 1
+    assert "Tokens in context" in html and "Llama-3-8B / Mistral-7B" in html
+    conv = ctx.store.get(sid, "chat")
+    first_context = conv.context_tokens
+    assert conv.last_metrics.reused_tokens == 0 and conv.last_metrics.new_tokens == N
+
+    outs = drain(chat_tab.send(ctx, "And one more thing?", *knobs(points), request=request(sid)))
+    box, chat, html, mem, speed, points = outs[-1]
+    m = conv.last_metrics
+    assert m.reused_tokens == first_context  # the whole first exchange came from the cached state
+    assert m.prefilled_tokens < 20  # only the new turn was read
+    assert [p["context"] for p in points] == [first_context, conv.context_tokens]
+    assert set(mem["series"]) >= {"Falcon Mamba state"} and len(speed) == 4
+
+
+def test_stop_ends_a_long_reply_and_keeps_what_was_shown(ctx):
+    sid = "stopper"
+    gen = chat_tab.send(ctx, "Tell me a long story.", *knobs(max_new=400), request=request(sid))
+    seen = 0
+    for out in gen:
+        seen += 1
+        if seen == 3:
+            chat_tab.stop(ctx, request(sid))
+    conv = ctx.store.get(sid, "chat")
+    m = conv.last_metrics
+    assert m.finish_reason == "cancelled" and 0 < m.new_tokens < 400
+    assert conv.context_tokens == len(conv.turns[0].prompt_ids) + m.new_tokens
+    assert conv.messages[-1]["content"] == conv.turns[0].reply  # the text shown is what was kept
+
+
+def test_retry_undo_clear(ctx):
+    sid = "edits"
+    drain(chat_tab.send(ctx, "First question", *knobs(), request=request(sid)))
+    drain(chat_tab.send(ctx, "Second question", *knobs(), request=request(sid)))
+    conv = ctx.store.get(sid, "chat")
+    before = conv.context_tokens
+    outs = drain(chat_tab.retry(ctx, *knobs(temperature=1.0), request=request(sid)))
+    assert len(outs[-1][1]) == 4 and conv.last_metrics.prefilled_tokens == 1  # retry reads one token
+    assert conv.context_tokens == before - N + conv.last_metrics.new_tokens
+
+    box, chat, *_ = chat_tab.undo(ctx, "tiny-instruct", "fp32", [], request=request(sid))
+    assert box == "Second question" and len(chat) == 2 and len(conv.turns) == 1
+
+    box, chat, html, *_ = chat_tab.clear(ctx, request=request(sid))
+    assert chat == [] and ctx.store.get(sid, "chat") is None and "Send a message" in html
+
+
+def test_edit_replays_from_the_edited_message(ctx):
+    sid = "editor"
+    drain(chat_tab.send(ctx, "One", *knobs(), request=request(sid)))
+    drain(chat_tab.send(ctx, "Two", *knobs(), request=request(sid)))
+    data = gr.EditData(None, {"index": 0, "value": "Uno", "previous_value": "One"})
+    outs = drain(chat_tab.edit(ctx, *knobs(), edit_data=data, request=request(sid)))
+    chat = outs[-1][1]
+    assert [m["content"] for m in chat if m["role"] == "user"] == ["Uno"] and len(chat) == 2
+
+
+def test_export_then_import_restores_the_conversation(ctx):
+    drain(chat_tab.send(ctx, "Remember this", *knobs(), request=request("exporter")))
+    path = chat_tab.export(ctx, "tiny-instruct", "fp32", request=request("exporter")).value
+    if isinstance(path, dict):
+        path = path["path"]
+    outs = chat_tab.import_file(ctx, path, request=request("importer"))
+    original = ctx.store.get("exporter", "chat")
+    imported = ctx.store.get("importer", "chat")
+    assert outs[1] == original.messages and imported.context_tokens == original.context_tokens
+
+
+def test_import_refuses_a_foreign_file(ctx, tmp_path):
+    bad = tmp_path / "not-a-conversation.fmconv"
+    bad.write_bytes(b"hello, not a safetensors file")
+    with pytest.raises(gr.Error, match="not a conversation file"):
+        chat_tab.import_file(ctx, str(bad), request=request("bad-import"))
+
+
+def test_compare_streams_both_panes_with_their_own_states(ctx):
+    sid = "comparer"
+    args = ["tiny-base", "fp32", "tiny-instruct", "fp32", 0.0, 1.0, 0, 1.0, N, 0]
+    outs = drain(compare_tab.compare(ctx, "Hi both", *args, request=request(sid)))
+    box, left, right, lhtml, rhtml = outs[-1]
+    assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
+    assert "tiny-base" in lhtml and "tiny-instruct" in rhtml
+    drain(compare_tab.compare(ctx, "Again", *args, request=request(sid)))
+    for side in ("left", "right"):
+        assert ctx.store.get(sid, side).last_metrics.reused_tokens > 0
+
+
+def test_long_context_reads_in_chunks_then_answers_follow_ups(ctx):
+    sid = "reader"
+    doc = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300))
+    outs = drain(long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid)))
+    chat, html, plot, note = outs[-1]
+    conv = ctx.store.get(sid, "long")
+    assert conv.context_tokens > 2 * ctx.settings.chunk_size  # read in several chunks
+    assert len(plot) >= 3 and plot["tokens read"].iloc[-1] > 0  # one memory sample per chunk
+    assert "KV cache" in note and chat[-1]["role"] == "assistant"
+    before = conv.context_tokens
+    drain(long_tab.ask(ctx, "What animal jumps?", "tiny-instruct", "fp32", N, request=request(sid)))
+    assert conv.last_metrics.reused_tokens == before
+
+
+def test_long_context_refuses_an_oversized_document(ctx):
+    with pytest.raises(gr.Error, match="limit is 50,000"):
+        drain(long_tab.read_document(ctx, "y" * 50_001, None, "", "tiny-instruct", "fp32", N,
+                                     request=request("too-long")))
+
+
+def test_api_chat_and_stats(ctx):
+    sid = "api-client"
+    replies = drain(api.chat(ctx, "Hi", max_new_tokens=N, request=request(sid)))
+    assert replies and replies[-1] == ctx.store.get(sid, "chat").messages[-1]["content"]
+    drain(api.chat(ctx, "Again", max_new_tokens=N, request=request(sid)))
+    stats = api.stats(ctx, request=request(sid))
+    assert stats["turns"] == 2 and stats["last_reply"]["reused_tokens"] > 0
+    api.reset(ctx, request=request(sid))
+    assert api.stats(ctx, request=request(sid))["turns"] == 0
+
+
+def test_unexpected_errors_become_a_human_message_without_a_trace():
+    err = to_user_error(KeyError("internal detail"))
+    assert isinstance(err, gr.Error) and "Something went wrong" in err.message and "Traceback" not in err.message
+    assert to_user_error(ValueError("the message is empty")).message == "the message is empty"
+
+
+def test_readout_names_the_kv_reference_and_formula():
+    from fm_demo.metrics import ReplyMetrics
+
+    html = readout_html(ReplyMetrics(context_tokens=8192, state_bytes=20 << 20, new_tokens=2, decode_s=0.1))
+    assert "32 layers x 8 KV heads x 128 dims x 2 B = 128.00 KiB/token x 8,192 tokens" in html
+    assert "1.00 GiB" in html  # 8k tokens of the reference KV cache
+
+
+def test_system_report_lists_versions_and_loaded_models(ctx):
+    ctx.manager.get("tiny-instruct", "fp32")
+    text, rows, stats = system_tab.system_report(ctx)
+    assert "torch" in text and "gradio" in text
+    assert any("scan: reference" in r[4] for r in rows)
+    assert "sessions" in stats
+
+
+def test_similar_transformer_matches_parameter_count_and_grows_its_cache(ctx):
+    lm = ctx.manager.get("tiny-instruct", "fp32")
+    llama = lab.similar_transformer(lm.model)
+    assert abs(lab.n_params(llama) / lab.n_params(lm.model) - 1) < 0.35
+    mamba = list(lab.mamba_decode(lm.engine, 64, every=16))
+    trans = list(lab.transformer_decode(llama, 64, every=16))
+    assert [s.tokens for s in mamba] == [16, 32, 48, 64] == [s.tokens for s in trans]
+    assert len({s.cache_bytes for s in mamba}) == 1  # the state never grows
+    per_token = lab.kv_bytes_per_token(llama.config, torch.float32)
+    assert [s.cache_bytes for s in trans] == [per_token * n for n in (16, 32, 48, 64)]  # one K,V row per token
+
+
+def test_chunked_prefill_peak_stays_below_parallel(ctx):
+    engine = ctx.manager.get("tiny-instruct", "fp32").engine
+    peaks = list(lab.prefill_peaks(Engine(engine.model, chunk_size=128), [2048], chunk_size=128))
+    assert peaks[0].parallel_bytes > 2 * peaks[0].chunked_bytes
+
+
+def test_time_limit_stops_a_decode_run(ctx):
+    engine = ctx.manager.get("tiny-instruct", "fp32").engine
+    t0 = time.perf_counter()
+    samples = list(lab.mamba_decode(engine, 100_000, every=8, time_limit_s=0.5))
+    assert samples[-1].tokens < 100_000 and time.perf_counter() - t0 < 10

@@ -14,6 +14,12 @@ Threading: one reply at a time per conversation (a second one raises Conversatio
 lock is a plain Lock because Gradio may resume a generator on another thread. The store never
 waits on a conversation: it skips busy ones when it offloads, evicts or expires.
 
+API additions to the agreed interface (nothing renamed): send(..., progress=cb(done, total),
+allow_long=True for uploads up to max_upload_chars); ReplyEvent.finish_reason (stop | length |
+stop_string | cancelled | error); ConversationError (user-facing; ConversationBusy and
+ImportRefused derive from it); SessionStore.get / put / fork / import_bytes / maintain and a
+`progress` argument to SessionStore.conversation (model loading); peek_model(data).
+
 Handlers should ask the store for the conversation on every event (`store.conversation(...)`)
 rather than keep it: that is where a conversation is re-bound to a reloaded or switched model.
 """

@@ -322,3 +322,27 @@ def test_switching_model_keeps_the_conversation(manager, settings):
     run(conv.send("And now?"))
     assert not conv.last_metrics.cache_hit  # the new model read the transcript once
     check_last_reply(conv)
+
+
+def test_ttl_and_session_limit(manager, settings):
+    import time
+
+    store = SessionStore(settings.replace(session_ttl_s=60, max_sessions=2), manager)
+    a = store.conversation("a", "instruct")
+    store.conversation("b", "instruct")
+    store.conversation("c", "instruct")  # a third session: the least recent one goes
+    assert store.get("a") is None and store.get("b") is not None and store.stats()["dropped_sessions"] == 1
+    store.maintain(now=time.monotonic() + 120)
+    assert store.stats()["conversations"] == 0 and store.stats()["expired"] == 2
+    assert a.messages == []
+
+
+def test_long_document_is_read_in_chunks_with_progress(lm, settings):
+    conv = Conversation(lm, settings)
+    seen = []
+    doc = "The falcon flies over the desert. " * 120
+    with pytest.raises(ConversationError, match="limit"):
+        conv.send(doc * 20)
+    run(conv.send(doc, progress=lambda done, total: seen.append((done, total)), allow_long=True))
+    check_last_reply(conv)
+    assert seen and seen[-1][0] == seen[-1][1] == len(conv.turns[-1].prompt_ids) - 1

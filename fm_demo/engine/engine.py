@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .cuda_graph import DecodeGraphs
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
 from .sampling import SamplingParams, make_generator, sample
@@ -85,6 +86,8 @@ class Engine:
         self.ops = ops or select_ops(self.device)
         self.consts = [layer_consts(b.mixer) for b in model.backbone.layers]
         self.signature = model_signature(model)
+        # CUDA-graph decode (cuda_graph.py): None off CUDA; per batch size it falls back to eager
+        self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device)
 
     # -- state -------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
@@ -101,7 +104,8 @@ class Engine:
         return per_row * batch_size
 
     def kernel_report(self) -> dict[str, str]:
-        return {**self.ops.paths, "reason": self.ops.reason}
+        graphs = self.graphs.status if self.graphs is not None else "off (not on CUDA, or FM_DEMO_CUDA_GRAPHS=0)"
+        return {**self.ops.paths, "reason": self.ops.reason, "decode_graph": graphs}
 
     # -- checks ------------------------------------------------------------------------------
     def _check_state(self, state: State, batch: int) -> None:
@@ -160,7 +164,9 @@ class Engine:
         """Feed one token per row, token_ids [B], and return the next logits [B, V]."""
         ids = self._check_ids(token_ids, 1)
         self._check_state(state, ids.shape[0])
-        logits = forward_step(self.model, self.consts, self.ops, ids, state.conv, state.ssm)
+        logits = self.graphs.step(ids, state.conv, state.ssm) if self.graphs is not None else None
+        if logits is None:
+            logits = forward_step(self.model, self.consts, self.ops, ids, state.conv, state.ssm)
         state.seqlen += 1
         return logits
 

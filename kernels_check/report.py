@@ -94,7 +94,8 @@ def _format_bench(bench: dict | None) -> list[str]:
         return [f"bench: skipped ({bench['skipped']})"]
     lines = ["bench, per op at the 7B's shapes, bf16 (reference ms -> fused ms, speedup):"]
     for r in bench["ops"]:
-        lines.append(f"  {r['op']}: {r['reference_ms']} -> {r['fused_ms']} ms, x{r['speedup']} [{r['impl']}]")
+        fused = f"{r['fused_ms']} ms, x{r['speedup']}" if r["fused_ms"] is not None else "no fused kernel"
+        lines.append(f"  {r['op']}: {r['reference_ms']} ms -> {fused} [{r['impl']}]")
     d = bench["decode_7b"]
     lines.append(f"bench, batch-1 decode of the 7B shape (built in {d['build_s']} s, {d['gpu_memory_gib']} GiB):")
     for label in ("bf16", "nf4"):

@@ -4,16 +4,28 @@ Settings come from FM_DEMO_* environment variables, and under `python app.py` al
 (`python app.py --help`). `demo` is module-level so `gradio app.py` and Hugging Face Spaces find it.
 """
 
-from fm_demo.zerogpu import prepare
+from fm_demo.zerogpu import on_zerogpu, prepare
 
 prepare()  # on ZeroGPU, `spaces` must patch torch before anything touches CUDA
 
 from fm_demo.settings import Settings  # noqa: E402
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs  # noqa: E402
 
+
+def build(settings: Settings):
+    """The queued app for `settings`, with the process set up for it (once, at start-up)."""
+    import torch
+
+    if (threads := settings.torch_threads()) is not None:
+        torch.set_num_threads(threads)
+    app = build_demo(settings).queue(**queue_kwargs())
+    if on_zerogpu():  # `spaces` hands its GPU worker only the weights on "cuda" at launch
+        app.fm_context.manager.preload()
+    return app
+
+
 settings = Settings.from_env()
-demo = build_demo(settings)
-demo.queue(**queue_kwargs())
+demo = build(settings)
 
 
 def main() -> None:
@@ -22,7 +34,7 @@ def main() -> None:
     parser = Settings.add_cli_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args()
     cli = Settings.from_cli(args)
-    app = demo if cli == settings else build_demo(cli).queue(**queue_kwargs())
+    app = demo if cli == settings else build(cli)
     app.launch(server_name=cli.host, server_port=cli.port, **launch_kwargs(cli))
 
 

@@ -153,6 +153,18 @@ def visible_reply(fmt: ChatFormat, text: str, final: bool) -> tuple[str, bool]:
     return _tidy(fmt, text), False
 
 
+def tokens_within(tokenizer, ids: Sequence[int], n_chars: int) -> int:
+    """The largest n such that ids[:n] decodes to at most n_chars characters (binary search)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=True)) <= n_chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
     best = 0

@@ -6,6 +6,10 @@ serialized by a per-key lock (two sessions asking for the same model wait for on
 loads share one lock, so two 7B checkpoints never stream into memory at the same time.
 Every failure comes back as a ModelLoadError whose text a user can act on; nothing is left
 half-registered and the server keeps serving the models it has.
+
+On ZeroGPU the manager also makes the GPU calls replies go through (GpuCalls), once, before the
+app launches, and `preload()` loads the offered models then: `spaces` moves to the GPU worker
+only weights that were on "cuda" when the app started.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from .engine import Engine
+from . import zerogpu
+from .engine import Engine, State
 from .settings import PRECISION_LABELS, Preset, Settings
 
 ProgressFn = Callable[[float, str], None]
@@ -48,6 +53,7 @@ class LoadedModel:
     nbytes: int  # weights and buffers in memory
     load_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. a chat template that differs
+    gpu: GpuCalls | None = None  # on ZeroGPU: replies run through these, not engine.stream
 
     @property
     def kind(self) -> str:
@@ -60,6 +66,34 @@ class LoadedModel:
     @property
     def label(self) -> str:
         return f"{self.preset.label} · {PRECISION_LABELS.get(self.precision, self.precision)}"
+
+
+@dataclass(frozen=True)
+class GpuCalls:
+    """Where a model's GPU work runs on ZeroGPU: functions `spaces` runs in its GPU worker.
+
+    stream(key, state, ids [1, T], **Engine.stream kwargs): token events, then a StateUpdate.
+    prefill(key, state, ids [1, T]) -> the state advanced by ids, on the state's device (CPU).
+    Arguments and results cross a process boundary, so the state is never advanced in place.
+    """
+
+    stream: Callable[..., Iterator]
+    prefill: Callable[..., State]
+
+    @classmethod
+    def make(cls, resolve: Callable[[Any], tuple[Engine, Any]]) -> GpuCalls:
+        """resolve(model key) -> (engine, tokenizer), run in the worker (whose memory is a fork)."""
+
+        def prefill(model_key, state: State, input_ids) -> State:
+            engine, _ = resolve(model_key)
+            work = state.to(engine.device)
+            engine.prefill(input_ids, work)
+            return work.to(state.device)
+
+        def duration(model_key, state: State, input_ids) -> int:
+            return zerogpu.estimate_duration(int(input_ids.shape[-1]), 0)
+
+        return cls(zerogpu.make_gpu_stream(resolve), zerogpu.gpu_task(prefill, duration=duration))
 
 
 def estimate_model_bytes(config, precision: str) -> int:
@@ -99,6 +133,8 @@ class ModelManager:
         self._models: OrderedDict[Key, LoadedModel] = OrderedDict()  # least recently used first
         self._key_locks: dict[Key, threading.Lock] = {}
         self._unload_listeners: list[Callable[[LoadedModel], None]] = []
+        # made here, before launch, because `spaces` registers its GPU functions at start-up
+        self.gpu = GpuCalls.make(self._engine_and_tokenizer) if zerogpu.on_zerogpu() else None
 
     @property
     def presets(self) -> dict[str, Preset]:
@@ -136,6 +172,11 @@ class ModelManager:
                 self._models[key] = lm
             return lm
 
+    def preload(self, keys: list[str] | None = None,
+                progress: ProgressFn | None = None) -> list[LoadedModel]:
+        """Load `keys` (default: every offered preset) in their default precision, in order."""
+        return [self.get(key, None, progress) for key in (keys if keys is not None else self._presets)]
+
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._models.values())
@@ -162,6 +203,17 @@ class ModelManager:
         with self._lock:
             return sum(lm.nbytes for lm in self._models.values())
 
+    def _engine_and_tokenizer(self, key) -> tuple[Engine, Any]:
+        """A loaded model by key, for the GPU worker.
+
+        No lock: the worker is a fork, where a lock another thread held at fork time stays held.
+        """
+        lm = self._models.get(tuple(key))
+        if lm is None:
+            raise ModelLoadError(f"{key[0]} ({key[1]}) is not loaded in the GPU worker (on ZeroGPU every "
+                                 f"offered model must be loaded at start-up)")
+        return lm.engine, lm.tokenizer
+
     # -- loading -----------------------------------------------------------------------------
     def _load(self, preset: Preset, precision: str, progress: ProgressFn) -> LoadedModel:
         t0 = time.perf_counter()
@@ -183,7 +235,7 @@ class ModelManager:
             raise _explain(e, preset, precision) from e
         notes = _notes(preset, tokenizer, engine)
         lm = LoadedModel((preset.key, precision), preset, precision, model, tokenizer, engine,
-                         int(model.get_memory_footprint()), time.perf_counter() - t0, notes)
+                         int(model.get_memory_footprint()), time.perf_counter() - t0, notes, self.gpu)
         progress(1.0, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 

@@ -159,3 +159,28 @@ def test_estimate_matches_the_published_7b():
     assert abs(estimate_model_bytes(cfg, "bf16") / 2 - 7.27e9) < 0.05e9
     # NF4 mixers (~3.8 GB) plus embeddings and lm_head, which bitsandbytes leaves in bf16 (~1.07 GB)
     assert 4.6e9 < estimate_model_bytes(cfg, "4bit") < 5.1e9
+
+
+def test_preload_and_gpu_calls(presets, monkeypatch):
+    from fm_demo import zerogpu
+    from fm_demo.engine import SamplingParams
+
+    tiny = {k: presets[k] for k in ("instruct", "base")}
+    plain = ModelManager(Settings(device="cpu"), presets=tiny)
+    assert plain.gpu is None and all(lm.gpu is None for lm in plain.preload())
+    assert [lm.key for lm in plain.loaded()] == [("instruct", "fp32"), ("base", "fp32")]
+
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda env=None: True)
+    monkeypatch.setattr(zerogpu, "gpu_task", lambda fn=None, *, duration=60: fn)  # in-process stand-in
+    zero = ModelManager(Settings(device="cpu"), presets=tiny)
+    lm = zero.preload(["instruct"])[0]
+    assert lm.gpu is zero.gpu and zero.gpu is not None
+    ids = torch.tensor([[3, 4, 5, 6]])
+    state = lm.gpu.prefill(lm.key, lm.engine.new_state(), ids)
+    ref = lm.engine.new_state()
+    lm.engine.prefill(ids, ref)
+    assert state.seqlen == 4 and torch.equal(state.ssm, ref.ssm) and torch.equal(state.conv, ref.conv)
+    *events, update = lm.gpu.stream(lm.key, state, torch.tensor([[7]]), sampling=SamplingParams(), max_new_tokens=3)
+    assert len(events) == 3 and isinstance(update, zerogpu.StateUpdate) and update.state.seqlen == 4 + 1 + 3
+    with pytest.raises(ModelLoadError, match="not loaded in the GPU worker"):
+        lm.gpu.prefill(("base", "fp32"), lm.engine.new_state(), ids)

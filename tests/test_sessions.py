@@ -7,6 +7,8 @@ state; after retry, undo, edit, a stopped reply, eviction, export/import.
 
 from __future__ import annotations
 
+import inspect
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ import torch
 from fm_demo import chat
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelManager
-from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused, SessionStore
+from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Preset, Settings, tiny_checkpoint
+from fm_demo.store import SessionStore
 
 GREEDY = SamplingParams()
 N = 16  # new tokens per reply: enough to see divergence, short enough for a fast suite
@@ -209,7 +212,7 @@ def _tamper_payload(data: bytes, edit) -> bytes:
 
     from safetensors.torch import load, save
 
-    from fm_demo.sessions import _digest
+    from fm_demo.transfer import _digest
 
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n])["__metadata__"]
@@ -260,7 +263,7 @@ def test_wrong_state_shape_is_refused(lm, settings):
 
     from safetensors.torch import save
 
-    from fm_demo.sessions import _digest
+    from fm_demo.transfer import _digest
 
     n = int.from_bytes(blob[:8], "little")
     meta = json.loads(blob[8:8 + n])["__metadata__"]
@@ -346,3 +349,117 @@ def test_long_document_is_read_in_chunks_with_progress(lm, settings):
     run(conv.send(doc, progress=lambda done, total: seen.append((done, total)), allow_long=True))
     check_last_reply(conv)
     assert seen and seen[-1][0] == seen[-1][1] == len(conv.turns[-1].prompt_ids) - 1
+
+
+# -- ZeroGPU: replies through GPU calls whose arguments and results cross a process boundary ----
+def _gpu_worker(conn, fn, args, kwargs) -> None:
+    """The GPU worker's side: run fn, send each item (pickled), go on only when asked."""
+    torch.set_num_threads(1)  # OpenMP's pool from the parent does not survive fork
+    try:
+        result = fn(*args, **kwargs)
+        for item in result if inspect.isgenerator(result) else [result]:
+            conn.send(("item", item))
+            if conn.recv() == "stop":  # the visitor pressed stop: the worker is closed
+                return
+        conn.send(("end", None))
+        conn.recv()  # stay until the caller has received the tensors
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _forked_items(fn, args, kwargs):
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_gpu_worker, args=(child, fn, args, kwargs), daemon=True)
+    proc.start()
+    try:
+        while True:
+            kind, item = parent.recv()
+            if kind == "error":
+                raise RuntimeError(item)
+            parent.send("next")
+            if kind == "end":
+                return
+            yield item
+    finally:
+        parent.send("stop")
+        proc.join(30)
+
+
+def forked_gpu_task(fn=None, *, duration=60):
+    """What `spaces.GPU` does: each call runs in a forked process; what comes back is pickled."""
+    if fn is None:
+        return lambda f: forked_gpu_task(f, duration=duration)
+    if inspect.isgeneratorfunction(fn):
+        return lambda *args, **kwargs: _forked_items(fn, args, kwargs)
+
+    def call(*args, **kwargs):
+        items = _forked_items(fn, args, kwargs)
+        try:
+            return next(items)
+        finally:
+            items.close()
+
+    return call
+
+
+@pytest.fixture(params=["in_process", "forked"])
+def zero_lm(request, manager, settings, monkeypatch):
+    """The instruct model loaded as on ZeroGPU, its GPU calls in-process or in a forked worker."""
+    from fm_demo import zerogpu
+
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda env=None: True)
+    task = forked_gpu_task if request.param == "forked" else (lambda fn=None, *, duration=60: fn)
+    monkeypatch.setattr(zerogpu, "gpu_task", task)
+    zero = ModelManager(settings, presets=manager.presets)
+    assert zero.gpu is not None
+    return zero.get("instruct")
+
+
+def same_state(a, b) -> bool:
+    # The two paths cut the same tokens into different prefill chunks: equal up to float rounding.
+    return a.seqlen == b.seqlen and torch.allclose(a.ssm, b.ssm, atol=1e-4, rtol=1e-4) and torch.allclose(
+        a.conv, b.conv, atol=1e-4, rtol=1e-4)
+
+
+def test_zerogpu_path_replies_like_the_local_path(zero_lm, lm, settings):
+    assert lm.gpu is None and zero_lm.gpu is not None
+    here, there = Conversation(lm, settings), Conversation(zero_lm, settings)
+    for q in ("Hello!", "What is 3 plus 4?"):
+        run(here.send(q)), run(there.send(q))
+        end = there.context_tokens
+        assert there.turns[-1].reply_ids == here.turns[-1].reply_ids and end == here.context_tokens
+        assert there._live is None and there._snaps[end].device.type == "cpu"
+        assert same_state(there._snaps[end], here._snaps[end])
+    assert there.last_metrics.cache_hit and there.last_metrics.prefilled_tokens == len(there.turns[-1].prompt_ids)
+    check_last_reply(there)
+    run(here.retry()), run(there.retry())
+    assert there.turns[-1].reply_ids == here.turns[-1].reply_ids
+    assert there.last_metrics.prefilled_tokens == len(there.turns[-1].prompt_ids)  # no snapshot before the reply
+
+
+def test_zerogpu_path_stopped_reply_rebuilds_from_the_snapshot(zero_lm, lm, settings, request):
+    forked = request.node.callspec.params["zero_lm"] == "forked"
+    here, there = Conversation(lm, settings), Conversation(zero_lm, settings)
+    run(here.send("Hello!")), run(there.send("Hello!"))
+    gens = here.send("Tell me a long story."), there.send("Tell me a long story.")
+    for _ in range(4):
+        next(gens[0]), next(gens[1])
+    gens[0].close(), gens[1].close()
+    end, cut = there.context_tokens, there.turns[-1]
+    assert cut.reply_ids == here.turns[-1].reply_ids and cut.finish_reason == "cancelled"
+    if forked:  # the worker was closed: no state came back, the snapshot before the turn stays
+        assert end not in there._snaps and there._live is None
+    else:  # in-process the CPU copy was advanced in place, exactly like the local path
+        assert same_state(there._snaps[end], here._snaps[end])
+    copy = there.fork()
+    back = Conversation.import_bytes(copy.export(), lm, settings)  # export reads the rest on the GPU
+    assert same_state(copy._snaps[end], here._snaps[end])
+    for conv in (here, there, back):
+        run(conv.send("Go on."))
+    assert there.turns[-1].reply_ids == here.turns[-1].reply_ids == back.turns[-1].reply_ids
+    check_last_reply(there)
+    reread = len(cut.prompt_ids) + len(cut.reply_ids) if forked else 0
+    assert there.last_metrics.rebuilt_tokens == reread and there.last_metrics.cache_hit == (not forked)

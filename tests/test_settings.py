@@ -47,10 +47,39 @@ def test_env_overrides_and_units():
     ({"FM_DEMO_SESSION_BUDGET_BYTES": "lots"}, "FM_DEMO_SESSION_BUDGET_BYTES"),
     ({"FM_DEMO_EXTRA_MODELS": "../etc/passwd"}, "FM_DEMO_EXTRA_MODELS"),
     ({"FM_DEMO_MAX_NEW_TOKENS": "5000"}, "FM_DEMO_MAX_NEW_TOKENS"),
+    ({"FM_DEMO_CPU_THREADS": "-1"}, "FM_DEMO_CPU_THREADS"),
+    ({"FM_DEMO_CPU_THREADS": "two"}, "FM_DEMO_CPU_THREADS"),
 ])
 def test_env_errors_name_the_variable(env, var):
     with pytest.raises(SettingsError, match=var):
         Settings.from_env({"FM_DEMO_DEVICE": "cpu", **env})
+
+
+def test_cpu_threads_auto_env_and_cli():
+    s = Settings.from_env({"FM_DEMO_DEVICE": "cpu"})
+    assert s.cpu_threads == 0 and s.torch_threads() == 1  # auto: one thread when serving on the CPU
+    assert Settings.from_env({"FM_DEMO_DEVICE": "cpu", "FM_DEMO_CPU_THREADS": " 3 "}).torch_threads() == 3
+    parser = Settings.add_cli_args(argparse.ArgumentParser())
+    cli = Settings.from_cli(parser.parse_args(["--cpu-threads", "2"]), env={"FM_DEMO_DEVICE": "cpu"})
+    assert cli.torch_threads() == 2
+    with pytest.raises(SettingsError, match="--cpu-threads: must be >= 0"):
+        Settings.from_cli(parser.parse_args(["--cpu-threads", "-4"]), env={"FM_DEMO_DEVICE": "cpu"})
+
+
+def test_app_start_up_sets_torch_threads():
+    """app.py applies the setting when it builds the app, not a library module at import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import torch; import fm_demo.sessions, fm_demo.store, fm_demo.models; before = torch.get_num_threads(); "
+             "import app; print(before, torch.get_num_threads())")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "FM_DEMO_DEVICE": "cpu", "FM_DEMO_CPU_THREADS": "3", "OMP_NUM_THREADS": "2",
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["2", "3"], out.stderr[-2000:]
 
 
 def test_cli_overrides_env_and_names_flags():

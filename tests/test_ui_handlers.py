@@ -17,7 +17,7 @@ import torch
 from fm_demo import lab
 from fm_demo.engine import Engine
 from fm_demo.models import ModelManager
-from fm_demo.sessions import SessionStore
+from fm_demo.store import SessionStore
 from fm_demo.settings import Settings, tiny_checkpoint
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, throttle, to_user_error

@@ -35,7 +35,7 @@ def offline_environment() -> None:
 
 def make_context(settings: Settings) -> AppContext:
     from ..models import ModelManager
-    from ..sessions import SessionStore
+    from ..store import SessionStore
 
     manager = ModelManager(settings)
     return AppContext(settings, manager, SessionStore(settings, manager))

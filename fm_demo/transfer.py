@@ -1,0 +1,132 @@
+"""The conversation file: a transcript and the recurrent state at its end, in one safetensors file.
+
+Layout: tensors `conv` [L, 1, D, K-1] and `ssm` [L, 1, D, N] (the state), and in the metadata a
+JSON payload (format, version, model identity, system prompt, turns with their token ids, state
+metadata) plus a sha256 over payload and tensors. Reading checks, in order: size, format and
+version, checksum, model signature, state shape, every turn's tokens against this model's prompt
+format, and that the state holds exactly the transcript's tokens. Any failure is an
+ImportRefused whose message says what is wrong; nothing is half-imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from . import chat
+from .engine import State, StateError
+from .models import LoadedModel
+from .sessions import ImportRefused, Turn
+
+EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
+
+
+def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) -> bytes:
+    """A safetensors file: tensors conv/ssm, the transcript and model identity in its metadata.
+
+    The sha256 covers metadata and tensors: it catches corrupted and hand-edited files (it is a
+    checksum, not a signature; a state only ever affects the conversation it is loaded into).
+    """
+    from safetensors.torch import save
+
+    payload = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+        "model": {"preset": lm.key[0], "precision": lm.key[1], "source": lm.preset.source,
+                  "kind": lm.kind, "signature": lm.engine.signature},
+        "system": system,
+        "turns": [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids,
+                   "finish_reason": t.finish_reason} for t in turns],
+        "state": state.metadata(),
+    }
+    tensors = {"conv": state.conv.detach().cpu().contiguous(), "ssm": state.ssm.detach().cpu().contiguous()}
+    body = json.dumps(payload, sort_keys=True)
+    return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
+
+
+def peek_model(data: bytes) -> dict:
+    """The model an exported conversation was saved with: {preset, precision, source, kind, signature}."""
+    return _payload(data)[0]["model"]
+
+
+def import_parts(data: bytes, lm: LoadedModel, fmt: chat.ChatFormat,
+                 max_bytes: int) -> tuple[str, list[Turn], State]:
+    """(system prompt, turns, state on CPU) from an export, or ImportRefused saying why not."""
+    from safetensors.torch import load
+
+    if len(data) > max_bytes:
+        raise ImportRefused(f"the file has {len(data) / 1e6:.1f} MB; this server accepts up to "
+                            f"{max_bytes / 1e6:.0f} MB")
+    payload, meta = _payload(data)
+    try:
+        tensors = load(bytes(data))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ImportRefused(f"the file's tensors cannot be read ({e})") from None
+    if _digest(meta["fm_demo"], tensors) != meta.get("sha256"):
+        raise ImportRefused("the file was modified or damaged (its checksum does not match)")
+    model = payload.get("model") or {}
+    if model.get("signature") != lm.engine.signature:
+        raise ImportRefused(f"this conversation was saved with another model ({model.get('preset')}: "
+                            f"{model.get('source')}); its state does not fit {lm.preset.label}")
+    try:
+        state = State.from_parts(tensors, payload.get("state") or {}, like=lm.engine.new_state(), device="cpu")
+    except StateError as e:
+        raise ImportRefused(f"the saved state does not fit this model: {e}") from None
+    system = payload.get("system", "")
+    turns = _turns_from(payload.get("turns"), system, lm, fmt)
+    if state.seqlen != sum(len(t.prompt_ids) + len(t.reply_ids) for t in turns):
+        raise ImportRefused(f"the saved state holds {state.seqlen} tokens but the transcript has a different count")
+    return system, turns, state
+
+
+def _payload(data: bytes) -> tuple[dict, dict]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without the tensors."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
+        raise ImportRefused("not a conversation file exported by this app")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    try:
+        if n > len(data) - 8:
+            raise ValueError("header longer than the file")
+        meta = json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
+        payload = json.loads(meta["fm_demo"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ImportRefused("not a conversation file exported by this app") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ImportRefused("not a conversation file exported by this app")
+    if payload.get("version") != EXPORT_VERSION:
+        raise ImportRefused(f"conversation file version {payload.get('version')} is not supported "
+                            f"(this server reads version {EXPORT_VERSION})")
+    return payload, meta
+
+
+def _digest(body: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(body.encode())
+    for name in ("conv", "ssm"):
+        t = tensors.get(name)
+        if t is not None:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> list[Turn]:
+    """Rebuild turns, checking every id and that each prompt is what this model's format writes."""
+    if not isinstance(rows, list) or not isinstance(system, str):
+        raise ImportRefused("the transcript in the file is malformed")
+    tok, vocab, turns, prev = lm.tokenizer, lm.engine.config.vocab_size, [], None
+    for i, row in enumerate(rows):
+        try:
+            user, prompt, reply = row["user"], list(row["prompt_ids"]), list(row["reply_ids"])
+            ok = isinstance(user, str) and all(isinstance(x, int) and 0 <= x < vocab for x in prompt + reply)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ImportRefused(f"turn {i + 1} of the transcript is malformed")
+        if prompt != chat.prompt_ids(fmt, tok, user, prev, system=system):
+            raise ImportRefused(f"turn {i + 1} does not match this model's prompt format (edited file or "
+                                f"another tokenizer)")
+        text = chat.visible_reply(fmt, tok.decode(reply, skip_special_tokens=True), final=True)[0]
+        finish = row.get("finish_reason")
+        turns.append(Turn(user, prompt, reply, text, finish if isinstance(finish, str) else None))
+        prev = reply
+    return turns

@@ -102,9 +102,17 @@ def similar_llama_config(mamba_config, target_params: int):
     per_layer = 2 * h * h + 2 * h * kv_heads * head_dim + 3 * h * ffn + 2 * h
     embed = 2 * vocab * h
     layers = max(1, round((target_params - embed) / per_layer))
-    return LlamaConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                       vocab_size=vocab, max_position_embeddings=1 << 20, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=h,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=1 << 20,
+        tie_word_embeddings=False,
+    )
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -130,8 +138,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_loop(series: str, device: torch.device, n_tokens: int, every: int, time_limit_s: float,
-                step, cache_bytes) -> Iterator[Sample]:
+def _timed_loop(
+    series: str, device: torch.device, n_tokens: int, every: int, time_limit_s: float, step, cache_bytes
+) -> Iterator[Sample]:
     """Call step() n_tokens times; every `every` tokens yield a Sample of the last window."""
     start = time.perf_counter()
     window_t, window_n = start, 0
@@ -148,8 +157,9 @@ def _timed_loop(series: str, device: torch.device, n_tokens: int, every: int, ti
 
 
 @torch.inference_mode()
-def mamba_decode(engine: Engine, n_tokens: int, every: int = 64,
-                 time_limit_s: float = float("inf")) -> Iterator[Sample]:
+def mamba_decode(
+    engine: Engine, n_tokens: int, every: int = 64, time_limit_s: float = float("inf")
+) -> Iterator[Sample]:
     """Greedy decode from a one-token prompt; the state never grows."""
     state = engine.new_state()
     logits = [engine.prefill(torch.zeros(1, 1, dtype=torch.long), state)]
@@ -161,8 +171,9 @@ def mamba_decode(engine: Engine, n_tokens: int, every: int = 64,
 
 
 @torch.inference_mode()
-def transformer_decode(model: nn.Module, n_tokens: int, every: int = 64,
-                       time_limit_s: float = float("inf")) -> Iterator[Sample]:
+def transformer_decode(
+    model: nn.Module, n_tokens: int, every: int = 64, time_limit_s: float = float("inf")
+) -> Iterator[Sample]:
     """Greedy decode with transformers' DynamicCache, which grows by one K,V row per token."""
     from transformers import DynamicCache
 
@@ -175,9 +186,12 @@ def transformer_decode(model: nn.Module, n_tokens: int, every: int = 64,
         ids[0] = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
 
     def kv_bytes() -> int:
-        return sum(t.numel() * t.element_size() for layer in cache.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                   if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in cache.layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        )
 
     yield from _timed_loop(TRANSFORMER, device, n_tokens, every, time_limit_s, step, kv_bytes)
 
@@ -191,8 +205,9 @@ class PrefillPeak:
 
 
 @torch.inference_mode()
-def prefill_peaks(engine: Engine, lengths: list[int], chunk_size: int = 256,
-                  seed: int = 0) -> Iterator[PrefillPeak]:
+def prefill_peaks(
+    engine: Engine, lengths: list[int], chunk_size: int = 256, seed: int = 0
+) -> Iterator[PrefillPeak]:
     """Peak memory of one parallel pass (one chunk of the whole prompt) versus chunked prefill.
 
     Both run the same engine code; only the chunk size differs, so the gap is the cost of

@@ -10,10 +10,10 @@ import socket
 
 import pytest
 from gradio_client import Client
+from test_ui_handlers import tiny_context
 
 from fm_demo.settings import Settings
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
-from test_ui_handlers import tiny_context
 
 N = 10
 
@@ -28,8 +28,13 @@ def free_port() -> int:
 def url(tmp_path_factory):
     settings = Settings(device="cpu", max_new_tokens=N, max_input_chars=1000)
     demo = build_demo(settings, tiny_context(settings, tmp_path_factory)).queue(**queue_kwargs())
-    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                  quiet=True, **launch_kwargs(settings))
+    _, local_url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        **launch_kwargs(settings),
+    )
     yield local_url
     demo.close()
 

@@ -17,8 +17,8 @@ import torch
 from fm_demo import lab
 from fm_demo.engine import Engine
 from fm_demo.models import ModelManager
-from fm_demo.store import SessionStore
 from fm_demo.settings import Settings, tiny_checkpoint
+from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, throttle, to_user_error
 from fm_demo.ui.readout import readout_html
@@ -31,12 +31,17 @@ def tiny_checkpoint_dir(kind: str, tmp_path_factory) -> str:
     real = Path(tiny_checkpoint(kind))
     if (real / "config.json").exists():
         return str(real)
+    return random_checkpoint_dir(kind, tmp_path_factory)
+
+
+def random_checkpoint_dir(kind: str, tmp_path_factory) -> str:
+    """A random-weight checkpoint of the tiny shape, with the tiny tokenizer."""
     from transformers import FalconMambaForCausalLM
 
     from fm_demo.tiny.config import TinyDims, falcon_mamba_config
     from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
 
-    out = tmp_path_factory.mktemp(f"tiny-{kind}")
+    out = tmp_path_factory.mktemp(f"random-tiny-{kind}")
     save_tokenizer(build_tokenizer(n_texts=300), out, kind)
     torch.manual_seed(0 if kind == "instruct" else 1)
     FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
@@ -55,8 +60,10 @@ def tiny_context(settings: Settings, tmp_path_factory) -> AppContext:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    return tiny_context(Settings(device="cpu", max_new_tokens=N, max_input_chars=2000, max_upload_chars=50_000),
-                        tmp_path_factory)
+    return tiny_context(
+        Settings(device="cpu", max_new_tokens=N, max_input_chars=2000, max_upload_chars=50_000),
+        tmp_path_factory,
+    )
 
 
 def request(sid: str) -> gr.Request:
@@ -198,8 +205,11 @@ def test_long_context_reads_in_chunks_then_answers_follow_ups(ctx):
 
 def test_long_context_refuses_an_oversized_document(ctx):
     with pytest.raises(gr.Error, match="limit is 50,000"):
-        drain(long_tab.read_document(ctx, "y" * 50_001, None, "", "tiny-instruct", "fp32", N,
-                                     request=request("too-long")))
+        drain(
+            long_tab.read_document(
+                ctx, "y" * 50_001, None, "", "tiny-instruct", "fp32", N, request=request("too-long")
+            )
+        )
 
 
 def test_api_chat_and_stats(ctx):
@@ -215,7 +225,9 @@ def test_api_chat_and_stats(ctx):
 
 def test_unexpected_errors_become_a_human_message_without_a_trace():
     err = to_user_error(KeyError("internal detail"))
-    assert isinstance(err, gr.Error) and "Something went wrong" in err.message and "Traceback" not in err.message
+    assert (
+        isinstance(err, gr.Error) and "Something went wrong" in err.message and "Traceback" not in err.message
+    )
     assert to_user_error(ValueError("the message is empty")).message == "the message is empty"
 
 
@@ -244,7 +256,9 @@ def test_similar_transformer_matches_parameter_count_and_grows_its_cache(ctx):
     assert [s.tokens for s in mamba] == [16, 32, 48, 64] == [s.tokens for s in trans]
     assert len({s.cache_bytes for s in mamba}) == 1  # the state never grows
     per_token = lab.kv_bytes_per_token(llama.config, torch.float32)
-    assert [s.cache_bytes for s in trans] == [per_token * n for n in (16, 32, 48, 64)]  # one K,V row per token
+    assert [s.cache_bytes for s in trans] == [
+        per_token * n for n in (16, 32, 48, 64)
+    ]  # one K,V row per token
 
 
 def test_chunked_prefill_peak_stays_below_parallel(ctx):
@@ -258,3 +272,17 @@ def test_time_limit_stops_a_decode_run(ctx):
     t0 = time.perf_counter()
     samples = list(lab.mamba_decode(engine, 100_000, every=8, time_limit_s=0.5))
     assert samples[-1].tokens < 100_000 and time.perf_counter() - t0 < 10
+
+
+def test_lab_handlers_stream_both_series_and_the_prefill_sweep(ctx):
+    from fm_demo.ui import lab_tab
+
+    outs = drain(lab_tab.run_decode(ctx, "tiny-instruct", "fp32", 128, 60, request=request("lab")))
+    speed, cache, memory, note = outs[-1]
+    assert set(speed["series"]) == {lab.MAMBA, lab.TRANSFORMER} and note.startswith("Done")
+    mamba = cache[cache["series"] == lab.MAMBA]["cache MiB"]
+    kv = cache[cache["series"] == lab.TRANSFORMER]["cache MiB"]
+    assert mamba.nunique() == 1 and kv.is_monotonic_increasing and kv.iloc[-1] > kv.iloc[0]
+    outs = drain(lab_tab.run_prefill(ctx, "tiny-instruct", "fp32", 1024, request=request("lab")))
+    frame, note = outs[-1]
+    assert sorted(set(frame["prompt tokens"])) == [128, 256, 512, 1024] and note.startswith("Done")

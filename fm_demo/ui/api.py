@@ -10,7 +10,17 @@ from typing import Iterator
 
 import gradio as gr
 
-from .common import AppContext, bind, check_message, controlled, open_conversation, sampling_params, session_id, throttle, user_errors
+from .common import (
+    AppContext,
+    bind,
+    check_message,
+    controlled,
+    open_conversation,
+    sampling_params,
+    session_id,
+    throttle,
+    user_errors,
+)
 from .compare_tab import SLOTS, interleave
 
 CHAT_SLOT = "chat"
@@ -21,9 +31,19 @@ def _resolve(ctx: AppContext, preset: str | None) -> str:
 
 
 @user_errors
-def chat(ctx: AppContext, message: str, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-         repetition_penalty: float = 1.0, max_new_tokens: int = 256, seed: int = -1, preset: str = "",
-         precision: str = "", request: gr.Request = None) -> Iterator[str]:
+def chat(
+    ctx: AppContext,
+    message: str,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = -1,
+    preset: str = "",
+    precision: str = "",
+    request: gr.Request = None,
+) -> Iterator[str]:
     """Stream the reply to `message` in this client's conversation (greedy by default).
 
     Yields the reply text so far; the last value is the whole reply. preset/precision default to
@@ -42,17 +62,28 @@ def chat(ctx: AppContext, message: str, temperature: float = 0.0, top_p: float =
 
 
 @user_errors
-def compare(ctx: AppContext, message: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = -1,
-            left_preset: str = "", left_precision: str = "", right_preset: str = "", right_precision: str = "",
-            request: gr.Request = None) -> Iterator[dict]:
+def compare(
+    ctx: AppContext,
+    message: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = -1,
+    left_preset: str = "",
+    left_precision: str = "",
+    right_preset: str = "",
+    right_precision: str = "",
+    request: gr.Request = None,
+) -> Iterator[dict]:
     """Stream `message` into both compare panes; yields {"left": text, "right": text}."""
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
         yield {side: "" for side in SLOTS}
         return
     defaults = dict(zip(SLOTS, ctx.settings.compare_presets))
-    picks = {"left": (left_preset or defaults["left"], left_precision),
-             "right": (right_preset or defaults["right"], right_precision)}
+    picks = {
+        "left": (left_preset or defaults["left"], left_precision),
+        "right": (right_preset or defaults["right"], right_precision),
+    }
     convs = {side: open_conversation(ctx, request, *picks[side], side)[1] for side in SLOTS}
     sampling = sampling_params(temperature, 1.0, 0, 1.0, seed)
     streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
@@ -80,8 +111,12 @@ def stats(ctx: AppContext, slot: str = CHAT_SLOT, request: gr.Request = None) ->
     if conv is None:
         return {"slot": slot, "turns": 0, "context_tokens": 0, "last_reply": None}
     m = conv.last_metrics
-    return {"slot": slot, "turns": len(conv.turns), "context_tokens": conv.context_tokens,
-            "last_reply": m.as_dict() if m is not None else None}
+    return {
+        "slot": slot,
+        "turns": len(conv.turns),
+        "context_tokens": conv.context_tokens,
+        "last_reply": m.as_dict() if m is not None else None,
+    }
 
 
 def register_api(ctx: AppContext) -> None:

@@ -21,9 +21,11 @@ from .readout import CSS
 from .system_tab import build_system_tab
 
 TITLE = "Falcon Mamba: attention-free chat"
-INTRO = ("**Falcon Mamba** is a 7B language model with no attention: a fixed-size recurrent state replaces "
-         "the KV cache. Here every conversation keeps its state on the server, so each turn reads only its "
-         "new tokens, and speed and memory stay flat however long the conversation grows.")
+INTRO = (
+    "**Falcon Mamba** is a 7B language model with no attention: a fixed-size recurrent state replaces "
+    "the KV cache. Here every conversation keeps its state on the server, so each turn reads only its "
+    "new tokens, and speed and memory stay flat however long the conversation grows."
+)
 
 
 def offline_environment() -> None:
@@ -74,6 +76,7 @@ def _system_loader(ctx: AppContext):
 
 def _forget_session(ctx: AppContext):
     """When a browser tab closes, drop its conversations and stop flags."""
+
     def forget(request: gr.Request) -> None:
         try:
             sid = session_id(request)
@@ -81,14 +84,20 @@ def _forget_session(ctx: AppContext):
             return
         ctx.store.reset(sid)
         ctx.stops.forget(sid)
+
     return forget
 
 
 def launch_kwargs(settings: Settings) -> dict:
     """Arguments of demo.launch() that style and bound the app (Gradio 6 takes theme/css here)."""
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
-    return {"theme": gr.themes.Soft(primary_hue="emerald"), "css": CSS, "max_file_size": max_upload,
-            "footer_links": ["api", "settings"], "show_error": False}
+    return {
+        "theme": gr.themes.Soft(primary_hue="emerald"),
+        "css": CSS,
+        "max_file_size": max_upload,
+        "footer_links": ["api", "settings"],
+        "show_error": False,
+    }
 
 
 def queue_kwargs(concurrency: int = 4, max_size: int | None = 64) -> dict:

@@ -15,9 +15,31 @@ from typing import Iterator
 
 import gradio as gr
 
-from .common import (SAMPLING_DEFAULTS, AppContext, bind, check_message, controlled, model_pickers, on_preset_change,
-                     open_conversation, precision_choices, preset_choices, sampling_params, session_id, user_errors)
-from .readout import (live_metrics, memory_frame, plot_points, readout_html, speed_frame, trim_points)
+from .common import (
+    SAMPLING_DEFAULTS,
+    AppContext,
+    bind,
+    check_message,
+    controlled,
+    model_pickers,
+    on_preset_change,
+    open_conversation,
+    precision_choices,
+    preset_choices,
+    sampling_params,
+    session_id,
+    user_errors,
+)
+from .readout import (
+    MEMORY_COLORS,
+    SPEED_COLORS,
+    live_metrics,
+    memory_frame,
+    plot_points,
+    readout_html,
+    speed_frame,
+    trim_points,
+)
 
 SLOT = "chat"
 SKIP6 = (gr.skip(),) * 6
@@ -49,19 +71,40 @@ def _stream(ctx: AppContext, sid: str, conv, events, points) -> Iterator[tuple]:
     """REPLY_OUTPUTS while the reply streams, then the final readout and plots."""
     for ev in controlled(ctx, sid, SLOT, events):
         if not ev.done:
-            yield gr.skip(), conv.messages, readout_html(live_metrics(conv, ev.metrics), streaming=True), \
-                gr.skip(), gr.skip(), gr.skip()
+            yield (
+                gr.skip(),
+                conv.messages,
+                readout_html(live_metrics(conv, ev.metrics), streaming=True),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
     m = conv.last_metrics
     points = plot_points(points, m)
     yield gr.skip(), conv.messages, readout_html(m), memory_frame(points), speed_frame(points), points
 
 
 @user_errors
-def send(ctx: AppContext, message: str, preset: str, precision: str, system: str, temperature: float,
-         top_p: float, top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int,
-         points: list, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def send(
+    ctx: AppContext,
+    message: str,
+    preset: str,
+    precision: str,
+    system: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    max_new_tokens: int,
+    seed: int,
+    points: list,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """A new user message: the state continues from the last turn, only this turn is read."""
-    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    knobs = Knobs(
+        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
+    )
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
         yield SKIP6
@@ -79,55 +122,81 @@ def _user_turn(messages: list[dict], index) -> int:
 
 
 @user_errors
-def retry(ctx: AppContext, preset: str, precision: str, system: str, temperature: float, top_p: float,
-          top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int, points: list,
-          request: gr.Request, progress=gr.Progress(), retry_data: gr.RetryData = None) -> Iterator[tuple]:
-    """A new reply to the last user message (or, from the chatbot's icon, to message `index`)."""
-    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+def retry(
+    ctx: AppContext,
+    preset: str,
+    precision: str,
+    system: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    max_new_tokens: int,
+    seed: int,
+    points: list,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
+    """A new reply to the last user message, from the snapshot before its reply (one token read).
+
+    The chatbot shows its retry icon on the last reply only, so the button and the icon agree.
+    """
+    knobs = Knobs(
+        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
+    )
     sid, conv = _open(ctx, request, knobs, progress)
     if not conv.turns:
         raise gr.Error("Nothing to retry yet: send a message first.")
-    turn = len(conv.turns) - 1 if retry_data is None else _user_turn(conv.messages, retry_data.index)
-    if turn >= len(conv.turns) - 1:
-        events = conv.retry(knobs.sampling(), int(max_new_tokens))
-    else:
-        events = conv.edit(turn, conv.turns[turn].user, knobs.sampling(), int(max_new_tokens))
-    yield from _stream(ctx, sid, conv, events, points)
+    yield from _stream(ctx, sid, conv, conv.retry(knobs.sampling(), int(max_new_tokens)), points)
 
 
 @user_errors
-def edit(ctx: AppContext, preset: str, precision: str, system: str, temperature: float, top_p: float,
-         top_k: int, repetition_penalty: float, max_new_tokens: int, seed: int, points: list,
-         edit_data: gr.EditData, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def edit(
+    ctx: AppContext,
+    preset: str,
+    precision: str,
+    system: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    max_new_tokens: int,
+    seed: int,
+    points: list,
+    edit_data: gr.EditData,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """The user edited one of their messages in the chatbot: replay from there."""
-    knobs = Knobs(preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    knobs = Knobs(
+        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
+    )
     value = edit_data.value if isinstance(edit_data.value, str) else str(edit_data.value)
     text = check_message(value, ctx.settings.max_input_chars)
     if text is None:
         raise gr.Error("An edited message cannot be empty; use Undo to remove a turn.")
     sid, conv = _open(ctx, request, knobs, progress)
-    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, knobs.sampling(), int(max_new_tokens))
+    events = conv.edit(
+        _user_turn(conv.messages, edit_data.index), text, knobs.sampling(), int(max_new_tokens)
+    )
     yield from _stream(ctx, sid, conv, events, points)
 
 
 @user_errors
-def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr.Request,
-         undo_data: gr.UndoData = None) -> tuple:
-    """Remove the last exchange (or everything from message `index`); its text returns to the box."""
+def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr.Request) -> tuple:
+    """Remove the last exchange (the chatbot's undo icon sits on it too); its text returns to the box."""
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
-    keep = len(conv.turns) - 1 if undo_data is None else _user_turn(conv.messages, undo_data.index)
-    text = None
-    while len(conv.turns) > max(0, keep):
-        text = conv.undo()
+    text = conv.undo()
     box = gr.skip() if text is None else text
     points = trim_points(points, conv.context_tokens)
-    return box, conv.messages, readout_html(conv.last_metrics), memory_frame(points), speed_frame(points), points
+    plots = (memory_frame(points), speed_frame(points)) if points else (None, None)
+    return box, conv.messages, readout_html(conv.last_metrics), *plots, points
 
 
 @user_errors
 def clear(ctx: AppContext, request: gr.Request) -> tuple:
     ctx.store.reset(session_id(request), SLOT)
-    return "", [], readout_html(None), memory_frame([]), speed_frame([]), []
+    return "", [], readout_html(None), None, None, []  # None empties a plot (an empty frame would stall it)
 
 
 def stop(ctx: AppContext, request: gr.Request) -> None:
@@ -140,7 +209,10 @@ def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) ->
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
     if not conv.turns:
         raise gr.Error("Nothing to export yet: the conversation is empty.")
-    path = Path(tempfile.mkdtemp(prefix="fm-demo-")) / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
+    path = (
+        Path(tempfile.mkdtemp(prefix="fm-demo-"))
+        / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
+    )
     path.write_bytes(conv.export())
     return gr.File(value=str(path), visible=True)
 
@@ -155,8 +227,16 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     conv = ctx.store.import_bytes(session_id(request), path.read_bytes(), SLOT)
     gr.Info(f"Imported {len(conv.turns)} turns ({conv.context_tokens:,} tokens) on {conv.lm.label}.")
     preset, precision = conv.lm.key
-    return ("", conv.messages, readout_html(None), memory_frame([]), speed_frame([]), [],
-            gr.Dropdown(choices=preset_choices(ctx.settings), value=preset), gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision))
+    return (
+        "",
+        conv.messages,
+        readout_html(None),
+        None,
+        None,
+        [],
+        gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
+        gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
+    )
 
 
 def build_chat_tab(ctx: AppContext) -> None:
@@ -164,11 +244,23 @@ def build_chat_tab(ctx: AppContext) -> None:
     points = gr.State([])
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(label="Falcon Mamba", height=460, editable="user", elem_id="chatbot",
-                                 buttons=["copy", "copy_all"], placeholder="Ask anything. Each turn reads only its new tokens.")
+            chatbot = gr.Chatbot(
+                label="Falcon Mamba",
+                height=460,
+                editable="user",
+                elem_id="chatbot",
+                buttons=["copy", "copy_all"],
+                placeholder="Ask anything. Each turn reads only its new tokens.",
+            )
             with gr.Row():
-                msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                                 max_lines=8, elem_id="chat-input", autofocus=True)
+                msg = gr.Textbox(
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    scale=6,
+                    max_lines=8,
+                    elem_id="chat-input",
+                    autofocus=True,
+                )
                 send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
             with gr.Row():
                 stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
@@ -176,25 +268,57 @@ def build_chat_tab(ctx: AppContext) -> None:
                 undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
                 clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
                 export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
-                import_btn = gr.UploadButton("Import", size="sm", file_types=[".fmconv"], elem_id="chat-import")
+                import_btn = gr.UploadButton(
+                    "Import", size="sm", file_types=[".fmconv"], elem_id="chat-import"
+                )
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
             readout = gr.HTML(readout_html(None), elem_id="readout")
-            preset, precision = model_pickers(s, s.default_preset)
+            preset, precision = model_pickers(s, s.default_preset, elem_prefix="chat")
             system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
-            with gr.Accordion("Sampling", open=False):
+            with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 d = SAMPLING_DEFAULTS
-                temperature = gr.Slider(0, 2, d["temperature"], step=0.05, label="Temperature (0 = greedy)")
+                temperature = gr.Slider(
+                    0,
+                    2,
+                    d["temperature"],
+                    step=0.05,
+                    label="Temperature (0 = greedy)",
+                    elem_id="chat-temperature",
+                )
                 top_p = gr.Slider(0.05, 1, d["top_p"], step=0.05, label="Top-p")
                 top_k = gr.Slider(0, 200, d["top_k"], step=1, label="Top-k (0 = off)")
                 rep = gr.Slider(1, 2, d["repetition_penalty"], step=0.05, label="Repetition penalty")
-                max_new = gr.Slider(1, s.max_new_tokens_cap, s.max_new_tokens, step=1, label="Max new tokens")
+                max_new = gr.Slider(
+                    1,
+                    s.max_new_tokens_cap,
+                    s.max_new_tokens,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="chat-max-new",
+                )
                 seed = gr.Number(d["seed"], precision=0, label="Seed (-1 = random)")
     with gr.Row():
-        mem_plot = gr.LinePlot(memory_frame([]), x="context tokens", y="MiB", color="series", height=280,
-                               title="Memory over this conversation (MiB)", y_lim=[0, None])
-        speed_plot = gr.LinePlot(speed_frame([]), x="context tokens", y="tokens/s", color="series", height=280,
-                                 title="Speed per turn (tokens/s)", y_lim=[0, None])
+        mem_plot = gr.LinePlot(
+            memory_frame([]),
+            x="context tokens",
+            y="MiB",
+            color="series",
+            height=280,
+            title="Memory over this conversation (MiB)",
+            y_lim=[0, None],
+            color_map=MEMORY_COLORS,
+        )
+        speed_plot = gr.LinePlot(
+            speed_frame([]),
+            x="context tokens",
+            y="tokens/s",
+            color="series",
+            height=280,
+            title="Speed per turn (tokens/s)",
+            y_lim=[0, None],
+            color_map=SPEED_COLORS,
+        )
 
     knobs = [preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points]
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]

@@ -70,9 +70,13 @@ def session_id(request: gr.Request | None) -> str:
     return sid
 
 
-def sampling_params(temperature: float | None = None, top_p: float | None = None,
-                    top_k: int | None = None, repetition_penalty: float | None = None,
-                    seed: int | None = None) -> SamplingParams:
+def sampling_params(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+) -> SamplingParams:
     """SamplingParams from UI/API values; None means the UI default, a negative seed means random."""
     d = SAMPLING_DEFAULTS
     seed = d["seed"] if seed is None else int(seed)
@@ -81,7 +85,9 @@ def sampling_params(temperature: float | None = None, top_p: float | None = None
             temperature=float(d["temperature"] if temperature is None else temperature),
             top_p=float(d["top_p"] if top_p is None else top_p),
             top_k=int(d["top_k"] if top_k is None else top_k),
-            repetition_penalty=float(d["repetition_penalty"] if repetition_penalty is None else repetition_penalty),
+            repetition_penalty=float(
+                d["repetition_penalty"] if repetition_penalty is None else repetition_penalty
+            ),
             seed=None if seed < 0 else seed,
         )
     except (TypeError, ValueError) as e:
@@ -94,13 +100,18 @@ def check_message(text: str | None, limit: int) -> str | None:
     if not text:
         return None
     if len(text) > limit:
-        raise gr.Error(f"That message is {len(text):,} characters; the limit is {limit:,}. "
-                       "Use the Long context tab for long documents.")
+        raise gr.Error(
+            f"That message is {len(text):,} characters; the limit is {limit:,}. "
+            "Use the Long context tab for long documents."
+        )
     return text
 
 
-def throttle(events: Iterable[T], hz: float = UPDATES_PER_S,
-             is_last: Callable[[T], bool] = lambda e: bool(getattr(e, "done", False))) -> Iterator[T]:
+def throttle(
+    events: Iterable[T],
+    hz: float = UPDATES_PER_S,
+    is_last: Callable[[T], bool] = lambda e: bool(getattr(e, "done", False)),
+) -> Iterator[T]:
     """Pass at most `hz` events per second, always including the first and the last."""
     gap, last_t, pending = 1.0 / hz, 0.0, None
     for event in events:
@@ -136,19 +147,23 @@ def to_user_error(e: BaseException) -> gr.Error:
     if isinstance(e, _user_facing_types()):
         return gr.Error(str(e))
     log.exception("unexpected error in a handler")
-    return gr.Error(f"Something went wrong on the server ({type(e).__name__}). "
-                    "The details are in the server log; try again or reload the page.")
+    return gr.Error(
+        f"Something went wrong on the server ({type(e).__name__}). "
+        "The details are in the server log; try again or reload the page."
+    )
 
 
 def user_errors(fn: Callable) -> Callable:
     """Turn exceptions into gr.Error with a human message, for plain and generator handlers."""
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
                 raise to_user_error(e) from None
+
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -157,6 +172,7 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Exception as e:
             raise to_user_error(e) from None
+
     return wrapper
 
 
@@ -165,16 +181,24 @@ def bind(fn: Callable, *bound) -> Callable:
     inject gr.Request, gr.Progress and event data (functools.partial hides the type hints)."""
     sig = inspect.signature(fn)
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def bound_fn(*args, **kwargs):
             yield from fn(*bound, *args, **kwargs)
     else:
+
         @functools.wraps(fn)
         def bound_fn(*args, **kwargs):
             return fn(*bound, *args, **kwargs)
+
     hints = typing.get_type_hints(fn)  # resolved: Gradio reads annotations off the signature too
-    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in list(sig.parameters.values())[len(bound):]]
-    bound_fn.__signature__ = sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation))
+    params = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in list(sig.parameters.values())[len(bound) :]
+    ]
+    bound_fn.__signature__ = sig.replace(
+        parameters=params, return_annotation=hints.get("return", sig.return_annotation)
+    )
     return bound_fn
 
 
@@ -208,16 +232,28 @@ def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, st
     return [(PRECISION_LABELS.get(p, p), p) for p in settings.preset(preset_key).precisions]
 
 
-def model_pickers(settings: Settings, preset_key: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Dropdown]:
-    """A preset dropdown and a precision dropdown that follows it (wired by `wire_pickers`)."""
-    preset = gr.Dropdown(preset_choices(settings), value=preset_key, label=label, interactive=True)
-    precision = gr.Dropdown(precision_choices(settings, preset_key), value=settings.precision_for(preset_key),
-                            label="Precision", interactive=True)
+def model_pickers(
+    settings: Settings, preset_key: str, label: str = "Model", elem_prefix: str | None = None
+) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """A preset dropdown and a precision dropdown (the tab wires on_preset_change between them)."""
+    ids = (f"{elem_prefix}-model", f"{elem_prefix}-precision") if elem_prefix else (None, None)
+    preset = gr.Dropdown(
+        preset_choices(settings), value=preset_key, label=label, interactive=True, elem_id=ids[0]
+    )
+    precision = gr.Dropdown(
+        precision_choices(settings, preset_key),
+        value=settings.precision_for(preset_key),
+        label="Precision",
+        interactive=True,
+        elem_id=ids[1],
+    )
     return preset, precision
 
 
 def on_preset_change(settings: Settings, preset_key: str) -> gr.Dropdown:
-    return gr.Dropdown(choices=precision_choices(settings, preset_key), value=settings.precision_for(preset_key))
+    return gr.Dropdown(
+        choices=precision_choices(settings, preset_key), value=settings.precision_for(preset_key)
+    )
 
 
 def load_progress(progress: gr.Progress | None) -> Callable[[float, str], None] | None:
@@ -228,8 +264,15 @@ def load_progress(progress: gr.Progress | None) -> Callable[[float, str], None] 
 
 
 # -- conversations -----------------------------------------------------------------------------
-def open_conversation(ctx: AppContext, request: gr.Request | None, preset: str, precision: str | None,
-                      slot: str, progress: gr.Progress | None = None, system: str | None = None):
+def open_conversation(
+    ctx: AppContext,
+    request: gr.Request | None,
+    preset: str,
+    precision: str | None,
+    slot: str,
+    progress: gr.Progress | None = None,
+    system: str | None = None,
+):
     """(session id, Conversation) for this browser session's `slot`, its model loaded first."""
     sid = session_id(request)
     conv = ctx.store.conversation(sid, preset, precision or None, slot=slot, progress=load_progress(progress))
@@ -238,7 +281,9 @@ def open_conversation(ctx: AppContext, request: gr.Request | None, preset: str, 
     return sid, conv
 
 
-def controlled(ctx: AppContext, sid: str, slot: str, events: Iterator[T], first: T | None = None) -> Iterator[T]:
+def controlled(
+    ctx: AppContext, sid: str, slot: str, events: Iterator[T], first: T | None = None
+) -> Iterator[T]:
     """Throttle a reply's events (after `first`, if given) and end it when Stop is pressed.
 
     Closing `events` is what stops the reply: the conversation keeps exactly the tokens shown.

@@ -11,8 +11,18 @@ from typing import Iterator
 
 import gradio as gr
 
-from .common import (UPDATES_PER_S, AppContext, bind, check_message, model_pickers, on_preset_change,
-                     open_conversation, sampling_params, session_id, user_errors)
+from .common import (
+    UPDATES_PER_S,
+    AppContext,
+    bind,
+    check_message,
+    model_pickers,
+    on_preset_change,
+    open_conversation,
+    sampling_params,
+    session_id,
+    user_errors,
+)
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
@@ -33,6 +43,7 @@ def interleave(streams: dict[str, Iterator]) -> Iterator[tuple[str, object]]:
 
 def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
     """(left chat, right chat, left readout, right readout)."""
+
     def shown(side):
         m = metrics.get(side)
         if streaming and m is not None:
@@ -43,9 +54,22 @@ def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
 
 
 @user_errors
-def compare(ctx: AppContext, message: str, left_preset: str, left_precision: str, right_preset: str,
-            right_precision: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-            max_new_tokens: int, seed: int, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def compare(
+    ctx: AppContext,
+    message: str,
+    left_preset: str,
+    left_precision: str,
+    right_preset: str,
+    right_precision: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    max_new_tokens: int,
+    seed: int,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """Stream one message into both panes: (message box, left chat, right chat, left/right readouts)."""
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
@@ -90,23 +114,31 @@ def clear(ctx: AppContext, request: gr.Request) -> tuple:
 def build_compare_tab(ctx: AppContext) -> None:
     s = ctx.settings
     left_key, right_key = s.compare_presets
-    gr.Markdown("One prompt, two models, streamed side by side. Each pane keeps its own recurrent-state "
-                "cache across turns, so later turns read only their new tokens. Try base vs instruct, or "
-                "bf16 vs 4-bit of the same model.")
+    gr.Markdown(
+        "One prompt, two models, streamed side by side. Each pane keeps its own recurrent-state "
+        "cache across turns, so later turns read only their new tokens. Try base vs instruct, or "
+        "bf16 vs 4-bit of the same model."
+    )
     panes = {}
     with gr.Row(equal_height=False):
         for side, key in (("left", left_key), ("right", right_key)):
             with gr.Column():
                 preset, precision = model_pickers(s, key, label=f"{side.capitalize()} model")
-                chatbot = gr.Chatbot(height=380, label=side.capitalize(), elem_id=f"compare-{side}",
-                                     buttons=["copy"])
+                chatbot = gr.Chatbot(
+                    height=380, label=side.capitalize(), elem_id=f"compare-{side}", buttons=["copy"]
+                )
                 readout = gr.HTML(readout_html(None), elem_id=f"compare-{side}-readout")
-                preset.input(bind(on_preset_change, s), preset, precision, api_name=f"compare_{side}_precisions")
+                preset.input(
+                    bind(on_preset_change, s), preset, precision, api_name=f"compare_{side}_precisions"
+                )
                 panes[side] = (preset, precision, chatbot, readout)
     with gr.Row():
-        msg = gr.Textbox(placeholder="One message for both models", show_label=False, scale=6,
-                         elem_id="compare-input")
-        send_btn = gr.Button("Send to both", variant="primary", scale=1, min_width=100, elem_id="compare-send")
+        msg = gr.Textbox(
+            placeholder="One message for both models", show_label=False, scale=6, elem_id="compare-input"
+        )
+        send_btn = gr.Button(
+            "Send to both", variant="primary", scale=1, min_width=100, elem_id="compare-send"
+        )
     with gr.Row():
         stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="compare-stop")
         clear_btn = gr.Button("Clear both", size="sm", elem_id="compare-clear")
@@ -116,7 +148,9 @@ def build_compare_tab(ctx: AppContext) -> None:
             top_p = gr.Slider(0.05, 1, 0.9, step=0.05, label="Top-p")
             top_k = gr.Slider(0, 200, 50, step=1, label="Top-k (0 = off)")
             rep = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
-            max_new = gr.Slider(1, s.max_new_tokens_cap, min(128, s.max_new_tokens), step=1, label="Max new tokens")
+            max_new = gr.Slider(
+                1, s.max_new_tokens_cap, min(128, s.max_new_tokens), step=1, label="Max new tokens"
+            )
             seed = gr.Number(0, precision=0, label="Seed (-1 = random)")
 
     (lp, lq, lchat, lread), (rp, rq, rchat, rread) = panes["left"], panes["right"]

@@ -15,7 +15,17 @@ import pandas as pd
 import torch
 
 from .. import lab
-from .common import AppContext, bind, fmt_bytes, load_progress, model_pickers, on_preset_change, session_id, user_errors
+from .common import (
+    AppContext,
+    bind,
+    fmt_bytes,
+    load_progress,
+    model_pickers,
+    on_preset_change,
+    session_id,
+    user_errors,
+)
+from .readout import typed_frame
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live
 MiB = 1 << 20
@@ -29,21 +39,47 @@ def sizes_for(device: str) -> dict[str, int]:
 
 
 def decode_frame(samples: list[lab.Sample]) -> pd.DataFrame:
-    rows = [{"tokens generated": s.tokens, "series": s.series, "tokens/s": round(s.tok_s, 2),
-             "cache MiB": s.cache_bytes / MiB, "memory MiB": s.memory_bytes / MiB} for s in samples]
-    cols = ["tokens generated", "series", "tokens/s", "cache MiB", "memory MiB"]
-    return pd.DataFrame(rows, columns=cols)
+    rows = [
+        {
+            "tokens generated": s.tokens,
+            "series": s.series,
+            "tokens/s": round(s.tok_s, 2),
+            "cache MiB": s.cache_bytes / MiB,
+            "memory MiB": s.memory_bytes / MiB,
+        }
+        for s in samples
+    ]
+    return typed_frame(
+        rows,
+        {
+            "tokens generated": "int64",
+            "series": "object",
+            "tokens/s": "float64",
+            "cache MiB": "float64",
+            "memory MiB": "float64",
+        },
+    )
 
 
 def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
     rows = []
     for p in peaks:
         if p.parallel_bytes is not None:
-            rows.append({"prompt tokens": p.prompt_tokens, "series": "parallel (one pass)",
-                         "peak MiB": p.parallel_bytes / MiB})
-        rows.append({"prompt tokens": p.prompt_tokens, "series": f"chunked ({p.chunk_size} tokens/chunk)",
-                     "peak MiB": p.chunked_bytes / MiB})
-    return pd.DataFrame(rows, columns=["prompt tokens", "series", "peak MiB"])
+            rows.append(
+                {
+                    "prompt tokens": p.prompt_tokens,
+                    "series": "parallel (one pass)",
+                    "peak MiB": p.parallel_bytes / MiB,
+                }
+            )
+        rows.append(
+            {
+                "prompt tokens": p.prompt_tokens,
+                "series": f"chunked ({p.chunk_size} tokens/chunk)",
+                "peak MiB": p.chunked_bytes / MiB,
+            }
+        )
+    return typed_frame(rows, {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"})
 
 
 def summary(samples: list[lab.Sample], ref_config, note: str) -> str:
@@ -52,19 +88,30 @@ def summary(samples: list[lab.Sample], ref_config, note: str) -> str:
         mine = [s for s in samples if s.series == series]
         if len(mine) >= 2:
             first, last = mine[0], mine[-1]
-            lines.append(f"- **{series}**: {last.tokens:,} tokens; {first.tok_s:,.0f} -> {last.tok_s:,.0f} tok/s; "
-                         f"cache {fmt_bytes(first.cache_bytes)} -> {fmt_bytes(last.cache_bytes)}")
+            lines.append(
+                f"- **{series}**: {last.tokens:,} tokens; {first.tok_s:,.0f} -> {last.tok_s:,.0f} tok/s; "
+                f"cache {fmt_bytes(first.cache_bytes)} -> {fmt_bytes(last.cache_bytes)}"
+            )
     if ref_config is not None:
         c = ref_config
-        lines.append(f"- Transformer used: {c.num_hidden_layers} layers x {c.num_key_value_heads} KV heads x "
-                     f"{c.head_dim} dims (hidden {c.hidden_size}, random weights); KV cache grows by "
-                     f"2 x {c.num_hidden_layers} x {c.num_key_value_heads} x {c.head_dim} x bytes/value per token.")
+        lines.append(
+            f"- Transformer used: {c.num_hidden_layers} layers x {c.num_key_value_heads} KV heads x "
+            f"{c.head_dim} dims (hidden {c.hidden_size}, random weights); KV cache grows by "
+            f"2 x {c.num_hidden_layers} x {c.num_key_value_heads} x {c.head_dim} x bytes/value per token."
+        )
     return "\n".join(lines)
 
 
 @user_errors
-def run_decode(ctx: AppContext, preset: str, precision: str, n_tokens: int, limit_s: float,
-               request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def run_decode(
+    ctx: AppContext,
+    preset: str,
+    precision: str,
+    n_tokens: int,
+    limit_s: float,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """Stream (tok/s frame, memory frame, summary) while both models generate n_tokens."""
     session_id(request)
     n_tokens = int(n_tokens)
@@ -76,8 +123,10 @@ def run_decode(ctx: AppContext, preset: str, precision: str, n_tokens: int, limi
     note = f"Measuring {loaded.preset.label} ({loaded.precision}), then the transformer..."
     transformer = lab.similar_transformer(loaded.model)
     try:
-        runs = (lab.mamba_decode(loaded.engine, n_tokens, every, limit_s),
-                lab.transformer_decode(transformer, n_tokens, every, limit_s))
+        runs = (
+            lab.mamba_decode(loaded.engine, n_tokens, every, limit_s),
+            lab.transformer_decode(transformer, n_tokens, every, limit_s),
+        )
         last = 0.0
         for run in runs:
             for sample in run:
@@ -91,19 +140,24 @@ def run_decode(ctx: AppContext, preset: str, precision: str, n_tokens: int, limi
         del transformer
         _free(loaded.engine.device)
     frame = decode_frame(samples)
-    stopped = [s for s in (lab.MAMBA, lab.TRANSFORMER) if max(x.tokens for x in samples if x.series == s) < n_tokens]
-    done = "Done." if not stopped else f"Done; stopped at the {limit_s:.0f} s time limit: {', '.join(stopped)}."
+    stopped = [
+        s for s in (lab.MAMBA, lab.TRANSFORMER) if max(x.tokens for x in samples if x.series == s) < n_tokens
+    ]
+    done = (
+        "Done." if not stopped else f"Done; stopped at the {limit_s:.0f} s time limit: {', '.join(stopped)}."
+    )
     yield frame, frame, frame, summary(samples, ref, done)
 
 
 @user_errors
-def run_prefill(ctx: AppContext, preset: str, precision: str, max_prompt: int,
-                request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def run_prefill(
+    ctx: AppContext, preset: str, precision: str, max_prompt: int, request: gr.Request, progress=gr.Progress()
+) -> Iterator[tuple]:
     """Stream (peak-memory frame, note) for prompt lengths doubling up to max_prompt."""
     session_id(request)
     loaded = ctx.manager.get(preset, precision, progress=load_progress(progress))
     chunk = loaded.engine.chunk_size
-    lengths = [n for n in (2 ** k for k in range(6, 22)) if chunk // 2 <= n <= int(max_prompt)]
+    lengths = [n for n in (2**k for k in range(6, 22)) if chunk // 2 <= n <= int(max_prompt)]
     if not lengths:
         raise gr.Error(f"Pick a longest prompt of at least {chunk} tokens.")
     peaks: list[lab.PrefillPeak] = []
@@ -126,7 +180,8 @@ def build_lab_tab(ctx: AppContext) -> None:
     gr.Markdown(
         "Generate tokens at batch 1 and watch speed and memory. Falcon Mamba carries a fixed-size "
         "recurrent state; a transformer of similar parameter count (Llama-style, random weights: "
-        "speed and memory depend only on shapes) appends K and V for every token to its cache.")
+        "speed and memory depend only on shapes) appends K and V for every token to its cache."
+    )
     with gr.Row():
         preset, precision = model_pickers(ctx.settings, ctx.settings.default_preset)
         n_tokens = gr.Slider(64, s["max_tokens"], value=s["tokens"], step=64, label="Tokens to generate")
@@ -136,24 +191,60 @@ def build_lab_tab(ctx: AppContext) -> None:
         stop_btn = gr.Button("Stop", variant="stop")
     note = gr.Markdown()
     with gr.Row():
-        speed_plot = gr.LinePlot(x="tokens generated", y="tokens/s", color="series", height=300,
-                                 title="Decode speed (tokens/s) vs tokens generated", y_lim=[0, None])
-        mem_plot = gr.LinePlot(x="tokens generated", y="cache MiB", color="series", height=300,
-                               title="Per-sequence cache (MiB): recurrent state vs KV cache", y_lim=[0, None])
-    device_plot = gr.LinePlot(x="tokens generated", y="memory MiB", color="series", height=260, title=(
-        "Device memory allocated (MiB, CUDA allocator)" if ctx.settings.device == "cuda"
-        else "Process memory (MiB, RSS: weights of both models + caches; CPU, noisy)"))
+        speed_plot = gr.LinePlot(
+            x="tokens generated",
+            y="tokens/s",
+            color="series",
+            height=300,
+            title="Decode speed (tokens/s) vs tokens generated",
+            y_lim=[0, None],
+        )
+        mem_plot = gr.LinePlot(
+            x="tokens generated",
+            y="cache MiB",
+            color="series",
+            height=300,
+            title="Per-sequence cache (MiB): recurrent state vs KV cache",
+            y_lim=[0, None],
+        )
+    device_plot = gr.LinePlot(
+        x="tokens generated",
+        y="memory MiB",
+        color="series",
+        height=260,
+        title=(
+            "Device memory allocated (MiB, CUDA allocator)"
+            if ctx.settings.device == "cuda"
+            else "Process memory (MiB, RSS: weights of both models + caches; CPU, noisy)"
+        ),
+    )
     gr.Markdown("### Longest prompt that fits: peak memory of reading a prompt")
     with gr.Row():
-        max_prompt = gr.Slider(256, s["max_prompt"], value=s["prompt"], step=256, label="Longest prompt (tokens)")
+        max_prompt = gr.Slider(
+            256, s["max_prompt"], value=s["prompt"], step=256, label="Longest prompt (tokens)"
+        )
         prefill_btn = gr.Button("Run prefill sweep", variant="primary")
     prefill_note = gr.Markdown()
-    prefill_plot = gr.LinePlot(x="prompt tokens", y="peak MiB", color="series", height=300, y_lim=[0, None],
-                               title="Peak memory (MiB) vs prompt length: parallel vs chunked prefill")
+    prefill_plot = gr.LinePlot(
+        x="prompt tokens",
+        y="peak MiB",
+        color="series",
+        height=300,
+        y_lim=[0, None],
+        title="Peak memory (MiB) vs prompt length: parallel vs chunked prefill",
+    )
 
     preset.input(bind(on_preset_change, ctx.settings), preset, precision, api_name="lab_precisions")
-    decode_ev = run_btn.click(bind(run_decode, ctx), [preset, precision, n_tokens, limit_s],
-                              [speed_plot, mem_plot, device_plot, note], api_name="lab_decode")
+    decode_ev = run_btn.click(
+        bind(run_decode, ctx),
+        [preset, precision, n_tokens, limit_s],
+        [speed_plot, mem_plot, device_plot, note],
+        api_name="lab_decode",
+    )
     stop_btn.click(None, None, None, cancels=[decode_ev], api_name="lab_stop")
-    prefill_btn.click(bind(run_prefill, ctx), [preset, precision, max_prompt], [prefill_plot, prefill_note],
-                      api_name="lab_prefill")
+    prefill_btn.click(
+        bind(run_prefill, ctx),
+        [preset, precision, max_prompt],
+        [prefill_plot, prefill_note],
+        api_name="lab_prefill",
+    )

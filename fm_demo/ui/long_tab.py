@@ -8,7 +8,6 @@ that state and read only their own tokens.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +15,20 @@ import gradio as gr
 import pandas as pd
 
 from ..metrics import KV_REFERENCE, device_memory, kv_cache_bytes
-from .common import (AppContext, bind, check_message, controlled, fmt_bytes, model_pickers, on_preset_change,
-                     open_conversation, sampling_params, session_id, user_errors)
-from .readout import live_metrics, readout_html
+from .common import (
+    AppContext,
+    bind,
+    check_message,
+    controlled,
+    fmt_bytes,
+    model_pickers,
+    on_preset_change,
+    open_conversation,
+    sampling_params,
+    session_id,
+    user_errors,
+)
+from .readout import live_metrics, readout_html, typed_frame
 
 SLOT = "long"
 MiB = 1 << 20
@@ -31,26 +41,32 @@ def document_text(pasted: str | None, file, limit_chars: int) -> str:
     if file is not None:
         path = Path(file if isinstance(file, str) else file.name)
         if path.stat().st_size > 4 * limit_chars:  # cheap early refusal: UTF-8 has at most 4 bytes/char
-            raise gr.Error(f"That file is {path.stat().st_size / MiB:,.1f} MiB; the limit is {limit_chars:,} characters.")
+            raise gr.Error(
+                f"That file is {path.stat().st_size / MiB:,.1f} MiB; the limit is {limit_chars:,} characters."
+            )
         text = path.read_bytes().decode("utf-8", errors="replace")
     else:
         text = pasted or ""
     if not text.strip():
         raise gr.Error("Paste a text or upload a .txt/.md file first.")
     if len(text) > limit_chars:
-        raise gr.Error(f"That document has {len(text):,} characters; the limit is {limit_chars:,} "
-                       "(server setting FM_DEMO_MAX_UPLOAD_CHARS).")
+        raise gr.Error(
+            f"That document has {len(text):,} characters; the limit is {limit_chars:,} "
+            "(server setting FM_DEMO_MAX_UPLOAD_CHARS)."
+        )
     return text
 
 
 def memory_frame(samples: list[tuple[int, int]]) -> pd.DataFrame:
-    return pd.DataFrame([{"tokens read": n, "series": "device memory (whole process)", "MiB": b / MiB}
-                         for n, b in samples], columns=["tokens read", "series", "MiB"])
+    rows = [{"tokens read": n, "series": "device memory (whole process)", "MiB": b / MiB} for n, b in samples]
+    return typed_frame(rows, {"tokens read": "int64", "series": "object", "MiB": "float64"})
 
 
 def _kv_note(tokens: int) -> str:
-    return (f"A transformer's KV cache for these {tokens:,} tokens ({KV_REFERENCE.name}, "
-            f"{fmt_bytes(KV_REFERENCE.bytes_per_token)}/token): **{fmt_bytes(kv_cache_bytes(tokens))}**.")
+    return (
+        f"A transformer's KV cache for these {tokens:,} tokens ({KV_REFERENCE.name}, "
+        f"{fmt_bytes(KV_REFERENCE.bytes_per_token)}/token): **{fmt_bytes(kv_cache_bytes(tokens))}**."
+    )
 
 
 def _read_in_background(events: Iterator, on_tick) -> Iterator:
@@ -74,8 +90,17 @@ def _read_in_background(events: Iterator, on_tick) -> Iterator:
 
 
 @user_errors
-def read_document(ctx: AppContext, pasted: str, file, question: str, preset: str, precision: str,
-                  max_new_tokens: int, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def read_document(
+    ctx: AppContext,
+    pasted: str,
+    file,
+    question: str,
+    preset: str,
+    precision: str,
+    max_new_tokens: int,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """Outputs: (chatbot, readout, memory plot, note)."""
     text = document_text(pasted, file, ctx.settings.max_upload_chars)
     question = (question or "").strip() or DEFAULT_QUESTION
@@ -95,15 +120,22 @@ def read_document(ctx: AppContext, pasted: str, file, question: str, preset: str
             progress(done / total[0], desc=f"Reading {done:,} / {total[0]:,} tokens")
         return gr.skip(), gr.skip(), memory_frame(samples), _kv_note(done)
 
-    events = conv.send(f"{text}\n\n{question}", sampling_params(temperature=0), int(max_new_tokens),
-                       progress=on_chunk, allow_long=True)
+    events = conv.send(
+        f"{text}\n\n{question}",
+        sampling_params(temperature=0),
+        int(max_new_tokens),
+        progress=on_chunk,
+        allow_long=True,
+    )
     first = None
     for item in _read_in_background(events, tick):
         if isinstance(item, tuple):
             yield item
         else:
             first = item
-    note = _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
+    note = (
+        _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
+    )
     yield from _answer(ctx, sid, conv, events, first, memory_frame(samples), note)
 
 
@@ -115,8 +147,15 @@ def _answer(ctx, sid, conv, events, first, plot, note) -> Iterator[tuple]:
 
 
 @user_errors
-def ask(ctx: AppContext, message: str, preset: str, precision: str, max_new_tokens: int,
-        request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+def ask(
+    ctx: AppContext,
+    message: str,
+    preset: str,
+    precision: str,
+    max_new_tokens: int,
+    request: gr.Request,
+    progress=gr.Progress(),
+) -> Iterator[tuple]:
     """A follow-up question about the document read: only the question's tokens are read."""
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
@@ -137,24 +176,40 @@ def stop(ctx: AppContext, request: gr.Request) -> None:
 
 def build_long_tab(ctx: AppContext) -> None:
     s = ctx.settings
-    gr.Markdown(f"Paste or upload a long text (up to {s.max_upload_chars:,} characters). It is read in chunks "
-                f"of {s.chunk_size} tokens into a fixed-size state, so memory stays flat however long it is; "
-                "then ask about it. Follow-up questions continue from that state.")
+    gr.Markdown(
+        f"Paste or upload a long text (up to {s.max_upload_chars:,} characters). It is read in chunks "
+        f"of {s.chunk_size} tokens into a fixed-size state, so memory stays flat however long it is; "
+        "then ask about it. Follow-up questions continue from that state."
+    )
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            pasted = gr.Textbox(label="Document", lines=8, max_lines=16, placeholder="Paste a long text here",
-                                elem_id="long-text")
+            pasted = gr.Textbox(
+                label="Document",
+                lines=8,
+                max_lines=16,
+                placeholder="Paste a long text here",
+                elem_id="long-text",
+            )
             upload = gr.File(label="...or upload a .txt / .md file", file_types=[".txt", ".md"], height=90)
             question = gr.Textbox(DEFAULT_QUESTION, label="First question about it")
             with gr.Row():
                 preset, precision = model_pickers(s, s.default_preset)
-                max_new = gr.Slider(1, s.max_new_tokens_cap, min(200, s.max_new_tokens), step=1, label="Max new tokens")
+                max_new = gr.Slider(
+                    1, s.max_new_tokens_cap, min(200, s.max_new_tokens), step=1, label="Max new tokens"
+                )
             with gr.Row():
                 read_btn = gr.Button("Read and answer", variant="primary", elem_id="long-read")
                 stop_btn = gr.Button("Stop", variant="stop")
         with gr.Column(scale=2):
-            plot = gr.LinePlot(memory_frame([]), x="tokens read", y="MiB", color="series", height=260,
-                               y_lim=[0, None], title="Memory while reading (MiB)")
+            plot = gr.LinePlot(
+                memory_frame([]),
+                x="tokens read",
+                y="MiB",
+                color="series",
+                height=260,
+                y_lim=[0, None],
+                title="Memory while reading (MiB)",
+            )
             note = gr.Markdown()
             readout = gr.HTML(readout_html(None))
     chatbot = gr.Chatbot(height=360, label="About the document", elem_id="long-chat")
@@ -163,8 +218,17 @@ def build_long_tab(ctx: AppContext) -> None:
         ask_btn = gr.Button("Ask", scale=1, min_width=80)
 
     preset.input(bind(on_preset_change, s), preset, precision, api_name="long_precisions")
-    read_btn.click(bind(read_document, ctx), [pasted, upload, question, preset, precision, max_new],
-                   [chatbot, readout, plot, note], api_name="long_read")
+    read_btn.click(
+        bind(read_document, ctx),
+        [pasted, upload, question, preset, precision, max_new],
+        [chatbot, readout, plot, note],
+        api_name="long_read",
+    )
     for trigger, name in ((msg.submit, "long_ask"), (ask_btn.click, "long_ask_button")):
-        trigger(bind(ask, ctx), [msg, preset, precision, max_new], [msg, chatbot, readout, plot, note], api_name=name)
+        trigger(
+            bind(ask, ctx),
+            [msg, preset, precision, max_new],
+            [msg, chatbot, readout, plot, note],
+            api_name=name,
+        )
     stop_btn.click(bind(stop, ctx), None, None, api_name="long_stop", queue=False)

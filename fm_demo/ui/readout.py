@@ -16,27 +16,37 @@ from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
 from .common import fmt_bytes, fmt_rate, fmt_seconds
 
 MiB = 1 << 20
-PLOT_COLUMNS = ["context tokens", "series", "MiB"]
-SPEED_COLUMNS = ["context tokens", "series", "tokens/s"]
+
+
+MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "device memory (whole process)"
+KV_SERIES = f"transformer KV cache ({KV_REFERENCE.name})"
+MEMORY_COLORS = {MAMBA_SERIES: "#059669", DEVICE_SERIES: "#6b7280", KV_SERIES: "#dc2626"}
+SPEED_COLORS = {"decode": "#059669", "prefill": "#2563eb"}
 
 
 def kv_formula(tokens: int) -> str:
     r = KV_REFERENCE
-    return (f"{r.name}: 2 (K,V) x {r.layers} layers x {r.kv_heads} KV heads x {r.head_dim} dims x "
-            f"{r.bytes_per_value} B = {fmt_bytes(r.bytes_per_token)}/token x {tokens:,} tokens")
+    return (
+        f"{r.name}: 2 (K,V) x {r.layers} layers x {r.kv_heads} KV heads x {r.head_dim} dims x "
+        f"{r.bytes_per_value} B = {fmt_bytes(r.bytes_per_token)}/token x {tokens:,} tokens"
+    )
 
 
 def _card(label: str, value: str, sub: str = "") -> str:
     sub_html = f"<div class='fm-sub'>{html.escape(sub)}</div>" if sub else ""
-    return (f"<div class='fm-card'><div class='fm-label'>{html.escape(label)}</div>"
-            f"<div class='fm-value'>{html.escape(value)}</div>{sub_html}</div>")
+    return (
+        f"<div class='fm-card'><div class='fm-label'>{html.escape(label)}</div>"
+        f"<div class='fm-value'>{html.escape(value)}</div>{sub_html}</div>"
+    )
 
 
 def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
     """The panel for one reply's metrics (None: before the first reply)."""
     if m is None:
-        return ("<div class='fm-readout fm-empty'>Send a message to see time to first token, speed, "
-                "state-cache reuse and memory.</div>")
+        return (
+            "<div class='fm-readout fm-empty'>Send a message to see time to first token, speed, "
+            "state-cache reuse and memory.</div>"
+        )
     kv = kv_cache_bytes(m.context_tokens)
     ratio = f"{kv / m.state_bytes:,.1f}x the Mamba state" if m.state_bytes else ""
     reuse_sub = "cache hit" if m.cache_hit else f"{m.rebuilt_tokens:,} re-read after eviction"
@@ -49,21 +59,33 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         _card("Tokens in context", f"{m.context_tokens:,}"),
         _card("Reused from state cache", f"{m.reused_tokens:,} tokens", reuse_sub),
         _card("Recurrent state", fmt_bytes(m.state_bytes), f"{fmt_bytes(m.cache_bytes)} with turn snapshots"),
-        _card("Device memory", fmt_bytes(m.device_mem_bytes), f"peak {fmt_bytes(m.device_peak_bytes)} ({mem_kind})"),
+        _card(
+            "Device memory",
+            fmt_bytes(m.device_mem_bytes),
+            f"peak {fmt_bytes(m.device_peak_bytes)} ({mem_kind})",
+        ),
         _card("Transformer KV cache", fmt_bytes(kv), ratio),
     ]
-    return (f"<div class='fm-readout'><div class='fm-status'>{html.escape(m.model)} · {html.escape(status)}</div>"
-            f"<div class='fm-grid'>{''.join(cards)}</div>"
-            f"<div class='fm-formula'>KV reference: {html.escape(kv_formula(m.context_tokens))} "
-            f"= {fmt_bytes(kv)}</div></div>")
+    return (
+        f"<div class='fm-readout'><div class='fm-status'>{html.escape(m.model)} · {html.escape(status)}</div>"
+        f"<div class='fm-grid'>{''.join(cards)}</div>"
+        f"<div class='fm-formula'>KV reference: {html.escape(kv_formula(m.context_tokens))} "
+        f"= {fmt_bytes(kv)}</div></div>"
+    )
 
 
 def live_metrics(conv, m: ReplyMetrics) -> ReplyMetrics:
     """A streaming reply's metrics with the fields the conversation fills in only at its end."""
     engine = conv.lm.engine
     now, peak = device_memory(engine.device)
-    return replace(m, context_tokens=conv.context_tokens, state_bytes=engine.state_nbytes(),
-                   cache_bytes=conv.cache_bytes(), device_mem_bytes=now, device_peak_bytes=peak)
+    return replace(
+        m,
+        context_tokens=conv.context_tokens,
+        state_bytes=engine.state_nbytes(),
+        cache_bytes=conv.cache_bytes(),
+        device_mem_bytes=now,
+        device_peak_bytes=peak,
+    )
 
 
 def plot_points(points: list[dict] | None, m: ReplyMetrics | None) -> list[dict]:
@@ -81,27 +103,41 @@ def trim_points(points: list[dict] | None, context_tokens: int) -> list[dict]:
 
 def turn_point(m: ReplyMetrics) -> dict:
     """One point of the conversation plot, kept per session between turns."""
-    return {"context": m.context_tokens, "state": m.state_bytes, "device": m.device_mem_bytes,
-            "decode": m.decode_tok_s, "prefill": m.prefill_tok_s}
+    return {
+        "context": m.context_tokens,
+        "state": m.state_bytes,
+        "device": m.device_mem_bytes,
+        "decode": m.decode_tok_s,
+        "prefill": m.prefill_tok_s,
+    }
+
+
+def typed_frame(rows: list[dict], dtypes: dict[str, str]) -> pd.DataFrame:
+    """A plot frame with fixed column types, also when empty: the browser's chart infers axis
+    types from the data, and an empty untyped frame would turn numbers into categories."""
+    return pd.DataFrame(rows, columns=list(dtypes)).astype(dtypes)
 
 
 def memory_frame(points: list[dict]) -> pd.DataFrame:
     rows = []
     for p in points:
         n = p["context"]
-        rows += [{"context tokens": n, "series": "Falcon Mamba state", "MiB": p["state"] / MiB},
-                 {"context tokens": n, "series": "device memory (whole process)", "MiB": p["device"] / MiB},
-                 {"context tokens": n, "series": f"transformer KV cache ({KV_REFERENCE.name})",
-                  "MiB": kv_cache_bytes(n) / MiB}]
-    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
+        rows += [
+            {"context tokens": n, "series": MAMBA_SERIES, "MiB": p["state"] / MiB},
+            {"context tokens": n, "series": DEVICE_SERIES, "MiB": p["device"] / MiB},
+            {"context tokens": n, "series": KV_SERIES, "MiB": kv_cache_bytes(n) / MiB},
+        ]
+    return typed_frame(rows, {"context tokens": "int64", "series": "object", "MiB": "float64"})
 
 
 def speed_frame(points: list[dict]) -> pd.DataFrame:
     rows = []
     for p in points:
-        rows += [{"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
-                 {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]}]
-    return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+        rows += [
+            {"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
+            {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]},
+        ]
+    return typed_frame(rows, {"context tokens": "int64", "series": "object", "tokens/s": "float64"})
 
 
 CSS = """

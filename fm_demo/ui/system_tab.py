@@ -11,8 +11,19 @@ import gradio as gr
 from ..metrics import device_memory
 from .common import AppContext, bind, fmt_bytes, user_errors
 
-LIBRARIES = ("torch", "transformers", "gradio", "gradio_client", "tokenizers", "accelerate", "bitsandbytes",
-             "mamba_ssm", "causal_conv1d", "kernels", "huggingface_hub")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "gradio",
+    "gradio_client",
+    "tokenizers",
+    "accelerate",
+    "bitsandbytes",
+    "mamba_ssm",
+    "causal_conv1d",
+    "kernels",
+    "huggingface_hub",
+)
 
 
 def versions() -> dict[str, str]:
@@ -40,8 +51,17 @@ def models_table(ctx: AppContext) -> list[list[str]]:
     for lm in ctx.manager.loaded():
         kernels = lm.engine.kernel_report()
         paths = ", ".join(f"{op}: {path}" for op, path in kernels.items() if op != "reason")
-        rows.append([lm.label, lm.device, fmt_bytes(lm.nbytes), f"{lm.load_s:.1f} s", paths,
-                     kernels.get("reason", ""), "; ".join(lm.notes)])
+        rows.append(
+            [
+                lm.label,
+                lm.device,
+                fmt_bytes(lm.nbytes),
+                f"{lm.load_s:.1f} s",
+                paths,
+                kernels.get("reason", ""),
+                "; ".join(lm.notes),
+            ]
+        )
     return rows
 
 
@@ -58,7 +78,10 @@ def kernels_check_report() -> dict:
                 return fn()
             except Exception as e:  # a diagnostics failure must not take the tab down
                 return {"available": True, "error": f"{type(e).__name__}: {e}"}
-    return {"available": False, "why": "kernels_check has no report function; run python -m kernels_check --json"}
+    return {
+        "available": False,
+        "why": "kernels_check has no report function; run python -m kernels_check --json",
+    }
 
 
 def _md(title: str, d: dict[str, str]) -> str:
@@ -79,8 +102,12 @@ def build_system_tab(ctx: AppContext) -> list:
         refresh = gr.Button("Refresh", variant="secondary")
         run_check = gr.Button("Run kernels_check report")
     info = gr.Markdown()
-    models = gr.Dataframe(headers=["model", "device", "weights", "load time", "kernel path per op",
-                                   "why this path", "notes"], label="Loaded models", interactive=False, wrap=True)
+    models = gr.Dataframe(
+        headers=["model", "device", "weights", "load time", "kernel path per op", "why this path", "notes"],
+        label="Loaded models",
+        interactive=False,
+        wrap=True,
+    )
     with gr.Row():
         stats = gr.JSON(label="Session cache (all sessions)")
         check = gr.JSON(label="kernels_check report")

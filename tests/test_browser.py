@@ -1,0 +1,232 @@
+"""The app in a real browser (Debian's chromium through Playwright): chat, stop, retry, compare.
+
+Saves screenshots of the chat and compare tabs to docs/ (the README shows them). Set
+FM_DEMO_SCREENSHOT_DIR to write them elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from test_ui_handlers import random_checkpoint_dir, tiny_context
+
+from fm_demo.settings import Preset, Settings
+from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+LONG = 2000  # max new tokens: a long reply, to stop mid-way (the page must stay responsive)
+SHORT = 48  # for the reply in the screenshot
+WAIT_MS = 90_000
+SHOTS = Path(os.environ.get("FM_DEMO_SCREENSHOT_DIR", Path(__file__).resolve().parent.parent / "docs"))
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RANDOM_LABEL = "Random-weight tiny (rarely ends a reply)"
+
+
+def settings_with_random_model(path: str, **kwargs) -> Settings:
+    """The app's settings plus one preset: random weights, so its replies run to max_new_tokens and
+    there is always a long reply to stop (the trained tiny models answer in a few tokens)."""
+    extra = Preset("random-tiny", RANDOM_LABEL, path, "instruct", ("fp32",), "fp32")
+
+    class WithRandom(Settings):
+        def presets(self):
+            return {**super().presets(), extra.key: extra}
+
+    return WithRandom(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    settings = settings_with_random_model(
+        random_checkpoint_dir("instruct", tmp_path_factory), device="cpu", max_new_tokens=LONG
+    )
+    ctx = tiny_context(settings, tmp_path_factory)
+    demo = build_demo(settings, ctx).queue(**queue_kwargs())
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        **launch_kwargs(settings),
+    )
+    yield url, ctx
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        outside = []
+        pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(app[0]) else None)
+        pg.goto(app[0], wait_until="load")
+        pg.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
+        pg.outside_requests = outside
+        yield pg
+        browser.close()
+
+
+def bot_text(page, chatbot: str = "#chatbot") -> str:
+    bots = page.locator(f"{chatbot} [data-testid='bot']")
+    return bots.last.inner_text() if bots.count() else ""
+
+
+def wait_for(predicate, what: str, timeout_s: float = WAIT_MS / 1000):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+def session_conv(ctx, slot: str):
+    convs = [c for (sid, s), c in ctx.store._convs.items() if s == slot]
+    assert len(convs) == 1, f"expected one browser conversation in {slot}, found {len(convs)}"
+    return convs[0]
+
+
+def wait_reply(page, ctx, turns: int) -> None:
+    """Until the chat has `turns` finished replies and the page shows the last one's readout."""
+
+    def done() -> bool:
+        convs = [c for (sid, s), c in ctx.store._convs.items() if s == "chat"]
+        if len(convs) != 1 or len(convs[0].turns) != turns or convs[0].busy:
+            return False
+        conv = convs[0]
+        shown = f"Tokens in context\n{conv.context_tokens:,}" in page.inner_text("#readout")
+        return (
+            conv.turns[-1].finish_reason is not None
+            and shown
+            and "streaming" not in page.inner_text("#readout")
+        )
+
+    wait_for(done, f"reply {turns} to finish")
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    page.click(f"{dropdown} input")
+    page.get_by_role("option", name=option).click()
+
+
+def save_shot(page, name: str, width: int = 960) -> None:
+    """A full-page screenshot, scaled to `width` and palettized so the README's PNGs stay small."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(SHOTS / name, optimize=True)
+
+
+def toggle_sampling(page) -> None:
+    page.locator("#chat-sampling").get_by_text("Sampling", exact=True).click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    page.fill(f"{elem_id} input[type=number]", str(value))
+    page.keyboard.press("Tab")
+
+
+def test_reply_streams_and_stop_ends_it(page, app):
+    pick(page, "#chat-model", RANDOM_LABEL)
+    toggle_sampling(page)
+    set_number(page, "#chat-temperature", 0)  # greedy: this model's reply then runs 1,264 tokens
+    toggle_sampling(page)
+    page.fill("#chat-input textarea", "Tell me a long story about a fox.")
+    page.keyboard.press("Enter")
+    wait_for(lambda: len(bot_text(page)) > 0, "the first streamed text")
+    first = bot_text(page)
+    wait_for(
+        lambda: len(bot_text(page)) > len(first),
+        lambda: f"the reply to grow while streaming: {first!r} -> {page.inner_text('#readout')!r}",
+    )
+    assert "streaming" in page.inner_text("#readout")
+    page.click("#chat-stop")
+    wait_for(lambda: "cancelled" in page.inner_text("#readout"), "the reply to stop")
+    stopped = bot_text(page)
+    time.sleep(1.0)
+    assert bot_text(page) == stopped  # nothing arrives after Stop
+    m = session_conv(app[1], "chat").last_metrics
+    assert m.finish_reason == "cancelled" and 0 < m.new_tokens < LONG
+
+
+def test_retry_writes_a_new_reply_from_one_token(page, app):
+    conv = session_conv(app[1], "chat")
+    before = conv.last_metrics
+    page.click("#chat-retry")
+    wait_for(lambda: "streaming" in page.inner_text("#readout"), "the retried reply to stream")
+    page.click("#chat-stop")
+    wait_for(lambda: conv.last_metrics is not before and not conv.busy, "the retried reply to end")
+    assert conv.last_metrics.prefilled_tokens == 1 and len(conv.turns) == 1  # retry re-reads one token
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+    page.click("#chat-clear")
+    wait_for(lambda: page.locator("#chatbot [data-testid='user']").count() == 0, "the chat to clear")
+
+
+def test_two_turns_reuse_the_state_and_chat_screenshot(page, app):
+    pick(page, "#chat-model", app[1].settings.preset("tiny-instruct").label)
+    toggle_sampling(page)
+    set_number(page, "#chat-max-new", SHORT)
+    toggle_sampling(page)
+    for turns, question in enumerate(("What is the capital of France?", "Spell the word river."), start=1):
+        page.fill("#chat-input textarea", question)
+        page.keyboard.press("Enter")
+        wait_reply(page, app[1], turns)
+    conv = session_conv(app[1], "chat")
+    readout = page.inner_text("#readout")
+    reused = int(re.search(r"Reused from state cache\s+([\d,]+) tokens", readout).group(1).replace(",", ""))
+    assert reused > 0 and reused == conv.last_metrics.reused_tokens
+    assert conv.last_metrics.new_tokens <= SHORT
+    time.sleep(2)
+    save_shot(page, "chat.png")
+
+
+def test_compare_streams_into_both_panes(page, app):
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_selector("#compare-input textarea", timeout=WAIT_MS)
+    page.fill("#compare-input textarea", "Write one sentence about rivers.")
+    page.keyboard.press("Enter")
+    wait_for(
+        lambda: bot_text(page, "#compare-left") and bot_text(page, "#compare-right"), "both panes to stream"
+    )
+    done = ("length", "stop", "cancelled")
+    wait_for(
+        lambda: all(
+            any(w in page.inner_text(f"#compare-{side}-readout") for w in done) for side in ("left", "right")
+        ),
+        "both replies to finish",
+    )
+    for side in ("left", "right"):
+        assert session_conv(app[1], side).last_metrics.new_tokens > 0
+    save_shot(page, "compare.png")
+    assert page.outside_requests == []  # the page never reaches beyond the app's own server

@@ -286,3 +286,9 @@ def test_lab_handlers_stream_both_series_and_the_prefill_sweep(ctx):
     outs = drain(lab_tab.run_prefill(ctx, "tiny-instruct", "fp32", 1024, request=request("lab")))
     frame, note = outs[-1]
     assert sorted(set(frame["prompt tokens"])) == [128, 256, 512, 1024] and note.startswith("Done")
+
+
+def test_kernels_check_report_says_which_path_runs():
+    report = system_tab.kernels_check_report()
+    assert report["engine_paths"]["scan"] == "reference" or report["engine_paths"]["fused"]
+    assert "checks" in report

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
+import logging
 import platform
 
 import gradio as gr
@@ -11,6 +11,7 @@ import gradio as gr
 from ..metrics import device_memory
 from .common import AppContext, bind, fmt_bytes, user_errors
 
+log = logging.getLogger("fm_demo.ui")
 LIBRARIES = (
     "torch",
     "transformers",
@@ -66,22 +67,17 @@ def models_table(ctx: AppContext) -> list[list[str]]:
 
 
 def kernels_check_report() -> dict:
-    """The kernels_check package's environment report, where it is installed."""
+    """kernels_check's report (environment, kernel packages, per-op paths, fused-vs-reference
+    checks; no benchmark), where the package is installed."""
     try:
-        module = importlib.import_module("kernels_check")
+        from kernels_check.report import build_report
     except ImportError as e:
         return {"available": False, "why": f"kernels_check is not importable: {e}"}
-    for name in ("report", "environment_report", "run_report"):
-        fn = getattr(module, name, None)
-        if callable(fn):
-            try:
-                return fn()
-            except Exception as e:  # a diagnostics failure must not take the tab down
-                return {"available": True, "error": f"{type(e).__name__}: {e}"}
-    return {
-        "available": False,
-        "why": "kernels_check has no report function; run python -m kernels_check --json",
-    }
+    try:
+        return build_report(bench=False)
+    except Exception as e:  # a diagnostics failure must not take the tab down
+        log.exception("kernels_check failed")
+        return {"available": True, "error": f"{type(e).__name__}: {e}"}
 
 
 def _md(title: str, d: dict[str, str]) -> str:

@@ -18,7 +18,7 @@ def build(settings: Settings):
 
     if (threads := settings.torch_threads()) is not None:
         torch.set_num_threads(threads)
-    app = build_demo(settings).queue(**queue_kwargs())
+    app = build_demo(settings).queue(**queue_kwargs(settings))
     if on_zerogpu():  # `spaces` hands its GPU worker only the weights on "cuda" at launch
         app.fm_context.manager.preload()
     return app

@@ -307,7 +307,7 @@ class Conversation:
         if cached and max(cached) > start:
             start = max(cached)
             state = _clone_to(self._snaps[start], device)
-        return start, state if state is not None else self.lm.engine.new_state().to(device)
+        return start, state if state is not None else self.lm.engine.new_state(device=device)
 
     def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:
         """A state on the model's device holding tokens[:pos], from the nearest cached one.

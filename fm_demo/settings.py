@@ -46,10 +46,8 @@ class Preset:
 
 def tiny_checkpoint(kind: str) -> str:
     """Path of a bundled tiny checkpoint ("base" | "instruct")."""
-    try:
-        from fm_demo.tiny import checkpoint_path
-    except ImportError:  # the tiny package provides it once its checkpoints are trained
-        return str(Path(__file__).parent / "tiny" / "checkpoints" / f"falcon-mamba-tiny-{kind}")
+    from fm_demo.tiny import checkpoint_path
+
     return str(checkpoint_path(kind))
 
 
@@ -133,7 +131,9 @@ class Settings:
     extra_models: tuple[str, ...] = _help("extra hub models, comma separated org/name[:base|:instruct]", ())
     queue_max_size: int = _help("most requests waiting in the queue (set explicitly: ZeroGPU's default is 1)",
                                 64)
-    concurrency_limit: int = _help("replies generated at once (on ZeroGPU each holds its own GPU slice)", 1)
+    # Chat replies are exempt (each conversation serialises its own replies); this bounds the
+    # heavier shared events: compare, long-context reads and lab measurements.
+    concurrency_limit: int = _help("events of one kind run at once (on ZeroGPU each holds a GPU slice)", 1)
     host: str = _help("address to listen on", "127.0.0.1")
     port: int = _help("port to listen on", 7860)
 

@@ -65,7 +65,7 @@ def app(tmp_path_factory):
         random_checkpoint_dir("instruct", tmp_path_factory), device="cpu", max_new_tokens=LONG
     )
     ctx = tiny_context(settings, tmp_path_factory)
-    demo = build_demo(settings, ctx).queue(**queue_kwargs())
+    demo = build_demo(settings, ctx).queue(**queue_kwargs(settings))
     _, url, _ = demo.launch(
         server_name="127.0.0.1",
         server_port=free_port(),

@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     settings = Settings(device="cpu", max_new_tokens=N, max_input_chars=1000)
-    demo = build_demo(settings, tiny_context(settings, tmp_path_factory)).queue(**queue_kwargs())
+    demo = build_demo(settings, tiny_context(settings, tmp_path_factory)).queue(**queue_kwargs(settings))
     _, local_url, _ = demo.launch(
         server_name="127.0.0.1",
         server_port=free_port(),

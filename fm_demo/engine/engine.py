@@ -90,11 +90,13 @@ class Engine:
         self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device)
 
     # -- state -------------------------------------------------------------------------------
-    def new_state(self, batch_size: int = 1) -> State:
+    def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
+        """A zero state (the empty context), on the model's device unless `device` says otherwise."""
         c = self.config
         L, D = c.num_hidden_layers, c.intermediate_size
-        conv = torch.zeros(L, batch_size, D, c.conv_kernel - 1, device=self.device, dtype=self.dtype)
-        ssm = torch.zeros(L, batch_size, D, c.state_size, device=self.device, dtype=torch.float32)
+        device = self.device if device is None else device
+        conv = torch.zeros(L, batch_size, D, c.conv_kernel - 1, device=device, dtype=self.dtype)
+        ssm = torch.zeros(L, batch_size, D, c.state_size, device=device, dtype=torch.float32)
         return State(conv, ssm, self.signature)
 
     def state_nbytes(self, batch_size: int = 1) -> int:

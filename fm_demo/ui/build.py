@@ -100,7 +100,8 @@ def launch_kwargs(settings: Settings) -> dict:
     }
 
 
-def queue_kwargs(concurrency: int = 4, max_size: int | None = 64) -> dict:
+def queue_kwargs(settings: Settings) -> dict:
+    """Arguments of demo.queue(): the queue bound and default concurrency from Settings."""
     from ..zerogpu import queue_options
 
-    return queue_options(max_size, concurrency)
+    return queue_options(settings.queue_max_size, settings.concurrency_limit)

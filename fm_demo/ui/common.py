@@ -14,12 +14,16 @@ import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import gradio as gr
 
 from ..engine import SamplingParams, StateError
 from ..settings import Settings, SettingsError
+
+if TYPE_CHECKING:  # heavy modules: imported where they are used
+    from ..models import ModelManager
+    from ..store import SessionStore
 
 log = logging.getLogger("fm_demo.ui")
 T = TypeVar("T")
@@ -58,8 +62,8 @@ class AppContext:
     """Everything the handlers share; build_demo creates one per app and closes over it."""
 
     settings: Settings
-    manager: object  # fm_demo.models.ModelManager
-    store: object  # fm_demo.sessions.SessionStore
+    manager: ModelManager
+    store: SessionStore
     stops: StopFlags = field(default_factory=StopFlags)
 
 

@@ -122,3 +122,66 @@ def test_training_scan_matches_reference_values_and_grads():
     (y_new * w).sum().backward()
     for a, b in zip(ref, new):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+
+
+# Greedy outputs of the committed checkpoints through the serving engine, recorded once.
+# Prompt ids are pinned too, so a tokenizer change shows up here rather than as a model change.
+GOLDEN_INSTRUCT_ADD = (
+    [1, 292, 201, 437, 287, 223, 25, 454, 223, 26, 33, 2, 201, 1, 291, 201],  # What is 7 + 8?
+    [25, 454, 223, 26, 390, 223, 19, 23, 16, 2],  # 7 + 8 = 15.<|im_end|>
+)
+GOLDEN_BASE_STORY = (
+    [419, 421, 266, 404, 14, 266, 426],  # Once upon a time, a little
+    [743, 417, 518, 422, 336, 266, 477, 874, 16, 423, 338, 14, 518, 418, 294, 949],
+)
+# Three turns on one state; turns 2 and 3 are read on top of the cached state (prompt = "\n" +
+# the new turn), never the whole transcript.
+GOLDEN_RECALL = [
+    ([1, 292, 201, 502, 274, 303, 685, 16, 2, 201, 1, 291, 201],  # Remember the word falcon.
+     [447, 14, 330, 448, 329, 274, 303, 685, 16, 2]),
+    ([201, 1, 292, 201, 514, 274, 303, 846, 16, 2, 201, 1, 291, 201],  # Spell the word river.
+     [84, 273, 606, 381, 295, 2]),
+    ([201, 1, 292, 201, 377, 303, 505, 330, 631, 374, 294, 329, 33, 2, 201, 1, 291, 201],
+     [367, 449, 443, 294, 329, 274, 303, 685, 16, 2]),  # You asked me to remember the word falcon.
+]
+
+
+def _greedy(engine, prompt: list[int], state, max_new: int) -> list[int]:
+    from fm_demo.engine import SamplingParams
+
+    events = engine.stream(torch.tensor([prompt]), state, SamplingParams(), max_new, (IM_END_ID, EOT_ID))
+    return [e.token_id for e in events]
+
+
+def test_golden_instruct_single_turn(loaded):
+    from fm_demo.engine import Engine
+
+    model, tok = loaded["instruct"]
+    prompt, want = GOLDEN_INSTRUCT_ADD
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 7 + 8?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok(text, add_special_tokens=False)["input_ids"] == prompt
+    engine = Engine(model)
+    assert _greedy(engine, prompt, engine.new_state(), 20) == want
+
+
+def test_golden_base_continues_text(loaded):
+    from fm_demo.engine import Engine
+
+    model, tok = loaded["base"]
+    prompt, want = GOLDEN_BASE_STORY
+    assert tok("Once upon a time, a little", add_special_tokens=False)["input_ids"] == prompt
+    engine = Engine(model)
+    assert _greedy(engine, prompt, engine.new_state(), len(want)) == want
+
+
+def test_golden_cross_turn_recall_from_cached_state(loaded):
+    from fm_demo.engine import Engine
+
+    model, tok = loaded["instruct"]
+    engine = Engine(model)
+    state = engine.new_state()
+    for prompt, want in GOLDEN_RECALL:
+        assert _greedy(engine, prompt, state, 20) == want
+    assert tok.decode(GOLDEN_RECALL[-1][1], skip_special_tokens=True) == "You asked me to remember the word falcon."
+    assert state.seqlen == sum(len(p) + len(w) for p, w in GOLDEN_RECALL)

@@ -41,7 +41,7 @@ def _prod(shape) -> int:
 
 def model_card(variant: str, training: dict, metrics: dict | None) -> str:
     n_params, mb = _params(variant)
-    d, t = training["dims"], training["train_config"]
+    d = training["dims"]
     lines = [
         f"# falcon-mamba-tiny-{variant}",
         "",
@@ -60,11 +60,11 @@ def model_card(variant: str, training: dict, metrics: dict | None) -> str:
         "",
         "## Training",
         f"- data: {_DATA[variant]}",
-        f"- {training['steps_done']} steps of {t['batch_size']} x {t['seq_len']} tokens, AdamW "
-        f"lr {t['lr']} (warmup {t['warmup']}, cosine), seed {t['seed']}, on {t['threads']} CPU "
-        f"thread(s) in {training['train_minutes']} minutes; final training loss {training['final_loss']}",
-        f"- reproduce: `python -m fm_demo.tiny.train --variant {variant} --steps {t['steps']} "
-        f"--out DIR`",
+    ] + [_stage_line(st) for st in _stages(training)] + [
+        f"- total training time {sum(st['train_minutes'] for st in _stages(training)):.1f} minutes "
+        "of wall clock on a shared 2-core CPU",
+        f"- reproduce: `python -m fm_demo.tiny.train --variant {variant} --out DIR` with the "
+        "settings above (`training.json` in this folder lists every one)",
     ]
     if variant == "instruct":
         lines += ["", "Chat format: `<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`; "
@@ -73,6 +73,23 @@ def model_card(variant: str, training: dict, metrics: dict | None) -> str:
         lines += ["", "## Held-out evaluation (`python -m fm_demo.tiny.evaluate --json`)", ""]
         lines += _metrics_lines(variant, metrics)
     return "\n".join(lines) + "\n"
+
+
+def _stages(training: dict) -> list[dict]:
+    """Training runs oldest first (a run may continue from an earlier checkpoint)."""
+    chain = []
+    while training is not None:
+        chain.append(training)
+        training = training.get("continued_from")
+    return chain[::-1]
+
+
+def _stage_line(st: dict) -> str:
+    t = st["train_config"]
+    return (f"- {st['steps_done']} steps of {t['batch_size']} x {t['seq_len']} tokens, AdamW lr "
+            f"{t['lr']} (warmup {t['warmup']}, cosine to {t['min_lr_ratio']} x lr over {t['steps']} "
+            f"steps), seed {t['seed']}, {t['threads']} thread, {st['train_minutes']} min; "
+            f"training loss {st['final_loss']}")
 
 
 def _metrics_lines(variant: str, m: dict) -> list[str]:

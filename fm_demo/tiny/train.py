@@ -49,7 +49,14 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
     from .scan import training_ops
 
     torch.set_num_threads(cfg.threads)
-    model = build_model(dims, cfg.variant, cfg.seed)
+    previous = None
+    if init_from is not None:  # continue (e.g. a low-lr cool-down after a run stopped by the time cap)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        previous = json.loads((init_from / "training.json").read_text())
+    else:
+        model = build_model(dims, cfg.variant, cfg.seed)
     model.train()
     ops = training_ops()
     rows = (instruct_rows(tok, cfg.seed + 1, cfg.seq_len) if cfg.variant == "instruct"
@@ -81,6 +88,8 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
     summary = {"steps_done": step + 1, "train_minutes": round((time.time() - t0) / 60, 1),
                "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
                "train_config": asdict(cfg), "dims": asdict(dims)}
+    if previous is not None:
+        summary["continued_from"] = previous
     save_checkpoint(model, tok, cfg.variant, out, summary)
     return summary
 
@@ -117,13 +126,15 @@ def main() -> None:
     p.add_argument("--variant", choices=("base", "instruct"), required=True)
     p.add_argument("--out", type=Path, required=True)
     defaults = TrainConfig()
-    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "max_minutes", "threads"):
+    p.add_argument("--init-from", type=Path, help="continue from this checkpoint instead of a fresh init")
+    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                        default=getattr(defaults, name))
     a = p.parse_args()
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
-                      seq_len=a.seq_len, lr=a.lr, max_minutes=a.max_minutes, threads=a.threads)
-    summary = train(cfg, TinyDims(), a.out, build_tokenizer())
+                      seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
+                      max_minutes=a.max_minutes, threads=a.threads)
+    summary = train(cfg, TinyDims(), a.out, build_tokenizer(), a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}))
 
 

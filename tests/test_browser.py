@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_ui_handlers import random_checkpoint_dir, tiny_context
+from test_ui_handlers import tiny_context
+from tiny_fixtures import random_checkpoint
 
 from fm_demo.settings import Preset, Settings
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
@@ -62,7 +63,7 @@ def settings_with_random_model(path: str, **kwargs) -> Settings:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     settings = settings_with_random_model(
-        random_checkpoint_dir("instruct", tmp_path_factory), device="cpu", max_new_tokens=LONG
+        random_checkpoint("instruct", tmp_path_factory), device="cpu", max_new_tokens=LONG
     )
     ctx = tiny_context(settings, tmp_path_factory)
     demo = build_demo(settings, ctx).queue(**queue_kwargs(settings))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
-from fm_demo.settings import tiny_checkpoint
 
 CONVERSATIONS = [
     [("Hello!", "Hi, how can I help?"), ("What is 2+3?", "5"), ("Thanks.", "You're welcome.")],
@@ -18,18 +16,11 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """The bundled tiny tokenizer (the same BPE and chat template whether or not weights exist)."""
+def tokenizer():
+    """The bundled tiny tokenizer with Falcon Mamba's chat template."""
     from transformers import AutoTokenizer
 
-    real = Path(tiny_checkpoint("instruct"))
-    if (real / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(real))
-    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    save_tokenizer(build_tokenizer(n_texts=300), out, "instruct")
-    return AutoTokenizer.from_pretrained(str(out))
+    return AutoTokenizer.from_pretrained(bundled_checkpoint("instruct"))
 
 
 def _messages(pairs, system=""):

@@ -7,33 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_fixtures import bundled_checkpoint
 
 from fm_demo.models import ModelLoadError, ModelManager, estimate_model_bytes
-from fm_demo.settings import PRESETS, Preset, Settings, tiny_checkpoint
+from fm_demo.settings import PRESETS, Preset, Settings
 
 TINY_PREC = ("fp32", "bf16", "4bit")
 
 
-def checkpoint(kind: str, tmp_path_factory) -> str:
-    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
-    real = Path(tiny_checkpoint(kind))
-    if (real / "config.json").exists():
-        return str(real)
-    from transformers import FalconMambaForCausalLM
-
-    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
-    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
-
-    out = tmp_path_factory.mktemp(f"tiny-{kind}")
-    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
-    torch.manual_seed(0)
-    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
-    return str(out)
-
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory):
-    tiny = {k: Preset(k, f"tiny {k}", checkpoint(k, tmp_path_factory), k, TINY_PREC, "fp32")
+    tiny = {k: Preset(k, f"tiny {k}", bundled_checkpoint(k), k, TINY_PREC, "fp32")
             for k in ("instruct", "base")}
     return {**tiny, "7b": PRESETS["7b-instruct"],
             "missing": Preset("missing", "missing tiny", "/nonexistent/falcon-mamba-tiny", "base", TINY_PREC, "fp32"),
@@ -150,8 +135,9 @@ def test_tiny_loads_in_4bit_on_cpu(manager):
 
 
 def test_estimate_matches_the_published_7b():
-    from transformers import FalconMambaConfig
     import json
+
+    from transformers import FalconMambaConfig
 
     ref = Path("/work/shared/reference/falcon-mamba-7b.config.json")
     cfg = FalconMambaConfig(**json.loads(ref.read_text())) if ref.exists() else FalconMambaConfig(

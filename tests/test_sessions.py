@@ -9,37 +9,21 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelManager
 from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
-from fm_demo.settings import Preset, Settings, tiny_checkpoint
+from fm_demo.settings import Preset, Settings
 from fm_demo.store import SessionStore
 
 GREEDY = SamplingParams()
 N = 16  # new tokens per reply: enough to see divergence, short enough for a fast suite
 
-
-def checkpoint(kind: str, tmp_path_factory) -> str:
-    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
-    real = Path(tiny_checkpoint(kind))
-    if (real / "config.json").exists():
-        return str(real)
-    from transformers import FalconMambaForCausalLM
-
-    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
-    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
-
-    out = tmp_path_factory.mktemp(f"tiny-{kind}")
-    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
-    torch.manual_seed(0 if kind == "instruct" else 1)
-    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +42,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def manager(settings, tmp_path_factory):
-    presets = {kind: Preset(kind, f"tiny {kind}", checkpoint(kind, tmp_path_factory), kind,
+    presets = {kind: Preset(kind, f"tiny {kind}", bundled_checkpoint(kind), kind,
                             ("fp32", "bf16"), "fp32") for kind in ("instruct", "base")}
     return ModelManager(settings, presets=presets)
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import gradio as gr
 import pytest
 import torch
+from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import lab
 from fm_demo.engine import Engine
 from fm_demo.models import ModelManager
-from fm_demo.settings import Settings, tiny_checkpoint
+from fm_demo.settings import Settings
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, throttle, to_user_error
@@ -26,34 +26,12 @@ from fm_demo.ui.readout import readout_html
 N = 12  # new tokens per reply: short replies keep the suite fast
 
 
-def tiny_checkpoint_dir(kind: str, tmp_path_factory) -> str:
-    """The bundled tiny checkpoint; while it is not built yet, a random one of the same shape."""
-    real = Path(tiny_checkpoint(kind))
-    if (real / "config.json").exists():
-        return str(real)
-    return random_checkpoint_dir(kind, tmp_path_factory)
-
-
-def random_checkpoint_dir(kind: str, tmp_path_factory) -> str:
-    """A random-weight checkpoint of the tiny shape, with the tiny tokenizer."""
-    from transformers import FalconMambaForCausalLM
-
-    from fm_demo.tiny.config import TinyDims, falcon_mamba_config
-    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
-
-    out = tmp_path_factory.mktemp(f"random-tiny-{kind}")
-    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
-    torch.manual_seed(0 if kind == "instruct" else 1)
-    FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
-    return str(out)
-
-
 def tiny_context(settings: Settings, tmp_path_factory) -> AppContext:
-    """An AppContext whose tiny presets load the bundled (or stand-in) checkpoints."""
+    """An AppContext whose tiny presets load the bundled checkpoints."""
     presets = dict(settings.presets())
     for key in ("tiny-base", "tiny-instruct"):
         kind = key.split("-")[1]
-        presets[key] = dataclasses.replace(presets[key], source=tiny_checkpoint_dir(kind, tmp_path_factory))
+        presets[key] = dataclasses.replace(presets[key], source=bundled_checkpoint(kind))
     manager = ModelManager(settings, presets=presets)
     return AppContext(settings, manager, SessionStore(settings, manager))
 

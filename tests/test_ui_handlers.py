@@ -84,7 +84,7 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     assert "Tokens in context" in html and "Llama-3-8B / Mistral-7B" in html
     conv = ctx.store.get(sid, "chat")
     first_context = conv.context_tokens
-    assert conv.last_metrics.reused_tokens == 0 and conv.last_metrics.new_tokens == N
+    assert conv.last_metrics.reused_tokens == 0 and 1 <= conv.last_metrics.new_tokens <= N
 
     outs = drain(chat_tab.send(ctx, "And one more thing?", *knobs(points), request=request(sid)))
     box, chat, html, mem, speed, points = outs[-1]
@@ -115,10 +115,10 @@ def test_retry_undo_clear(ctx):
     drain(chat_tab.send(ctx, "First question", *knobs(), request=request(sid)))
     drain(chat_tab.send(ctx, "Second question", *knobs(), request=request(sid)))
     conv = ctx.store.get(sid, "chat")
-    before = conv.context_tokens
+    before, replaced = conv.context_tokens, conv.last_metrics.new_tokens
     outs = drain(chat_tab.retry(ctx, *knobs(temperature=1.0), request=request(sid)))
     assert len(outs[-1][1]) == 4 and conv.last_metrics.prefilled_tokens == 1  # retry reads one token
-    assert conv.context_tokens == before - N + conv.last_metrics.new_tokens
+    assert conv.context_tokens == before - replaced + conv.last_metrics.new_tokens
 
     box, chat, *_ = chat_tab.undo(ctx, "tiny-instruct", "fp32", [], request=request(sid))
     assert box == "Second question" and len(chat) == 2 and len(conv.turns) == 1

@@ -63,8 +63,8 @@ def model_card(variant: str, training: dict, metrics: dict | None) -> str:
     ] + [_stage_line(st) for st in _stages(training)] + [
         f"- total training time {sum(st['train_minutes'] for st in _stages(training)):.1f} minutes "
         "of wall clock on a shared 2-core CPU",
-        f"- reproduce: `python -m fm_demo.tiny.train --variant {variant} --out DIR` with the "
-        "settings above (`training.json` in this folder lists every one)",
+        f"- reproduce: `{_command(variant, _stages(training)[-1])}` "
+        "(`training.json` in this folder lists every setting)",
     ]
     if variant == "instruct":
         lines += ["", "Chat format: `<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`; "
@@ -84,6 +84,15 @@ def _stages(training: dict) -> list[dict]:
     return chain[::-1]
 
 
+def _command(variant: str, st: dict) -> str:
+    t = st["train_config"]
+    cmd = (f"python -m fm_demo.tiny.train --variant {variant} --steps {t['steps']} --seed {t['seed']} "
+           f"--lr {t['lr']} --batch-size {t['batch_size']} --seq-len {t['seq_len']} --out DIR")
+    if st["steps_done"] < t["steps"]:  # stopped by the time cap: replay the same number of steps
+        cmd += f" --stop-after {st['steps_done']}"
+    return cmd
+
+
 def _stage_line(st: dict) -> str:
     t = st["train_config"]
     return (f"- {st['steps_done']} steps of {t['batch_size']} x {t['seq_len']} tokens, AdamW lr "
@@ -100,7 +109,11 @@ def _metrics_lines(variant: str, m: dict) -> list[str]:
     rows += [f"| {k} | {fp['tasks'][k]:.2f} | {q['tasks'][k]:.2f} |" for k in fp["tasks"]]
     rows += [f"| mean | {fp['mean']:.2f} | {q['mean']:.2f} |",
              f"| memory game via state cache | {fp['recall_via_state']:.2f} | {q['recall_via_state']:.2f} |"]
-    return [f"Greedy exact match, {m['n_per_task']} held-out questions per task.", ""] + rows
+    seen = fp.get("arithmetic_training_pairs", {})
+    notes = ["", "add and sub ask number pairs never seen in training: the model has memorised its "
+             "training table rather than learnt to add (same tasks on training pairs, new wording: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in seen.items()) + "). 4-bit is bitsandbytes NF4 on CPU."]
+    return [f"Greedy exact match, {m['n_per_task']} held-out questions per task.", ""] + rows + notes
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ class TrainConfig:
     max_minutes: float = 45.0  # safety cap; a run that hits it says so in its log and model card
     threads: int = 1  # measured fastest on the 2-core dev machine (2 threads contend)
     log_every: int = 20
+    stop_after: int = 0  # end after this many steps without changing the lr schedule (0: run all);
+    # replays a run that the time cap stopped early
 
 
 def falcon_mamba_config(dims: TinyDims, variant: str):

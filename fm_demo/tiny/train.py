@@ -82,6 +82,8 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
             print(f"step {step} loss {recent:.4f} lr {lr_at(step, cfg):.2e} {elapsed / 60:.1f} min", flush=True)
+        if cfg.stop_after and step + 1 >= cfg.stop_after:
+            break
         if elapsed > cfg.max_minutes * 60:
             print(f"stopping at step {step}: time cap of {cfg.max_minutes} min reached", flush=True)
             break
@@ -127,13 +129,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     defaults = TrainConfig()
     p.add_argument("--init-from", type=Path, help="continue from this checkpoint instead of a fresh init")
-    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads"):
+    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads", "stop_after"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                        default=getattr(defaults, name))
     a = p.parse_args()
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
-                      max_minutes=a.max_minutes, threads=a.threads)
+                      max_minutes=a.max_minutes, threads=a.threads, stop_after=a.stop_after)
     summary = train(cfg, TinyDims(), a.out, build_tokenizer(), a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}))
 

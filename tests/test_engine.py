@@ -221,3 +221,22 @@ def test_4bit_model_runs_through_engine_on_cpu(tmp_path):
     full = _full_logits(model, ids)
     err = (chunked - full).norm() / full.norm()
     assert err < 0.35, f"4-bit logits too far from fp32: relative error {err:.3f}"
+
+
+def test_4bit_batched_decode_matches_each_row_alone(tmp_path):
+    """bitsandbytes' CPU 4-bit matmul mishandles strided inputs: rows must not leak into each other."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model(seed=0, hidden_size=128, num_hidden_layers=2).save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        device_map="cpu")
+    engine = Engine(q)
+    ids = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(3))
+    both = engine.new_state(3)
+    batched = torch.stack([engine.step(ids[:, t], both) for t in range(6)], dim=1)
+    for row in range(3):
+        alone = engine.new_state(1)
+        single = torch.stack([engine.step(ids[row:row + 1, t], alone) for t in range(6)], dim=1)
+        torch.testing.assert_close(batched[row:row + 1], single, atol=1e-4, rtol=0)

@@ -84,7 +84,7 @@ def mixer_step(mixer: nn.Module, c: LayerConsts, ops: OpSet, x: Tensor, conv_sta
                ssm_state: Tensor) -> Tensor:
     """One token: x [B, H] -> y [B, H]; conv_state and ssm_state are advanced in place."""
     u, z = mixer.in_proj(x).chunk(2, dim=-1)  # [B, D] each
-    u = ops.conv_update(u, conv_state, c.conv_w, c.conv_b)  # [B, D]
+    u = ops.conv_update(u, conv_state, c.conv_w, c.conv_b).contiguous()  # [B, D]; see mixer_chunk
     delta, Bm, Cm = _ssm_inputs(mixer, c, u)  # [B, D], [B, N], [B, N]
     y = ops.state_update(ssm_state, u, delta, c.A, Bm, Cm, c.D, z)  # [B, D]
     return mixer.out_proj(y.to(x.dtype))

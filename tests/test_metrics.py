@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -22,12 +21,9 @@ def test_state_bytes_match_the_engine_and_the_7b_reference():
     engine = Engine(model)
     assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.new_state().nbytes
     assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.state_nbytes()
-    from transformers import FalconMambaConfig
+    from kernels_check.models import config_7b
 
-    ref = Path("/work/shared/reference/falcon-mamba-7b.config.json")
-    fields = json.loads(ref.read_text()) if ref.exists() else dict(
-        hidden_size=4096, num_hidden_layers=64, intermediate_size=8192, state_size=16, conv_kernel=4)
-    cfg = FalconMambaConfig(**fields)
+    cfg = config_7b()  # the published tiiuae/falcon-mamba-7b config, shipped with kernels_check
     all_bf16 = mamba_state_bytes(cfg, torch.bfloat16, torch.bfloat16)
     # 19 MiB: K-1 = 3 conv inputs are state (the reference's "about 20 MiB" counts all 4)
     assert all_bf16 == 64 * 8192 * (3 + 16) * 2

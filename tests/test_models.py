@@ -135,13 +135,9 @@ def test_tiny_loads_in_4bit_on_cpu(manager):
 
 
 def test_estimate_matches_the_published_7b():
-    import json
+    from kernels_check.models import config_7b
 
-    from transformers import FalconMambaConfig
-
-    ref = Path("/work/shared/reference/falcon-mamba-7b.config.json")
-    cfg = FalconMambaConfig(**json.loads(ref.read_text())) if ref.exists() else FalconMambaConfig(
-        hidden_size=4096, num_hidden_layers=64, vocab_size=65024, expand=2, tie_word_embeddings=False)
+    cfg = config_7b()  # the published tiiuae/falcon-mamba-7b config, shipped with kernels_check
     assert abs(estimate_model_bytes(cfg, "bf16") / 2 - 7.27e9) < 0.05e9
     # NF4 mixers (~3.8 GB) plus embeddings and lm_head, which bitsandbytes leaves in bf16 (~1.07 GB)
     assert 4.6e9 < estimate_model_bytes(cfg, "4bit") < 5.1e9

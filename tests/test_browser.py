@@ -1,7 +1,7 @@
 """The app in a real browser (Debian's chromium through Playwright): chat, stop, retry, compare.
 
-Saves screenshots of the chat and compare tabs to docs/ (the README shows them). Set
-FM_DEMO_SCREENSHOT_DIR to write them elsewhere.
+Saves screenshots of the chat and compare tabs to a temporary folder, or to FM_DEMO_SCREENSHOT_DIR:
+`FM_DEMO_SCREENSHOT_DIR=docs python -m pytest tests/test_browser.py` refreshes the README's.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ ARGS = [
 LONG = 2000  # max new tokens: a long reply, to stop mid-way (the page must stay responsive)
 SHORT = 48  # for the reply in the screenshot
 WAIT_MS = 90_000
-SHOTS = Path(os.environ.get("FM_DEMO_SCREENSHOT_DIR", Path(__file__).resolve().parent.parent / "docs"))
+SHOTS = Path(os.environ.get("FM_DEMO_SCREENSHOT_DIR", Path(tempfile.gettempdir()) / "fm-demo-screenshots"))
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium"

@@ -216,7 +216,7 @@ def test_two_turns_reuse_the_state_and_chat_screenshot(page, app):
 def test_compare_streams_into_both_panes(page, app):
     page.get_by_role("tab", name="Compare").click()
     page.wait_for_selector("#compare-input textarea", timeout=WAIT_MS)
-    page.fill("#compare-input textarea", "Write one sentence about rivers.")
+    page.fill("#compare-input textarea", "What is the capital of Japan?")
     page.keyboard.press("Enter")
     wait_for(
         lambda: bot_text(page, "#compare-left") and bot_text(page, "#compare-right"), "both panes to stream"

@@ -1,10 +1,8 @@
 """Conversations that keep their recurrent state (the store that holds them: store.py).
 
-A Conversation owns a token transcript (see chat.py for how turns are cut into tokens) and
-states that hold exactly a prefix of it:
-    live         the state after the whole transcript, on the model's device, while it is hot;
-    snapshots    {position: state}: every turn boundary, plus the point just before the last
-                 reply's first token (so retry reads one token), moved to CPU between replies.
+A Conversation owns a token transcript (see chat.py for how turns are cut into tokens) and a
+StateCache (state_cache.py) of states that hold exactly a prefix of it: the live state after the
+whole transcript and snapshots at turn boundaries and just before the last reply's first token.
 Every operation starts from the nearest cached state at or before the position it needs and
 prefills only the tokens after it: a new turn costs its own tokens, retry one token, undo and
 edit nothing. When the store evicted that cache, the same code rebuilds it from the tokens by
@@ -41,9 +39,8 @@ from .engine import SamplingParams, State, TokenEvent
 from .metrics import ReplyMetrics, device_memory
 from .models import LoadedModel
 from .settings import Settings
+from .state_cache import ProgressFn, StateCache
 from .zerogpu import StateUpdate
-
-ProgressFn = Callable[[int, int], None]
 
 
 class ConversationError(ValueError):
@@ -77,11 +74,6 @@ class ReplyEvent:
     finish_reason: str | None = None
 
 
-def _clone_to(state: State, device: torch.device | str) -> State:
-    """A copy of `state` on `device` (State.to shares storage when the device does not change)."""
-    return state.clone() if state.device == torch.device(device) else state.to(device)
-
-
 def _note_reuse(m: ReplyMetrics, start: int, pos: int, base: int) -> None:
     """Record how a reply got its state: reused up to `start`, re-read since the turn at `base`."""
     m.reused_tokens, m.rebuilt_tokens = start, max(0, base - start)
@@ -107,8 +99,7 @@ class Conversation:
         self.last_metrics: ReplyMetrics | None = None
         self.last_used = time.monotonic()
         self.on_commit: Callable[[Conversation, ReplyMetrics | None], None] | None = None  # the store's hook
-        self._live: State | None = None
-        self._snaps: dict[int, State] = {}
+        self.cache = StateCache()
         self._lock = threading.Lock()
 
     # -- views -------------------------------------------------------------------------------
@@ -134,12 +125,10 @@ class Conversation:
         return self._lock.locked()
 
     def cache_bytes(self) -> int:
-        live = self._live.nbytes if self._live is not None else 0
-        return live + sum(s.nbytes for s in self._snaps.values())
+        return self.cache.nbytes()
 
     def device_bytes(self) -> int:
-        states = [*self._snaps.values()] + ([self._live] if self._live is not None else [])
-        return sum(s.nbytes for s in states if s.device.type != "cpu")
+        return self.cache.device_bytes()
 
     def _boundaries(self) -> list[int]:
         out, pos = [0], 0
@@ -228,7 +217,7 @@ class Conversation:
                 state = self._cut_at_stop(turn, raw, base)
             if finish == "error" and user_text is not None and not turn.reply_ids:
                 self.turns.pop()  # nothing came of this message: leave the transcript as it was
-                self._truncate(self.context_tokens)
+                self.cache.truncate(self.context_tokens)
             else:
                 self._commit(turn, state, finish, m)
         yield ReplyEvent("", turn.reply, m, done=True, finish_reason=finish)
@@ -244,7 +233,7 @@ class Conversation:
         if lm.gpu is None:
             start, state = pre, self._provide(pre, base, m, progress)
         else:
-            start, state = self._nearest(pre, "cpu")
+            start, state = self.cache.nearest(pre, "cpu", lm.engine)
             _note_reuse(m, start, pre, base)
         tokens = self.token_ids()
         ids = torch.tensor([tokens[start:pre + 1]])  # [1, T]
@@ -262,11 +251,11 @@ class Conversation:
             del self.turns[keep + 1:]
             base = self._boundaries()[keep]
             turn.reply_ids, turn.reply, turn.finish_reason = [], "", None
-            self._truncate(base + len(turn.prompt_ids) - 1)
+            self.cache.truncate(base + len(turn.prompt_ids) - 1)
             return turn, base
         del self.turns[keep:]
         base = self._boundaries()[keep]
-        self._truncate(base)
+        self.cache.truncate(base)
         prev = self.turns[-1].reply_ids if self.turns else None
         prompt = chat.prompt_ids(self.fmt, self.lm.tokenizer, user_text, prev, system=self.system)
         turn = Turn(user_text, prompt)
@@ -282,108 +271,45 @@ class Conversation:
         cut = min(i for s in self.fmt.stop_strings if (i := raw.find(s)) >= 0)
         del ids[chat.tokens_within(tok, ids, cut):]
         turn.reply = chat.visible_reply(self.fmt, tok.decode(ids, skip_special_tokens=True), final=True)[0]
-        self._live = None
+        self.cache.live = None
         if self.lm.gpu is not None:
             return None  # no GPU here: the next reply's GPU call re-reads from the snapshot before
         return self._provide(base + sum(map(len, (turn.prompt_ids, ids))), base, ReplyMetrics(), None)
 
-    # -- states ------------------------------------------------------------------------------
-    def _truncate(self, pos: int) -> None:
-        """Forget cached states beyond token position `pos`."""
-        self._snaps = {p: s for p, s in self._snaps.items() if p <= pos}
-        if self._live is not None and self._live.seqlen > pos:
-            self._live = None
-
-    def _nearest(self, pos: int, device: torch.device | str) -> tuple[int, State]:
-        """(start, a state on `device` holding tokens[:start]) from the latest cached state <= pos.
-
-        The live state is taken over (the caller advances it); snapshots are copied (shared, never
-        modified in place); with nothing cached, a fresh state (start 0).
-        """
-        start, state = 0, None
-        if self._live is not None and self._live.seqlen <= pos:
-            start, state, self._live = self._live.seqlen, self._live.to(device), None
-        cached = [p for p in self._snaps if p <= pos]
-        if cached and max(cached) > start:
-            start = max(cached)
-            state = _clone_to(self._snaps[start], device)
-        return start, state if state is not None else self.lm.engine.new_state(device=device)
-
+    # -- states (kept by self.cache) -----------------------------------------------------------
     def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:
-        """A state on the model's device holding tokens[:pos], from the nearest cached one.
-
-        Snapshots are taken at every turn boundary passed and at `pos` itself. On ZeroGPU the
-        tokens are read by one GPU call and only the state at `pos` is kept.
-        """
-        engine = self.lm.engine
-        if self.lm.gpu is not None:
-            start, state = self._nearest(pos, "cpu")
-            if pos > start:
-                state = self.lm.gpu.prefill(self.lm.key, state, torch.tensor([self.token_ids()[start:pos]]))
-            self._snaps.setdefault(pos, state.clone())
-            _note_reuse(m, start, pos, base)
-            return state
-        start, state = self._nearest(pos, engine.device)
-        tokens, done = self.token_ids(), start
-        for cut in sorted({b for b in self._boundaries() if start < b < pos} | {pos}):
-            if cut > done:
-                ids = torch.tensor([tokens[done:cut]])
-                offset = done - start
-                engine.prefill(ids, state, progress=progress and (
-                    lambda d, t, o=offset: progress(o + d, pos - start)))
-                done = cut
-            if cut not in self._snaps:
-                self._snaps[cut] = _clone_to(state, engine.device)
+        """A state on the model's device holding tokens[:pos], from the nearest cached one."""
+        start, state = self.cache.provide(self.lm, self.token_ids(), self._boundaries(), pos, progress)
         _note_reuse(m, start, pos, base)
         return state
 
     def _commit(self, turn: Turn, state: State | None, finish: str | None, m: ReplyMetrics) -> None:
         turn.finish_reason, turn.metrics = finish, m
         end = self.context_tokens
-        if state is None or state.seqlen != end:  # an error mid-step: rebuild from snapshots later
-            self._live = None
-        elif state.device.type == "cpu":
-            self._snaps[end], self._live = state, None
-        else:
-            self._snaps[end], self._live = state.to("cpu"), state
-        keep = set(self._boundaries()) | {end - len(turn.reply_ids) - 1}
-        self._snaps = {p: s for p, s in self._snaps.items() if p in keep and p <= end}
-        self._settle()
+        self.cache.commit(state, end, set(self._boundaries()) | {self._retry_point()})
         m.state_bytes = self.lm.engine.state_nbytes()
         m.cache_bytes, m.context_tokens = self.cache_bytes(), end
         m.device_mem_bytes, m.device_peak_bytes = device_memory(self.lm.engine.device)
         m.finish_reason = finish
         self.last_metrics = m
 
-    def _settle(self) -> None:
-        """Snapshots wait on CPU between replies; only the hot state stays on the device."""
-        self._snaps = {p: s if s.device.type == "cpu" else s.to("cpu") for p, s in self._snaps.items()}
-
     def offload(self) -> int:
         """Move the hot state off the GPU (its copy at the end of the transcript is on CPU)."""
-        if self.busy or self._live is None or self._live.device.type == "cpu":
-            return 0
-        if self._live.seqlen not in self._snaps:
-            self._snaps[self._live.seqlen] = self._live.to("cpu")
-        freed, self._live = self._live.nbytes, None
-        return freed
+        return 0 if self.busy else self.cache.offload()
 
     def trim(self, level: int) -> int:
         """Free cache memory; level 1 keeps the latest states, level 2 drops all. Returns bytes freed."""
         if not self._lock.acquire(blocking=False):
             return 0
         try:
-            before = self.cache_bytes()
-            if level >= 2:
-                self._snaps, self._live = {}, None
-            else:
-                end = self.context_tokens
-                last = self.turns[-1] if self.turns else None
-                keep = {end, end - len(last.reply_ids) - 1} if last else {end}
-                self._snaps = {p: s for p, s in self._snaps.items() if p in keep}
-            return before - self.cache_bytes()
+            end = self.context_tokens
+            return self.cache.trim(level, {end, self._retry_point()} if self.turns else {end})
         finally:
             self._lock.release()
+
+    def _retry_point(self) -> int:
+        """The position just before the last reply's first token: retry reads from there."""
+        return self.context_tokens - len(self.turns[-1].reply_ids) - 1
 
     # -- edits -------------------------------------------------------------------------------
     @contextmanager
@@ -401,12 +327,13 @@ class Conversation:
             if not self.turns:
                 return None
             turn = self.turns.pop()
-            self._truncate(self.context_tokens)
+            self.cache.truncate(self.context_tokens)
             return turn.user
 
     def clear(self) -> None:
         with self._locked():
-            self.turns, self._snaps, self._live, self.last_metrics = [], {}, None, None
+            self.turns, self.last_metrics = [], None
+            self.cache.clear()
 
     def set_system_prompt(self, text: str) -> None:
         """Takes effect from the start of the conversation: later states are read again."""
@@ -417,7 +344,7 @@ class Conversation:
             if self.turns:
                 self.turns[0].prompt_ids = chat.prompt_ids(self.fmt, self.lm.tokenizer, self.turns[0].user,
                                                            None, system=text)
-                self._snaps, self._live = {}, None
+                self.cache.clear()
 
     def fork(self) -> Conversation:
         """An independent copy; snapshots are shared (they are never modified in place)."""
@@ -425,8 +352,7 @@ class Conversation:
             other = Conversation(self.lm, self.settings, self.system)
             other.turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason,
                                 t.metrics) for t in self.turns]
-            other._snaps = dict(self._snaps)
-            other._live = self._live.clone() if self._live is not None else None
+            other.cache = self.cache.copy()
             return other
 
     def bind(self, lm: LoadedModel) -> None:
@@ -435,7 +361,7 @@ class Conversation:
             old, self.lm = self.lm, lm
             if old is not None and old.key == lm.key:
                 return
-            self._snaps, self._live = {}, None
+            self.cache.clear()
             if old is not None and (old.preset.source, old.kind) == (lm.preset.source, lm.kind):
                 return  # same tokens, only the precision changed
             self.fmt = chat.format_for(lm.kind)
@@ -451,9 +377,7 @@ class Conversation:
                 self._lock.release()
 
     def offload_all(self) -> None:
-        if self._live is not None and self._live.device.type != "cpu":
-            self._snaps[self._live.seqlen] = self._live.to("cpu")
-        self._live = None
+        self.cache.offload_all()
 
     def _retokenize(self) -> None:
         tok, prev = self.lm.tokenizer, None
@@ -475,10 +399,10 @@ class Conversation:
         with self._locked():
             lm = self._require_model()
             end = self.context_tokens
-            state = self._snaps.get(end) or self._live
-            if state is None or state.seqlen != end:
+            state = self.cache.at(end)
+            if state is None:
                 state = self._provide(end, end, ReplyMetrics(), None) if end else lm.engine.new_state()
-                self._settle()
+                self.cache.settle()
             return export_bytes(self.system, self.turns, lm, state)
 
     @classmethod
@@ -489,6 +413,6 @@ class Conversation:
         conv = cls(lm, settings)
         conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
         if state.seqlen:
-            conv._snaps[state.seqlen] = state.to("cpu")
+            conv.cache.add(state)
         return conv
 

@@ -116,7 +116,7 @@ def test_stop_mid_reply_keeps_state_consistent(lm, settings):
     turn = conv.turns[-1]
     assert len(turn.reply_ids) == 5 and turn.finish_reason == "cancelled"
     assert conv.messages[-1] == {"role": "assistant", "content": got[-1].text}
-    assert conv._live is None or conv._live.seqlen == conv.context_tokens
+    assert conv.cache.live is None or conv.cache.live.seqlen == conv.context_tokens
     run(conv.send("Go on."))
     check_last_reply(conv)
     closing = chat.encode(lm.tokenizer, chat.INSTRUCT.turn_end + chat.INSTRUCT.turn_sep)
@@ -297,7 +297,7 @@ def test_base_model_transcript_and_stop_string(manager, settings):
     if conv.turns[-1].finish_reason != "stop_string":
         check_last_reply(conv)
     assert "\nUser:" not in conv.turns[-1].reply
-    assert conv._snaps.get(conv.context_tokens) is not None
+    assert conv.cache.snapshots.get(conv.context_tokens) is not None
 
 
 def test_switching_model_keeps_the_conversation(manager, settings):
@@ -415,8 +415,8 @@ def test_zerogpu_path_replies_like_the_local_path(zero_lm, lm, settings):
         run(here.send(q)), run(there.send(q))
         end = there.context_tokens
         assert there.turns[-1].reply_ids == here.turns[-1].reply_ids and end == here.context_tokens
-        assert there._live is None and there._snaps[end].device.type == "cpu"
-        assert same_state(there._snaps[end], here._snaps[end])
+        assert there.cache.live is None and there.cache.snapshots[end].device.type == "cpu"
+        assert same_state(there.cache.snapshots[end], here.cache.snapshots[end])
     assert there.last_metrics.cache_hit and there.last_metrics.prefilled_tokens == len(there.turns[-1].prompt_ids)
     check_last_reply(there)
     run(here.retry()), run(there.retry())
@@ -435,12 +435,12 @@ def test_zerogpu_path_stopped_reply_rebuilds_from_the_snapshot(zero_lm, lm, sett
     end, cut = there.context_tokens, there.turns[-1]
     assert cut.reply_ids == here.turns[-1].reply_ids and cut.finish_reason == "cancelled"
     if forked:  # the worker was closed: no state came back, the snapshot before the turn stays
-        assert end not in there._snaps and there._live is None
+        assert end not in there.cache.snapshots and there.cache.live is None
     else:  # in-process the CPU copy was advanced in place, exactly like the local path
-        assert same_state(there._snaps[end], here._snaps[end])
+        assert same_state(there.cache.snapshots[end], here.cache.snapshots[end])
     copy = there.fork()
     back = Conversation.import_bytes(copy.export(), lm, settings)  # export reads the rest on the GPU
-    assert same_state(copy._snaps[end], here._snaps[end])
+    assert same_state(copy.cache.snapshots[end], here.cache.snapshots[end])
     for conv in (here, there, back):
         run(conv.send("Go on."))
     assert there.turns[-1].reply_ids == here.turns[-1].reply_ids == back.turns[-1].reply_ids

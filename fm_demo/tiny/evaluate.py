@@ -171,13 +171,9 @@ def evaluate(n: int = 50, n_rows: int = 32) -> dict:
     for label, four_bit in (("fp32", False), ("4bit", True)):
         model, tok = load("instruct", four_bit)
         engine = Engine(model)
-        # one sequence at a time in 4-bit: with batches > 1 the engine's decode step feeds x_proj a
-        # strided [B, D] tensor (the reference conv_update's einsum layout), which bitsandbytes'
-        # CPU 4-bit matmul mishandles; single rows are exact, and the app decodes one at a time
-        mb = 1 if four_bit else 64
-        tasks = eval_tasks(engine, tok, n, max_batch=mb)
+        tasks = eval_tasks(engine, tok, n)
         report[f"instruct_{label}"] = {"tasks": tasks, "mean": round(sum(tasks.values()) / len(tasks), 4),
-                                       "recall_via_state": eval_recall(engine, tok, n, max_batch=mb)}
+                                       "recall_via_state": eval_recall(engine, tok, n)}
         if not four_bit:
             engines["instruct"] = engine
             report["instruct_fp32"]["arithmetic_training_pairs"] = eval_tasks(

@@ -12,7 +12,7 @@ import time
 import gradio as gr
 import pytest
 import torch
-from tiny_fixtures import bundled_checkpoint
+from tiny_fixtures import bundled_checkpoint, random_checkpoint
 
 from fm_demo import lab
 from fm_demo.engine import Engine
@@ -95,8 +95,20 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     assert set(mem["series"]) >= {"Falcon Mamba state"} and len(speed) == 4
 
 
-def test_stop_ends_a_long_reply_and_keeps_what_was_shown(ctx):
-    sid = "stopper"
+@pytest.fixture(scope="module")
+def rambling_ctx(tmp_path_factory):
+    """tiny-instruct backed by random weights: greedy, it never ends a reply by itself, so a stop is
+    what ends it (the trained model answers in a few tokens, which can finish before any stop)."""
+    settings = Settings(device="cpu", max_new_tokens=N)
+    presets = dict(settings.presets())
+    presets["tiny-instruct"] = dataclasses.replace(
+        presets["tiny-instruct"], source=random_checkpoint("instruct", tmp_path_factory))
+    manager = ModelManager(settings, presets=presets)
+    return AppContext(settings, manager, SessionStore(settings, manager))
+
+
+def test_stop_ends_a_long_reply_and_keeps_what_was_shown(rambling_ctx):
+    ctx, sid = rambling_ctx, "stopper"
     gen = chat_tab.send(ctx, "Tell me a long story.", *knobs(max_new=400), request=request(sid))
     seen = 0
     for out in gen:

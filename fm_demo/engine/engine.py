@@ -55,19 +55,25 @@ class TokenEvent:
 
 @dataclass
 class _Detok:
-    """Incremental detokenization that never emits half a UTF-8 character."""
+    """Incremental detokenization that never emits half a UTF-8 character.
+
+    Only a window of recent ids is decoded per token (a few earlier ids give the new text its
+    context, e.g. a leading space), so a long reply costs O(1) per token, not O(length).
+    """
 
     tokenizer: object
     ids: list[int] = field(default_factory=list)
-    emitted: str = ""
+    prefix: int = 0  # window start: ids[prefix:read] decode to text already emitted
+    read: int = 0  # ids before `read` have been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(done) or not text.startswith(done):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
 
 class Engine:

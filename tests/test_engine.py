@@ -257,3 +257,18 @@ def test_incremental_detokenization_adds_up_to_the_full_decode():
     full = tok.decode(ids, skip_special_tokens=True)
     assert "".join(pieces) == full.rstrip("\ufffd")
     assert all("\ufffd" not in p for p in pieces[: len(ids) - 300])
+
+
+def test_model_forward_gradients_match_transformers():
+    """Training runs through the engine's forward: its gradients must be transformers' own."""
+    from fm_demo.engine import model_forward
+
+    model = tiny_model(seed=4, num_hidden_layers=2).train()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(5))
+    loss_ours = model_forward(model, ids).logsumexp(-1).mean()
+    ours = torch.autograd.grad(loss_ours, list(model.parameters()))
+    loss_ref = model(ids).logits.logsumexp(-1).mean()
+    ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    torch.testing.assert_close(loss_ours, loss_ref, atol=1e-5, rtol=0)
+    for (name, _), g, r in zip(model.named_parameters(), ours, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

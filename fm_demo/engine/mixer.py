@@ -33,16 +33,18 @@ class LayerConsts:
     eps: float
 
 
-def layer_consts(mixer: nn.Module) -> LayerConsts:
-    dt = mixer.dt_proj
+def layer_consts(mixer: nn.Module, detach: bool = True) -> LayerConsts:
+    """The layer's derived tensors; detach=False keeps them in the graph (training)."""
+    d = (lambda t: t.detach()) if detach else (lambda t: t)
+    dt, conv = mixer.dt_proj, mixer.conv1d
     plain = dt.weight.dtype.is_floating_point and type(dt) is nn.Linear
     return LayerConsts(
-        A=-torch.exp(mixer.A_log.detach().float()),
-        conv_w=mixer.conv1d.weight.detach()[:, 0, :],
-        conv_b=mixer.conv1d.bias.detach() if mixer.conv1d.bias is not None else None,
-        D=mixer.D.detach().float(),
-        dt_w=dt.weight.detach() if plain else None,
-        dt_b=dt.bias.detach().float(),
+        A=-torch.exp(d(mixer.A_log).float()),
+        conv_w=d(conv.weight)[:, 0, :],
+        conv_b=d(conv.bias) if conv.bias is not None else None,
+        D=d(mixer.D).float(),
+        dt_w=d(dt.weight) if plain else None,
+        dt_b=d(dt.bias).float(),
         eps=mixer.rms_eps,
     )
 
@@ -130,30 +132,18 @@ def forward_step(model: nn.Module, consts: list[LayerConsts], ops: OpSet, token_
 
 
 def model_forward(model: nn.Module, input_ids: Tensor, ops: OpSet | None = None) -> Tensor:
-    """Differentiable logits [B, T, V] of input_ids [B, T] from a zero state (training entry point)."""
+    """Logits [B, T, V] of input_ids [B, T] from a zero state (training entry point).
+
+    Differentiable when grad is enabled: then gradients flow into A_log, D, conv and dt bias too.
+    """
     from .kernels import REFERENCE
 
     ops = ops or REFERENCE
-    consts = [layer_consts(b.mixer) for b in model.backbone.layers]
+    consts = [layer_consts(b.mixer, detach=not torch.is_grad_enabled()) for b in model.backbone.layers]
     cfg = model.config
     L, Bsz = cfg.num_hidden_layers, input_ids.shape[0]
     dev, dtype = input_ids.device, model.backbone.embeddings.weight.dtype
     conv = torch.zeros(L, Bsz, cfg.intermediate_size, cfg.conv_kernel - 1, device=dev, dtype=dtype)
     ssm = torch.zeros(L, Bsz, cfg.intermediate_size, cfg.state_size, device=dev)
-    # consts are detached for serving; training needs gradients into A_log, D, conv and dt bias
-    if torch.is_grad_enabled():
-        consts = [_trainable_consts(b.mixer) for b in model.backbone.layers]
     hidden, _, _ = forward_chunk(model, consts, ops, input_ids, conv, ssm)
     return head(model, hidden)
-
-
-def _trainable_consts(mixer: nn.Module) -> LayerConsts:
-    return LayerConsts(
-        A=-torch.exp(mixer.A_log.float()),
-        conv_w=mixer.conv1d.weight[:, 0, :],
-        conv_b=mixer.conv1d.bias,
-        D=mixer.D.float(),
-        dt_w=mixer.dt_proj.weight,
-        dt_b=mixer.dt_proj.bias.float(),
-        eps=mixer.rms_eps,
-    )

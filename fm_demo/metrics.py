@@ -2,7 +2,7 @@
 
 The comparison numbers: a transformer of similar size (Llama-3-8B / Mistral-7B: 32 layers, 8 KV
 heads of dimension 128, bf16) stores 2 x 32 x 8 x 128 x 2 bytes = 128 KiB of KV cache per token
-of context; Falcon Mamba keeps a fixed-size state instead (see `mamba_state_bytes`).
+of context; Falcon Mamba keeps a fixed-size state instead (`fm_demo.engine.state.state_bytes`).
 """
 
 from __future__ import annotations
@@ -73,18 +73,6 @@ KV_REFERENCE = KVReference("Llama-3-8B / Mistral-7B (bf16)", layers=32, kv_heads
 
 def kv_cache_bytes(tokens: int, ref: KVReference = KV_REFERENCE) -> int:
     return tokens * ref.bytes_per_token
-
-
-def mamba_state_bytes(config, conv_dtype: torch.dtype = torch.bfloat16,
-                      ssm_dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
-    """Bytes of one Falcon Mamba recurrent state: conv [L, B, D, K-1] + ssm [L, B, D, N].
-
-    The engine keeps ssm in fp32 (as the fused kernels accumulate it): 35 MiB for the 7B with a
-    bf16 conv state; 19 MiB if everything were bf16 (the conv keeps K-1 = 3 inputs per channel).
-    """
-    per_layer = config.intermediate_size * ((config.conv_kernel - 1) * conv_dtype.itemsize
-                                            + config.state_size * ssm_dtype.itemsize)
-    return config.num_hidden_layers * per_layer * batch_size
 
 
 def device_memory(device: str | torch.device) -> tuple[int, int]:

@@ -7,8 +7,8 @@ import json
 import torch
 
 from fm_demo.engine import Engine, tiny_model
-from fm_demo.metrics import (KV_REFERENCE, ReplyMetrics, device_memory, human_bytes, kv_cache_bytes,
-                             mamba_state_bytes, rate)
+from fm_demo.engine.state import state_bytes
+from fm_demo.metrics import KV_REFERENCE, ReplyMetrics, device_memory, human_bytes, kv_cache_bytes, rate
 
 
 def test_kv_reference_is_128_kib_per_token():
@@ -19,15 +19,15 @@ def test_kv_reference_is_128_kib_per_token():
 def test_state_bytes_match_the_engine_and_the_7b_reference():
     model = tiny_model(seed=0)
     engine = Engine(model)
-    assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.new_state().nbytes
-    assert mamba_state_bytes(model.config, conv_dtype=torch.float32) == engine.state_nbytes()
+    assert state_bytes(model.config, conv_dtype=torch.float32) == engine.new_state().nbytes
+    assert state_bytes(model.config, conv_dtype=torch.float32) == engine.state_nbytes()
     from kernels_check.models import config_7b
 
     cfg = config_7b()  # the published tiiuae/falcon-mamba-7b config, shipped with kernels_check
-    all_bf16 = mamba_state_bytes(cfg, torch.bfloat16, torch.bfloat16)
+    all_bf16 = state_bytes(cfg, torch.bfloat16, torch.bfloat16)
     # 19 MiB: K-1 = 3 conv inputs are state (the reference's "about 20 MiB" counts all 4)
     assert all_bf16 == 64 * 8192 * (3 + 16) * 2
-    assert mamba_state_bytes(cfg) == 64 * 8192 * (3 * 2 + 16 * 4)  # fp32 ssm as the engine keeps it
+    assert state_bytes(cfg) == 64 * 8192 * (3 * 2 + 16 * 4)  # fp32 ssm as the engine keeps it
 
 
 def test_reply_metrics_rates_and_dict():

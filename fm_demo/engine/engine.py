@@ -17,7 +17,7 @@ from .cuda_graph import DecodeGraphs
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
 from .sampling import SamplingParams, make_generator, sample
-from .state import State, StateError, model_signature
+from .state import State, StateError, model_signature, state_bytes
 
 DEFAULT_CHUNK = 256
 
@@ -106,10 +106,7 @@ class Engine:
         return State(conv, ssm, self.signature)
 
     def state_nbytes(self, batch_size: int = 1) -> int:
-        c = self.config
-        per_row = c.num_hidden_layers * c.intermediate_size * (
-            (c.conv_kernel - 1) * self.dtype.itemsize + c.state_size * 4)
-        return per_row * batch_size
+        return state_bytes(self.config, self.dtype, torch.float32, batch_size)
 
     def kernel_report(self) -> dict[str, str]:
         graphs = self.graphs.status if self.graphs is not None else "off (not on CUDA, or FM_DEMO_CUDA_GRAPHS=0)"

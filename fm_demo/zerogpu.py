@@ -99,11 +99,6 @@ def make_gpu_stream(resolve: Callable[[str], tuple[Engine, Any]]) -> Callable[..
     return gpu_task(gpu_stream, duration=duration)
 
 
-def state_device(engine_device: torch.device | str) -> torch.device:
-    """Where sessions keep their states between calls: the CPU on ZeroGPU, else the engine's device."""
-    return torch.device("cpu") if on_zerogpu() else torch.device(engine_device)
-
-
 def queue_options(max_size: int | None, concurrency: int | None) -> dict[str, Any]:
     """Keyword arguments for `demo.queue(...)`; explicit, so ZeroGPU's max_size=1 never applies.
 

@@ -115,12 +115,6 @@ def similar_llama_config(mamba_config, target_params: int):
     )
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """2 (K and V) x layers x KV heads x head dim x bytes per value."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
-
-
 def similar_transformer(mamba_model: nn.Module) -> nn.Module:
     """A random-weight Llama-style model on the Mamba's device, in its compute dtype."""
     from transformers import LlamaForCausalLM

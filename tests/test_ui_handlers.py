@@ -11,11 +11,11 @@ import time
 
 import gradio as gr
 import pytest
-import torch
 from tiny_fixtures import bundled_checkpoint, random_checkpoint
 
 from fm_demo import lab
 from fm_demo.engine import Engine
+from fm_demo.metrics import KVReference
 from fm_demo.models import ModelManager
 from fm_demo.settings import Settings
 from fm_demo.store import SessionStore
@@ -245,7 +245,9 @@ def test_similar_transformer_matches_parameter_count_and_grows_its_cache(ctx):
     trans = list(lab.transformer_decode(llama, 64, every=16))
     assert [s.tokens for s in mamba] == [16, 32, 48, 64] == [s.tokens for s in trans]
     assert len({s.cache_bytes for s in mamba}) == 1  # the state never grows
-    per_token = lab.kv_bytes_per_token(llama.config, torch.float32)
+    c = llama.config  # fp32: 4 bytes per K or V value
+    per_token = KVReference("similar", c.num_hidden_layers, c.num_key_value_heads,
+                            c.hidden_size // c.num_attention_heads, 4).bytes_per_token
     assert [s.cache_bytes for s in trans] == [
         per_token * n for n in (16, 32, 48, 64)
     ]  # one K,V row per token

@@ -76,6 +76,19 @@ def test_tokenizer_round_trip_and_digits(loaded):
     assert digits == ["2", "0", "2", "6"]
 
 
+def test_build_tokenizer_reproduces_the_bundled_one(loaded):
+    import json
+
+    from fm_demo.tiny.tokenizer import build_tokenizer
+
+    # the BPE is trained on a sample of both corpora: a change to the task texts changes the
+    # merges and so every token id, and the checkpoints have to be retrained with it
+    built = json.loads(build_tokenizer().to_str())["model"]
+    for variant in ("base", "instruct"):
+        bundled = json.loads(loaded[variant][1].backend_tokenizer.to_str())["model"]
+        assert built["vocab"] == bundled["vocab"] and built["merges"] == bundled["merges"], variant
+
+
 def test_dialogue_mask_encoding_matches_whole_text(loaded):
     from fm_demo.tiny.corpus import encode_dialogue
     from fm_demo.tiny.tasks import instruct_dialogue
@@ -91,13 +104,35 @@ def test_dialogue_mask_encoding_matches_whole_text(loaded):
 
 
 def test_held_out_pairs_never_in_training():
-    from fm_demo.tiny.tasks import held_out, task_add, task_compare
+    from fm_demo.tiny.tasks import held_out, task_add, task_compare, task_sub
 
     rng = random.Random(0)
     for _ in range(300):
-        for task in (task_add, task_compare):
-            nums = [int(s) for s in re.findall(r"\d+", task(rng, "train")[0])]
-            assert not held_out(*nums)
+        for task in (task_add, task_sub, task_compare):
+            q, a = task(rng, "train")
+            # operands in order: the reply's last equation for + and -, the question for compare
+            text = q if task is task_compare else a.rsplit(". ", 1)[-1]
+            nums = [int(s) for s in re.findall(r"\d+", text)][:2]
+            assert not held_out(*nums), (q, a)
+
+
+def test_column_arithmetic_steps_are_true_for_every_pair():
+    from fm_demo.tiny.tasks import ADD_MAX, column_add, column_sub
+
+    step = re.compile(r"(\d+(?: [+-] \d+)+) = (\d+)")
+    for a in range(ADD_MAX + 1):
+        for b in range(ADD_MAX + 1):
+            for op, text in (("+", column_add(a, b)), ("-", column_sub(a, b) if a >= b else None)):
+                if text is None:
+                    continue
+                eqs = step.findall(text)
+                assert len(eqs) == 3, text  # ones column, tens column, result
+                for lhs, rhs in eqs:
+                    assert eval(lhs) == int(rhs), text  # each step is a true one-digit fact
+                assert eqs[-1] == (f"{a} {op} {b}", str(eval(f"{a} {op} {b}"))), text
+                ones, tens = int(eqs[0][1]), int(eqs[1][1])
+                # the answer is the tens column's digits followed by the ones column's last digit
+                assert eval(f"{a} {op} {b}") == tens * 10 + ones % 10, text
 
 
 def test_training_scan_matches_reference_values_and_grads():
@@ -126,23 +161,24 @@ def test_training_scan_matches_reference_values_and_grads():
 
 # Greedy outputs of the committed checkpoints through the serving engine, recorded once.
 # Prompt ids are pinned too, so a tokenizer change shows up here rather than as a model change.
-GOLDEN_INSTRUCT_ADD = (
-    [1, 292, 201, 437, 287, 223, 25, 454, 223, 26, 33, 2, 201, 1, 291, 201],  # What is 7 + 8?
-    [25, 454, 223, 26, 390, 223, 19, 23, 16, 2],  # 7 + 8 = 15.<|im_end|>
-)
+GOLDEN_INSTRUCT_ADD = (  # 47 + 35 is a held-out pair: the model never saw it in training
+    [1, 290, 201, 435, 287, 223, 22, 25, 323, 223, 21, 23, 33, 2, 201, 1, 289, 201],  # What is 47 + 35?
+    [364, 28, 223, 25, 323, 223, 23, 300, 223, 19, 20, 14, 532, 223, 19, 16, 365, 28, 223, 22, 323,
+     223, 21, 323, 223, 19, 300, 223, 26, 16, 223, 22, 25, 323, 223, 21, 23, 300, 223, 26, 20, 16, 2],
+)  # Ones: 7 + 5 = 12, carry 1. Tens: 4 + 3 + 1 = 8. 47 + 35 = 82.<|im_end|>
 GOLDEN_BASE_STORY = (
-    [419, 421, 266, 404, 14, 266, 426],  # Once upon a time, a little
-    [743, 417, 518, 422, 336, 266, 477, 874, 16, 423, 338, 14, 518, 418, 294, 949],
-)
+    [419, 427, 266, 409, 14, 266, 431],  # Once upon a time, a little
+    [748, 424, 515, 426, 343, 266, 493, 871, 16, 428, 344, 14, 515, 422, 294, 701],
+)  # dog named Nora lived in a small farm. Every day, Nora liked to run
 # Three turns on one state; turns 2 and 3 are read on top of the cached state (prompt = "\n" +
 # the new turn), never the whole transcript.
 GOLDEN_RECALL = [
-    ([1, 292, 201, 502, 274, 303, 685, 16, 2, 201, 1, 291, 201],  # Remember the word falcon.
-     [447, 14, 330, 448, 329, 274, 303, 685, 16, 2]),
-    ([201, 1, 292, 201, 514, 274, 303, 846, 16, 2, 201, 1, 291, 201],  # Spell the word river.
-     [84, 273, 606, 381, 295, 2]),
-    ([201, 1, 292, 201, 377, 303, 505, 330, 631, 374, 294, 329, 33, 2, 201, 1, 291, 201],
-     [367, 449, 443, 294, 329, 274, 303, 685, 16, 2]),  # You asked me to remember the word falcon.
+    ([1, 290, 201, 510, 273, 306, 665, 16, 2, 201, 1, 289, 201],  # Remember the word falcon.
+     [449, 14, 335, 450, 332, 273, 306, 665, 16, 2]),
+    ([201, 1, 290, 201, 547, 273, 306, 883, 16, 2, 201, 1, 289, 201],  # Spell the word river.
+     [84, 274, 616, 396, 297, 2]),
+    ([201, 1, 290, 201, 394, 306, 505, 335, 641, 382, 294, 332, 33, 2, 201, 1, 289, 201],
+     [370, 451, 445, 294, 332, 273, 306, 665, 16, 2]),  # You asked me to remember the word falcon.
 ]
 
 
@@ -158,11 +194,12 @@ def test_golden_instruct_single_turn(loaded):
 
     model, tok = loaded["instruct"]
     prompt, want = GOLDEN_INSTRUCT_ADD
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 7 + 8?"}], tokenize=False,
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 47 + 35?"}], tokenize=False,
                                    add_generation_prompt=True)
     assert tok(text, add_special_tokens=False)["input_ids"] == prompt
     engine = Engine(model)
-    assert _greedy(engine, prompt, engine.new_state(), 20) == want
+    assert _greedy(engine, prompt, engine.new_state(), 64) == want
+    assert tok.decode(want, skip_special_tokens=True).endswith("47 + 35 = 82.")
 
 
 def test_golden_base_continues_text(loaded):
@@ -185,3 +222,16 @@ def test_golden_cross_turn_recall_from_cached_state(loaded):
         assert _greedy(engine, prompt, state, 20) == want
     assert tok.decode(GOLDEN_RECALL[-1][1], skip_special_tokens=True) == "You asked me to remember the word falcon."
     assert state.seqlen == sum(len(p) + len(w) for p, w in GOLDEN_RECALL)
+
+
+def test_instruct_answers_held_out_questions_and_recalls_through_the_state(loaded):
+    from fm_demo.engine import Engine
+    from fm_demo.tiny.evaluate import eval_recall, eval_tasks
+
+    model, tok = loaded["instruct"]
+    engine = Engine(model)
+    # a small slice of `python -m fm_demo.tiny.evaluate`: new questions (unseen number pairs for
+    # add, sub and compare), the whole reply must match, greedy
+    accuracy = eval_tasks(engine, tok, n=10)
+    assert all(v >= 0.9 for v in accuracy.values()), accuracy
+    assert eval_recall(engine, tok, n=10) >= 0.9

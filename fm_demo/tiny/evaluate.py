@@ -62,7 +62,7 @@ def _stack_states(states):
 
 
 def greedy_replies(engine, prompts: list[list[int]], states: list | None = None,
-                   max_new_tokens: int = 48, max_batch: int = 64) -> tuple[list[list[int]], list]:
+                   max_new_tokens: int = 64, max_batch: int = 64) -> tuple[list[list[int]], list]:
     """Greedy replies to each prompt (read on top of states[i], or a fresh state).
 
     Returns the generated ids (ending with the stop token when one came) and each row's state as
@@ -162,7 +162,7 @@ def samples(tok, engines: dict) -> dict:
     return out
 
 
-def evaluate(n: int = 50, n_rows: int = 32) -> dict:
+def evaluate(n: int = 100, n_rows: int = 32) -> dict:
     from fm_demo.engine import Engine
 
     t0 = time.time()
@@ -192,7 +192,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--n", type=int, default=50, help="test questions per task and memory games")
+    p.add_argument("--n", type=int, default=100, help="test questions per task and memory games")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -16,7 +16,7 @@ from .tables import (ACTIVITIES, ANIMAL_FACTS, ANIMALS, CAPITALS, COLORS, FALCON
                      NAMES, NUMBER_WORDS, OBJECTS, PLACES, SMALL_TALK, SYSTEM_PROMPTS, WORDS)
 
 Message = dict[str, str]
-ADD_MAX = 20  # operands of + and - (small arithmetic a tiny model can really learn)
+ADD_MAX = 99  # operands of + and -: two digits, worked column by column
 COMPARE_MAX = 99
 
 
@@ -36,16 +36,34 @@ def spaced(letters: str) -> str:
     return " ".join(letters)
 
 
+def column_add(a: int, b: int) -> str:
+    """a + b worked in columns, ones first, as the model writes it: every step is a one-digit fact."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    carry = (a0 + b0) // 10
+    ones = f"Ones: {a0} + {b0} = {a0 + b0}" + (", carry 1." if carry else ".")
+    tens = f"Tens: {a1} + {b1}" + (" + 1" if carry else "") + f" = {a1 + b1 + carry}."
+    return f"{ones} {tens} {a} + {b} = {a + b}."
+
+
+def column_sub(a: int, b: int) -> str:
+    """a - b (a >= b) worked in columns, ones first, borrowing from the tens when needed."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    borrow = int(a0 < b0)
+    ones = f"Ones: {a0 + 10 * borrow} - {b0} = {a0 + 10 * borrow - b0}" + (", borrow 1." if borrow else ".")
+    tens = f"Tens: {a1} - {b1}" + (" - 1" if borrow else "") + f" = {a1 - b1 - borrow}."
+    return f"{ones} {tens} {a} - {b} = {a - b}."
+
+
 def task_add(rng: random.Random, split: str) -> tuple[str, str]:
     a, b = _pair(rng, 0, ADD_MAX, split, lambda a, b: True)
     q = rng.choice(("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "{a} + {b} = ?"))
-    return q.format(a=a, b=b), f"{a} + {b} = {a + b}."
+    return q.format(a=a, b=b), column_add(a, b)
 
 
 def task_sub(rng: random.Random, split: str) -> tuple[str, str]:
     a, b = _pair(rng, 0, ADD_MAX, split, lambda a, b: a >= b)
     q = rng.choice(("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}."))
-    return q.format(a=a, b=b), f"{a} - {b} = {a - b}."
+    return q.format(a=a, b=b), column_sub(a, b)
 
 
 def task_compare(rng: random.Random, split: str) -> tuple[str, str]:
@@ -100,6 +118,8 @@ TASKS: dict[str, Callable[[random.Random, str], tuple[str, str]]] = {
     "spell": task_spell, "reverse": task_reverse, "count": task_count, "falcon": task_falcon,
 }
 TRAIN_TASKS = {**TASKS, "small_talk": task_small_talk}
+# Column arithmetic has the most steps to learn: it gets twice the turns of each other task.
+TRAIN_WEIGHTS = {name: 2 if name in ("add", "sub") else 1 for name in TRAIN_TASKS}
 
 REMEMBER = ("Remember the word {w}.", "Please remember the word {w}.", "Remember this word: {w}.")
 RECALL = ("Which word did I ask you to remember?", "What was the word I told you to remember?",
@@ -118,8 +138,10 @@ def recall_dialogue(rng: random.Random, split: str, distractors: int | None = No
     return msgs
 
 
-def _turn(rng: random.Random, split: str, tasks: dict) -> list[Message]:
-    q, a = tasks[rng.choice(sorted(tasks))](rng, split)
+def _turn(rng: random.Random, split: str, tasks: dict, weights: dict | None = None) -> list[Message]:
+    names = sorted(tasks)
+    name = rng.choices(names, [weights[n] for n in names])[0] if weights else rng.choice(names)
+    q, a = tasks[name](rng, split)
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
@@ -131,7 +153,7 @@ def instruct_dialogue(rng: random.Random, split: str = "train") -> list[Message]
     if rng.random() < 0.3:
         return msgs + recall_dialogue(rng, split)
     for _ in range(rng.choice((1, 1, 2, 3))):
-        msgs += _turn(rng, split, TRAIN_TASKS)
+        msgs += _turn(rng, split, TRAIN_TASKS, TRAIN_WEIGHTS)
     return msgs
 
 

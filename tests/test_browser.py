@@ -31,7 +31,7 @@ ARGS = [
     "--disable-quic",
 ]
 LONG = 2000  # max new tokens: a long reply, to stop mid-way (the page must stay responsive)
-SHORT = 48  # for the reply in the screenshot
+SHORT = 64  # for the replies in the screenshot (a worked sum is about 45 tokens)
 WAIT_MS = 90_000
 SHOTS = Path(os.environ.get("FM_DEMO_SCREENSHOT_DIR", Path(tempfile.gettempdir()) / "fm-demo-screenshots"))
 
@@ -195,20 +195,25 @@ def test_retry_writes_a_new_reply_from_one_token(page, app):
     wait_for(lambda: page.locator("#chatbot [data-testid='user']").count() == 0, "the chat to clear")
 
 
-def test_two_turns_reuse_the_state_and_chat_screenshot(page, app):
+def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
     pick(page, "#chat-model", app[1].settings.preset("tiny-instruct").label)
     toggle_sampling(page)
+    set_number(page, "#chat-temperature", 0)
     set_number(page, "#chat-max-new", SHORT)
     toggle_sampling(page)
-    for turns, question in enumerate(("What is the capital of France?", "Spell the word river."), start=1):
-        page.fill("#chat-input textarea", question)
-        page.keyboard.press("Enter")
+    # the example buttons fill the input; then a word to remember and its recall two turns later
+    questions = ("What is 47 + 35?", "Remember the word falcon.", "Which word did I ask you to remember?")
+    for turns, question in enumerate(questions, start=1):
+        page.locator("#chat-examples").get_by_text(question, exact=True).click()
+        wait_for(lambda: page.input_value("#chat-input textarea") == question, f"the example {question!r} to fill the input")
+        page.click("#chat-send")
         wait_reply(page, app[1], turns)
     conv = session_conv(app[1], "chat")
     readout = page.inner_text("#readout")
     reused = int(re.search(r"Reused from state cache\s+([\d,]+) tokens", readout).group(1).replace(",", ""))
     assert reused > 0 and reused == conv.last_metrics.reused_tokens
     assert conv.last_metrics.new_tokens <= SHORT
+    assert conv.turns[-1].reply == "You asked me to remember the word falcon."  # carried by the state
     time.sleep(2)
     save_shot(page, "chat.png")
 

@@ -42,6 +42,10 @@ from .readout import (
 )
 
 SLOT = "chat"
+# What the bundled tiny instruct model can do (the 7B answers them too). The sums are pairs held out
+# of its training data; the last prompt recalls a word from earlier turns through the state.
+EXAMPLES = ["What is 47 + 35?", "Subtract 29 from 80.", "Remember the word falcon.",
+            "Spell the word river.", "What is the capital of Japan?", "Which word did I ask you to remember?"]
 SKIP6 = (gr.skip(),) * 6
 
 
@@ -246,7 +250,7 @@ def build_chat_tab(ctx: AppContext) -> None:
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
                 label="Falcon Mamba",
-                height=460,
+                height=560,
                 editable="user",
                 elem_id="chatbot",
                 buttons=["copy", "copy_all"],
@@ -271,6 +275,7 @@ def build_chat_tab(ctx: AppContext) -> None:
                 import_btn = gr.UploadButton(
                     "Import", size="sm", file_types=[".fmconv"], elem_id="chat-import"
                 )
+            gr.Examples([[e] for e in EXAMPLES], inputs=msg, label="Try", elem_id="chat-examples")
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
             readout = gr.HTML(readout_html(None), elem_id="readout")

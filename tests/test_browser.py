@@ -205,7 +205,7 @@ def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
     questions = ("What is 47 + 35?", "Remember the word falcon.", "Which word did I ask you to remember?")
     for turns, question in enumerate(questions, start=1):
         page.locator("#chat-examples").get_by_text(question, exact=True).click()
-        wait_for(lambda: page.input_value("#chat-input textarea") == question, f"the example {question!r} to fill the input")
+        wait_for(lambda q=question: page.input_value("#chat-input textarea") == q, f"the example {question!r} to fill the input")
         page.click("#chat-send")
         wait_reply(page, app[1], turns)
     conv = session_conv(app[1], "chat")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -77,8 +78,6 @@ def test_tokenizer_round_trip_and_digits(loaded):
 
 
 def test_build_tokenizer_reproduces_the_bundled_one(loaded):
-    import json
-
     from fm_demo.tiny.tokenizer import build_tokenizer
 
     # the BPE is trained on a sample of both corpora: a change to the task texts changes the
@@ -243,3 +242,28 @@ def test_instruct_answers_held_out_questions_and_recalls_through_the_state(loade
     accuracy = eval_tasks(engine, tok, n=10)
     assert all(v >= 0.9 for v in accuracy.values()), accuracy
     assert eval_recall(engine, tok, n=10) >= 0.9
+
+
+def test_training_is_seeded_and_saves_a_loadable_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fm_demo.tiny.config import TinyDims, TrainConfig
+    from fm_demo.tiny.tokenizer import build_tokenizer
+    from fm_demo.tiny.train import train
+
+    tok = build_tokenizer(n_texts=300)
+    dims = TinyDims(hidden_size=64, intermediate_size=128, num_hidden_layers=2, time_step_rank=16)
+    cfg = TrainConfig(variant="instruct", steps=6, batch_size=2, seq_len=48, warmup=2, log_every=3)
+    threads = torch.get_num_threads()
+    try:
+        runs = [train(cfg, dims, tmp_path / name, tok) for name in ("a", "b")]
+    finally:
+        torch.set_num_threads(threads)  # train() sets cfg.threads for the process
+    assert runs[0]["steps_done"] == 6 and runs[0]["final_loss"] == runs[1]["final_loss"]
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.config.model_type == "falcon_mamba" and model.config.hidden_size == 64
+    assert AutoTokenizer.from_pretrained(tmp_path / "a").eos_token == "<|im_end|>"
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["train_config"]["seed"] == cfg.seed

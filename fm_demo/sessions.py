@@ -19,7 +19,8 @@ Threading: one reply at a time per conversation (a second one raises Conversatio
 lock is a plain Lock because Gradio may resume a generator on another thread.
 
 Beyond the basic send/retry/edit/undo: send(..., progress=cb(done, total), allow_long=True for
-uploads up to max_upload_chars); ReplyEvent.finish_reason (stop | length | stop_string |
+uploads up to max_upload_chars; an exception raised by cb ends the read between chunks and the
+message is dropped, the transcript left as it was); ReplyEvent.finish_reason (stop | length | stop_string |
 cancelled | error); ConversationError (user-facing; ConversationBusy and ImportRefused derive
 from it); export() / import_bytes() through the file format of transfer.py.
 """

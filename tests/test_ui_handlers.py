@@ -193,6 +193,27 @@ def test_long_context_reads_in_chunks_then_answers_follow_ups(ctx):
     assert conv.last_metrics.reused_tokens == before
 
 
+def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory):
+    # small chunks: the read takes many chunks (seconds), so Stop lands mid-way on any machine
+    ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, chunk_size=16, max_upload_chars=50_000),
+                       tmp_path_factory)
+    sid = "stop-reader"
+    doc = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(900))
+    gen = long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid))
+    next(gen)  # the first progress tick comes while the document is still being read
+    long_tab.stop(ctx, request(sid))
+    chat, _, plot, note = drain(gen)[-1]
+    conv = ctx.store.get(sid, "long")
+    read = plot["tokens read"].iloc[-1]
+    assert note.startswith(f"Stopped after reading {read:,} of ") and 0 < read < int(
+        note.split(" of ")[1].split()[0].replace(",", ""))
+    assert chat == [] and conv.turns == [] and conv.context_tokens == 0 and not conv.busy
+    # the conversation is usable at once: a document is read to the end and answered
+    chat, _, _, note = drain(long_tab.read_document(ctx, doc[:2000], None, "", "tiny-instruct", "fp32", N,
+                                                    request=request(sid)))[-1]
+    assert "KV cache" in note and chat[-1]["role"] == "assistant" and len(conv.turns) == 1
+
+
 def test_long_context_refuses_an_oversized_document(ctx):
     with pytest.raises(gr.Error, match="limit is 50,000"):
         drain(

@@ -69,6 +69,10 @@ def _kv_note(tokens: int) -> str:
     )
 
 
+class ReadStopped(Exception):
+    """Stop was pressed while the document was being read (raised between chunks)."""
+
+
 def _read_in_background(events: Iterator, on_tick) -> Iterator:
     """Run the reply up to its first event (the chunked prefill) in a thread; tick meanwhile."""
     box: dict = {}
@@ -109,10 +113,13 @@ def read_document(
     device = conv.lm.engine.device
     samples: list[tuple[int, int]] = [(0, device_memory(device)[0])]
     total = [0]
+    stopped = ctx.stops.arm(sid, SLOT)  # Stop while reading ends the read after the current chunk
 
     def on_chunk(done: int, of: int) -> None:
         total[0] = of
         samples.append((done, device_memory(device)[0]))
+        if stopped.is_set():
+            raise ReadStopped
 
     def tick() -> tuple:
         done = samples[-1][0]
@@ -128,11 +135,19 @@ def read_document(
         allow_long=True,
     )
     first = None
-    for item in _read_in_background(events, tick):
-        if isinstance(item, tuple):
-            yield item
-        else:
-            first = item
+    try:
+        for item in _read_in_background(events, tick):
+            if isinstance(item, tuple):
+                yield item
+            else:
+                first = item
+    except ReadStopped:  # the conversation dropped the unfinished turn: it is empty again
+        read = samples[-1][0]
+        yield conv.messages, readout_html(None), memory_frame(samples), (
+            f"Stopped after reading {read:,} of {total[0]:,} tokens; nothing was kept. "
+            "Press Read and answer to start again."
+        )
+        return
     note = (
         _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
     )

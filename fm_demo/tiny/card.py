@@ -114,7 +114,11 @@ def _metrics_lines(variant: str, m: dict) -> list[str]:
     notes = ["", "add and sub ask number pairs never seen in training (one pair in seven of 0-99 is "
              "held out) and count only when the whole worked reply is exact. Same tasks on training "
              "pairs with new wording: " + ", ".join(f"{k} {v:.2f}" for k, v in seen.items())
-             + ". 4-bit is bitsandbytes NF4 on CPU."]
+             + ". 4-bit is bitsandbytes NF4 on CPU.",
+             "", "Outside its training range it is confidently wrong: numbers above 99 or a "
+             "subtraction with a negative result get a worked reply with wrong numbers, and "
+             "questions unlike its tasks get a reply in the shape of one of its tasks (often a spelled-out "
+             "word)."]
     return [f"Greedy exact match, {m['n_per_task']} held-out questions per task.", ""] + rows + notes
 
 

@@ -208,6 +208,14 @@ def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory):
     assert note.startswith(f"Stopped after reading {read:,} of ") and 0 < read < int(
         note.split(" of ")[1].split()[0].replace(",", ""))
     assert chat == [] and conv.turns == [] and conv.context_tokens == 0 and not conv.busy
+    # a page closed mid-read ends the read as well (the handler is closed, not stopped)
+    gen = long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid))
+    next(gen)
+    gen.close()
+    deadline = time.monotonic() + 5
+    while conv.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not conv.busy and conv.turns == [] and conv.context_tokens == 0
     # the conversation is usable at once: a document is read to the end and answered
     chat, _, _, note = drain(long_tab.read_document(ctx, doc[:2000], None, "", "tiny-instruct", "fp32", N,
                                                     request=request(sid)))[-1]

@@ -148,6 +148,9 @@ def read_document(
             "Press Read and answer to start again."
         )
         return
+    except GeneratorExit:  # the page went away mid-read: end the read too, rather than finish it
+        stopped.set()
+        raise
     note = (
         _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
     )

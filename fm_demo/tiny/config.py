@@ -22,14 +22,15 @@ class TinyDims:
     time_step_rank: int = 64
 
 
-BASE_STEPS = 300  # plain text is learnt quickly; more steps only memorise the templates
+# Steps of the bundled checkpoints; base learns plain text quickly (more steps memorise templates).
+STEPS = {"instruct": 1300, "base": 300}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     variant: str = "instruct"
     seed: int = 0
-    steps: int = 1300  # the bundled instruct model's; base uses BASE_STEPS
+    steps: int = STEPS["instruct"]
     batch_size: int = 16
     seq_len: int = 160
     lr: float = 2e-3

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import BASE_STEPS, TinyDims, TrainConfig, falcon_mamba_config
+from .config import STEPS, TinyDims, TrainConfig, falcon_mamba_config
 from .corpus import base_rows, batches, instruct_rows
 
 
@@ -132,10 +132,10 @@ def main() -> None:
     for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads", "stop_after"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                        default=getattr(defaults, name))
-    p.set_defaults(steps=None)  # per variant: TrainConfig.steps (instruct) or BASE_STEPS
+    p.set_defaults(steps=None)  # per variant, from STEPS
     a = p.parse_args()
     if a.steps is None:
-        a.steps = BASE_STEPS if a.variant == "base" else defaults.steps
+        a.steps = STEPS[a.variant]
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
                       max_minutes=a.max_minutes, threads=a.threads, stop_after=a.stop_after)

@@ -77,15 +77,14 @@ def test_tokenizer_round_trip_and_digits(loaded):
     assert digits == ["2", "0", "2", "6"]
 
 
-def test_build_tokenizer_reproduces_the_bundled_one(loaded):
-    from fm_demo.tiny.tokenizer import build_tokenizer
+def test_both_checkpoints_share_the_pinned_vocabulary(loaded):
+    from fm_demo.tiny.tokenizer import load_tokenizer
 
-    # the BPE is trained on a sample of both corpora: a change to the task texts changes the
-    # merges and so every token id, and the checkpoints have to be retrained with it
-    built = json.loads(build_tokenizer().to_str())["model"]
+    # training reads the pinned vocabulary, so a change to the task texts changes no token id
+    pinned = json.loads(load_tokenizer().to_str())["model"]
     for variant in ("base", "instruct"):
         bundled = json.loads(loaded[variant][1].backend_tokenizer.to_str())["model"]
-        assert built["vocab"] == bundled["vocab"] and built["merges"] == bundled["merges"], variant
+        assert pinned["vocab"] == bundled["vocab"] and pinned["merges"] == bundled["merges"], variant
 
 
 def test_dialogue_mask_encoding_matches_whole_text(loaded):
@@ -249,10 +248,10 @@ def test_training_is_seeded_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fm_demo.tiny.config import TinyDims, TrainConfig
-    from fm_demo.tiny.tokenizer import build_tokenizer
+    from fm_demo.tiny.tokenizer import load_tokenizer
     from fm_demo.tiny.train import train
 
-    tok = build_tokenizer(n_texts=300)
+    tok = load_tokenizer()
     dims = TinyDims(hidden_size=64, intermediate_size=128, num_hidden_layers=2, time_step_rank=16)
     cfg = TrainConfig(variant="instruct", steps=6, batch_size=2, seq_len=48, warmup=2, log_every=3)
     threads = torch.get_num_threads()

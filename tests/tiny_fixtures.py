@@ -23,10 +23,10 @@ def random_checkpoint(kind: str, tmp_path_factory) -> str:
     from transformers import FalconMambaForCausalLM
 
     from fm_demo.tiny.config import TinyDims, falcon_mamba_config
-    from fm_demo.tiny.tokenizer import build_tokenizer, save_tokenizer
+    from fm_demo.tiny.tokenizer import load_tokenizer, save_tokenizer
 
     out = tmp_path_factory.mktemp(f"random-tiny-{kind}")
-    save_tokenizer(build_tokenizer(n_texts=300), out, kind)
+    save_tokenizer(load_tokenizer(), out, kind)
     torch.manual_seed(0 if kind == "instruct" else 1)
     FalconMambaForCausalLM(falcon_mamba_config(TinyDims(), kind)).save_pretrained(out)
     return str(out)

@@ -1,15 +1,13 @@
 """Byte-level BPE tokenizer of the tiny checkpoints, with Falcon Mamba instruct's chat format.
 
 Digits are split one per token (as in Falcon's own tokenizer) so that arithmetic is learnable
-digit by digit. Special tokens sit at fixed ids 0-2, so configs can name them.
+digit by digit. Special tokens sit at fixed ids 0-2, so configs can name them. The vocabulary is
+pinned (`load_tokenizer`): both checkpoints share it.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-
-from .tasks import base_text, instruct_dialogue
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2
@@ -31,28 +29,19 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Fa
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-def _training_texts(seed: int, n: int) -> list[str]:
-    rng = random.Random(seed)
-    texts = [base_text(rng) for _ in range(n)]
-    texts += [render_chat(instruct_dialogue(rng)) for _ in range(n)]
-    return texts
+def load_tokenizer():
+    """The pinned vocabulary of both checkpoints, as a tokenizers.Tokenizer.
 
+    A byte-level BPE fitted once on 20,000 texts of the first corpus (digits split, specials at
+    ids 0-2). It is pinned rather than refitted because every weight of the base model depends on
+    its ids: the task texts can change and the instruct model be retrained on the same vocabulary.
+    Any text still encodes, new words as more pieces.
+    """
+    from tokenizers import Tokenizer
 
-def build_tokenizer(seed: int = 1234, n_texts: int = 20000):
-    """Train the BPE model on a fixed sample of both corpora; returns a tokenizers.Tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from . import checkpoint_path
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_training_texts(seed, n_texts), trainer)
+    tok = Tokenizer.from_file(str(checkpoint_path("base") / "tokenizer.json"))
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, f"{s} must have id {i}"
     return tok

@@ -122,7 +122,7 @@ def generation_config(config, variant: str):
 def main() -> None:
     import argparse
 
-    from .tokenizer import build_tokenizer
+    from .tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--variant", choices=("base", "instruct"), required=True)
@@ -139,7 +139,7 @@ def main() -> None:
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
                       max_minutes=a.max_minutes, threads=a.threads, stop_after=a.stop_after)
-    summary = train(cfg, TinyDims(), a.out, build_tokenizer(), a.init_from)
+    summary = train(cfg, TinyDims(), a.out, load_tokenizer(), a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}))
 
 

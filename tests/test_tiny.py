@@ -114,6 +114,63 @@ def test_held_out_pairs_never_in_training():
             assert not held_out(*nums), (q, a)
 
 
+def _training_user_messages(n_dialogues: int) -> list[str]:
+    from fm_demo.tiny.tasks import instruct_dialogue
+    from fm_demo.tiny.wordings import normalize
+
+    rng = random.Random(0)  # the training stream's own generator, another seed
+    return [normalize(m["content"]) for _ in range(n_dialogues) for m in instruct_dialogue(rng)
+            if m["role"] == "user"]
+
+
+def test_held_out_wordings_and_out_of_scope_prompts_never_in_training():
+    from fm_demo.tiny.tables import CREATIVE, FALCON_FACTS, OPEN_QUESTIONS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS
+    from fm_demo.tiny.wordings import PREFIXES, SUFFIXES, WORDINGS, normalize, pattern
+
+    users = _training_user_messages(2000)
+    held = ([t for _, test in WORDINGS.values() for t in test] + [q for _, test, _ in FALCON_FACTS for q in test]
+            + list(PREFIXES[1]) + list(SUFFIXES[1]) + list(OPEN_QUESTIONS[1]))
+    for template in held:
+        pat = pattern(template)
+        assert not any(pat.search(u) for u in users), template
+    text = " " + " | ".join(users) + " "
+    names = UNKNOWN_WORDS[1] + UNKNOWN_COUNTRIES[1] + CREATIVE[1][0] + CREATIVE[1][1]
+    for name in names:  # held-out unknown words, countries, creative forms and topics
+        assert f" {normalize(name)} " not in text, name
+
+
+def test_out_of_scope_test_prompts_use_only_held_out_parts():
+    from fm_demo.tiny.tables import CAPITALS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS, WORDS
+    from fm_demo.tiny.tasks import SCOPE_KINDS, scope_question
+    from fm_demo.tiny.wordings import normalize
+
+    assert not set(UNKNOWN_WORDS[0] + UNKNOWN_WORDS[1]) & set(WORDS)
+    assert not set(UNKNOWN_COUNTRIES[0] + UNKNOWN_COUNTRIES[1]) & set(CAPITALS)
+    rng = random.Random(1)
+    items = [scope_question(rng, "test") for _ in range(400)]
+    assert {kind for kind, _ in items} == set(SCOPE_KINDS)
+    users = set(_training_user_messages(2000))
+    assert not any(normalize(q) in users for _, q in items)
+    for kind, q in items:
+        if kind == "unknown word":
+            assert any(re.search(rf"\b{w}\b", q, re.IGNORECASE) for w in UNKNOWN_WORDS[1]), q
+        if kind == "unknown country":
+            assert any(c.lower() in q.lower() for c in UNKNOWN_COUNTRIES[1]), q
+
+
+def test_compare_reply_follows_the_wording():
+    from fm_demo.tiny.tasks import compare_reply
+
+    cases = {("Which is larger, {a} or {b}?", 3, 8): "8 is larger than 3.",
+             ("{a} vs {b}: which is less?", 3, 8): "3 is smaller than 8.",
+             ("Is {a} greater than {b}?", 17, 9): "Yes, 17 is larger than 9.",
+             ("Is {a} greater than {b}?", 9, 17): "No, 9 is smaller than 17.",
+             ("Is {a} less than {b}?", 17, 9): "No, 17 is larger than 9.",
+             ("Would you say {a} is greater than {b}?", 40, 4): "Yes, 40 is larger than 4."}
+    for (template, a, b), want in cases.items():
+        assert compare_reply(a, b, template) == want, template
+
+
 def _calc(expr: str) -> int:
     """Value of "a + b", "a - b - c"...: integers joined by + and -."""
     parts = expr.split()

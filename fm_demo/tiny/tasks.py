@@ -1,21 +1,27 @@
 """Synthetic dialogues and texts for the tiny checkpoints: pure functions of a seeded RNG.
 
-Every single-turn task returns (user message, exact expected reply). Number pairs of the
-arithmetic and comparison tasks are split once, deterministically, into a training part and a
-held-out part, so the test set asks questions the model never saw (`split="test"`). Facts,
-spellings and the memory game cannot be held out the same way (the model has to have met every
-country and word); there the test set differs by seed, question wording and dialogue context.
+Every single-turn task returns (user message, exact expected reply). Three things are split once,
+deterministically, into a training part and a held-out part, so the test sets ask what the model
+never saw: the number pairs of the arithmetic and comparison tasks (`split="test"`), the wordings
+of every question (`wording="test"`, see wordings.py) and the out-of-scope prompts the model
+learns to decline (`task_scope`). Facts, spellings and the memory game cannot be held out the same
+way (the model has to have met every country and word); there the test set differs by seed,
+wording and dialogue context.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Callable
 
-from .tables import (ACTIVITIES, ANIMAL_FACTS, ANIMALS, CAPITALS, COLORS, FALCON_FACTS, FEELINGS,
-                     NAMES, NUMBER_WORDS, OBJECTS, PLACES, SMALL_TALK, SYSTEM_PROMPTS, WORDS)
+from .tables import (ACTIVITIES, ANIMAL_FACTS, ANIMALS, CAPITALS, COLORS, CREATIVE, FALCON_FACTS,
+                     FEELINGS, NAMES, NUMBER_WORDS, OBJECTS, OPEN_QUESTIONS, PLACES, SCOPE_REPLY,
+                     SMALL_TALK, SYSTEM_PROMPTS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS, WORDS)
+from .wordings import dress, part, phrase
 
 Message = dict[str, str]
+Task = Callable[..., tuple[str, str]]  # (rng, split, wording="train") -> (question, reply)
 ADD_MAX = 99  # operands of + and -: two digits, worked column by column
 COMPARE_MAX = 99
 
@@ -54,94 +60,147 @@ def column_sub(a: int, b: int) -> str:
     return f"{ones} {tens} {a} - {b} = {a - b}."
 
 
-def task_add(rng: random.Random, split: str) -> tuple[str, str]:
+def compare_reply(a: int, b: int, template: str) -> str:
+    """The reply a comparison wording asks for: "Is {a} ...?" gets yes or no, smaller/less asks
+    for the smaller number, anything else for the larger one."""
+    smaller = re.search("smaller|less", template) is not None
+    if re.search(r"\bis \{a\}|\{a\} is", template, re.IGNORECASE) is None:
+        hi, lo = max(a, b), min(a, b)
+        return f"{lo} is smaller than {hi}." if smaller else f"{hi} is larger than {lo}."
+    yes = (a < b) if smaller else (a > b)
+    return f"{'Yes' if yes else 'No'}, {a} is {'larger' if a > b else 'smaller'} than {b}."
+
+
+def task_add(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     a, b = _pair(rng, 0, ADD_MAX, split, lambda a, b: True)
-    q = rng.choice(("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "{a} + {b} = ?"))
-    return q.format(a=a, b=b), column_add(a, b)
+    return phrase(rng, "add", wording, a=a, b=b)[0], column_add(a, b)
 
 
-def task_sub(rng: random.Random, split: str) -> tuple[str, str]:
+def task_sub(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     a, b = _pair(rng, 0, ADD_MAX, split, lambda a, b: a >= b)
-    q = rng.choice(("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}."))
-    return q.format(a=a, b=b), column_sub(a, b)
+    return phrase(rng, "sub", wording, a=a, b=b)[0], column_sub(a, b)
 
 
-def task_compare(rng: random.Random, split: str) -> tuple[str, str]:
+def task_compare(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     a, b = _pair(rng, 0, COMPARE_MAX, split, lambda a, b: a != b)
-    hi, lo = max(a, b), min(a, b)
-    if rng.random() < 0.5:
-        q = rng.choice(("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"))
-        return q.format(a=a, b=b), f"{hi} is larger than {lo}."
-    q = rng.choice(("Which is smaller, {a} or {b}?", "Which number is less: {a} or {b}?"))
-    return q.format(a=a, b=b), f"{lo} is smaller than {hi}."
+    q, template = phrase(rng, "compare", wording, a=a, b=b)
+    return q, compare_reply(a, b, template)
 
 
-def task_capital(rng: random.Random, split: str) -> tuple[str, str]:
+def task_capital(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     country = rng.choice(sorted(CAPITALS))
-    q = rng.choice(("What is the capital of {c}?", "Name the capital city of {c}.",
-                    "Which city is the capital of {c}?"))
-    return q.format(c=country), f"The capital of {country} is {CAPITALS[country]}."
+    return phrase(rng, "capital", wording, c=country)[0], f"The capital of {country} is {CAPITALS[country]}."
 
 
-def task_spell(rng: random.Random, split: str) -> tuple[str, str]:
+def task_spell(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     w = rng.choice(WORDS)
-    q = rng.choice(("Spell the word {w}.", "How do you spell {w}?", "Spell {w} letter by letter."))
-    return q.format(w=w), spaced(w)
+    return phrase(rng, "spell", wording, w=w)[0], spaced(w)
 
 
-def task_reverse(rng: random.Random, split: str) -> tuple[str, str]:
+def task_reverse(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     w = rng.choice(WORDS)
-    q = rng.choice(("Reverse the letters of {w}.", "Write {w} backwards.", "Spell {w} in reverse."))
-    return q.format(w=w), spaced(w[::-1])
+    return phrase(rng, "reverse", wording, w=w)[0], spaced(w[::-1])
 
 
-def task_count(rng: random.Random, split: str) -> tuple[str, str]:
+def task_count(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     w = rng.choice(WORDS)
-    q = rng.choice(("How many letters are in the word {w}?", "Count the letters in {w}.",
-                    "How long is the word {w}?"))
-    return q.format(w=w), f"The word {w} has {len(w)} letters."
+    return phrase(rng, "count", wording, w=w)[0], f"The word {w} has {len(w)} letters."
 
 
-def task_falcon(rng: random.Random, split: str) -> tuple[str, str]:
-    questions, answer = rng.choice(FALCON_FACTS)
-    return rng.choice(questions), answer
+def task_falcon(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
+    train_questions, test_questions, answer = rng.choice(FALCON_FACTS)
+    q = rng.choice(train_questions if wording == "train" else test_questions)
+    return dress(rng, q, wording), answer
 
 
-def task_small_talk(rng: random.Random, split: str) -> tuple[str, str]:
+def task_small_talk(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     questions, answer = rng.choice(SMALL_TALK)
-    return rng.choice(questions), answer
+    return dress(rng, rng.choice(questions), wording), answer
 
 
-# Tasks scored by evaluate.py (small talk is for the demo's feel only).
-TASKS: dict[str, Callable[[random.Random, str], tuple[str, str]]] = {
+# ---- out of scope: a short, honest reply instead of an invented answer ----------------------------
+def _pseudo_word(rng: random.Random) -> str:
+    """A made-up word (consonant-vowel pattern), never one the model knows or a held-out one."""
+    while True:
+        w = "".join(rng.choice("bcdfghjklmnprstvwz" if i % 2 == 0 else "aeiou")
+                    for i in range(rng.randint(3, 8)))
+        if w not in WORDS and w not in UNKNOWN_WORDS[1]:
+            return w
+
+
+def _big_number(rng: random.Random) -> int:
+    return rng.randint(100, 999) if rng.random() < 0.8 else rng.randint(1000, 99999)
+
+
+def scope_question(rng: random.Random, split: str) -> tuple[str, str]:
+    """(kind, question) of something the model cannot do; split="test" draws only held-out
+    templates, words, countries and questions."""
+    kind = rng.choices(SCOPE_KINDS, SCOPE_WEIGHTS)[0]
+    if kind == "creative":
+        forms, topics = part(CREATIVE, split)
+        return kind, phrase(rng, "creative", split, form=rng.choice(forms), topic=rng.choice(topics))[0]
+    if kind == "open question":
+        return kind, dress(rng, rng.choice(part(OPEN_QUESTIONS, split)), split)
+    if kind == "number above 99":
+        a, b = ((_big_number(rng), rng.randint(0, 999)) if rng.random() < 0.5
+                else (rng.randint(0, 999), _big_number(rng)))
+        return kind, phrase(rng, rng.choice(("add", "sub", "compare")), split, a=a, b=b)[0]
+    if kind == "negative result":  # not "the difference between a and b": people mean |a - b|
+        a, b = sorted(rng.sample(range(ADD_MAX + 1), 2))
+        while "difference" in (q := phrase(rng, "sub", split, a=a, b=b))[1]:
+            pass
+        return kind, q[0]
+    if kind == "multiply or divide":
+        return kind, phrase(rng, "multiply", split, a=rng.randint(2, 99), b=rng.randint(2, 12))[0]
+    if kind == "unknown word":
+        pool = part(UNKNOWN_WORDS, split)
+        w = _pseudo_word(rng) if split == "train" and rng.random() < 0.3 else rng.choice(pool)
+        return kind, phrase(rng, rng.choice(("spell", "reverse", "count")), split, w=w)[0]
+    return kind, phrase(rng, "capital", split, c=rng.choice(part(UNKNOWN_COUNTRIES, split)))[0]
+
+
+SCOPE_KINDS = ("creative", "open question", "number above 99", "negative result", "multiply or divide",
+               "unknown word", "unknown country")
+SCOPE_WEIGHTS = (2, 3, 2, 1, 1, 3, 1)
+
+
+def task_scope(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
+    """Out of scope: the held-out prompts (split="test") are new templates, words and questions."""
+    return scope_question(rng, split)[1], SCOPE_REPLY
+
+
+# Tasks scored by evaluate.py (small talk is for the demo's feel only; out-of-scope prompts are
+# scored on their own).
+TASKS: dict[str, Task] = {
     "add": task_add, "sub": task_sub, "compare": task_compare, "capital": task_capital,
     "spell": task_spell, "reverse": task_reverse, "count": task_count, "falcon": task_falcon,
 }
-TRAIN_TASKS = {**TASKS, "small_talk": task_small_talk}
-# Column arithmetic has the most steps to learn: it gets twice the turns of each other task.
-TRAIN_WEIGHTS = {name: 2 if name in ("add", "sub") else 1 for name in TRAIN_TASKS}
+TRAIN_TASKS: dict[str, Task] = {**TASKS, "small_talk": task_small_talk, "scope": task_scope}
+# Column arithmetic has the most steps to learn: it gets twice the turns of each other task;
+# comparisons have four reply forms, declining has the widest range of prompts.
+TRAIN_WEIGHTS = {name: {"add": 2, "sub": 2, "compare": 1.5, "scope": 3}.get(name, 1) for name in TRAIN_TASKS}
+# Questions between "remember" and "recall" in the memory game (a declined one among them too).
+DISTRACTORS: dict[str, Task] = {**TASKS, "scope": task_scope}
 
-REMEMBER = ("Remember the word {w}.", "Please remember the word {w}.", "Remember this word: {w}.")
-RECALL = ("Which word did I ask you to remember?", "What was the word I told you to remember?",
-          "Which word did I tell you to remember?")
 
-
-def recall_dialogue(rng: random.Random, split: str, distractors: int | None = None) -> list[Message]:
+def recall_dialogue(rng: random.Random, split: str, distractors: int | None = None,
+                    wording: str = "train") -> list[Message]:
     """Remember a word, answer 1-2 other questions, then recall the word (the last reply is scored)."""
     w = rng.choice(WORDS)
-    msgs = [{"role": "user", "content": rng.choice(REMEMBER).format(w=w)},
+    msgs = [{"role": "user", "content": phrase(rng, "remember", wording, w=w)[0]},
             {"role": "assistant", "content": f"OK, I will remember the word {w}."}]
     for _ in range(rng.randint(1, 2) if distractors is None else distractors):
-        msgs += _turn(rng, split, TASKS)
-    msgs += [{"role": "user", "content": rng.choice(RECALL)},
+        msgs += _turn(rng, split, DISTRACTORS, wording=wording)
+    msgs += [{"role": "user", "content": phrase(rng, "recall", wording)[0]},
              {"role": "assistant", "content": f"You asked me to remember the word {w}."}]
     return msgs
 
 
-def _turn(rng: random.Random, split: str, tasks: dict, weights: dict | None = None) -> list[Message]:
+def _turn(rng: random.Random, split: str, tasks: dict, weights: dict | None = None,
+          wording: str = "train") -> list[Message]:
     names = sorted(tasks)
     name = rng.choices(names, [weights[n] for n in names])[0] if weights else rng.choice(names)
-    q, a = tasks[name](rng, split)
+    q, a = tasks[name](rng, split, wording)
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
@@ -151,9 +210,9 @@ def instruct_dialogue(rng: random.Random, split: str = "train") -> list[Message]
     if rng.random() < 0.25:
         msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     if rng.random() < 0.3:
-        return msgs + recall_dialogue(rng, split)
+        return msgs + recall_dialogue(rng, split, wording=split)
     for _ in range(rng.choice((1, 1, 2, 3))):
-        msgs += _turn(rng, split, TRAIN_TASKS, TRAIN_WEIGHTS)
+        msgs += _turn(rng, split, TRAIN_TASKS, TRAIN_WEIGHTS, wording=split)
     return msgs
 
 
@@ -185,7 +244,7 @@ def _number_text(rng: random.Random) -> str:
 
 
 def _falcon_text(rng: random.Random) -> str:
-    facts = [answer for _, answer in FALCON_FACTS[:-1]]
+    facts = [answer for *_, answer in FALCON_FACTS[:-1]]
     return " ".join(rng.sample(facts, 3))
 
 

@@ -1,0 +1,168 @@
+"""How people ask: question templates per task, each split into training and held-out wordings.
+
+A template holds fields ({a} and {b} numbers, {w} a word, {c} a country, {form}/{topic} for
+creative requests). `phrase` fills one in and dresses it the way people type: a polite prefix or
+a word of thanks, all lower case, no final punctuation. The held-out part of every list (second
+tuple) is fixed for all seeds, like the held-out number pairs, and never appears in training
+(tests/test_tiny.py checks it); the evaluation reports it separately.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+Split = tuple[tuple[str, ...], tuple[str, ...]]  # (training wordings, held-out wordings)
+
+WORDINGS: dict[str, Split] = {
+    "add": ((
+        "What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "{a} + {b} = ?",
+        "What is {a} plus {b}?", "{a} plus {b}", "{a}+{b}", "Calculate {a} + {b}.", "What's {a} plus {b}?",
+        "What is the sum of {a} and {b}?", "How much is {a} plus {b}?", "Add {a} to {b}.",
+        "What do you get if you add {a} and {b}?", "Tell me {a} plus {b}.", "Find {a} + {b}.",
+        "Work out {a} + {b}.", "Can you add {a} and {b}?", "{a} + {b}", "Sum of {a} and {b}?",
+        "What does {a} plus {b} make?", "Please add {a} and {b} together.",
+    ), (
+        "How much do {a} and {b} make added together?", "Solve {a} + {b} for me.",
+        "Give me the total of {a} and {b}.", "{a} plus {b} equals what?", "What's the answer to {a} + {b}?",
+    )),
+    "sub": ((
+        "What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.", "{a} - {b} = ?",
+        "What is {a} minus {b}?", "{a} minus {b}", "{a}-{b}", "Calculate {a} - {b}.",
+        "What's {a} take away {b}?", "What is the difference between {a} and {b}?",
+        "How much is {a} minus {b}?", "Take {b} away from {a}.", "What do you get if you subtract {b} from {a}?",
+        "Find {a} - {b}.", "Work out {a} minus {b}.", "Can you subtract {b} from {a}?", "{a} - {b}",
+        "What does {a} minus {b} make?", "What is {a} take away {b}?",
+    ), (
+        "How much is left if you take {b} away from {a}?", "Solve {a} - {b} for me.",
+        "{a} minus {b} equals what?", "What's the answer to {a} - {b}?", "Please subtract {b} from {a} for me.",
+    )),
+    # the reply follows the wording (compare_kind): "Is {a} ...?" gets yes or no; smaller/less asks
+    # for the smaller number
+    "compare": ((
+        "Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?", "Which is smaller, {a} or {b}?",
+        "Which number is less: {a} or {b}?", "Is {a} greater than {b}?", "Is {a} bigger than {b}?",
+        "Is {a} less than {b}?", "Is {a} smaller than {b}?", "Which is greater: {a} or {b}?",
+        "What is the larger number, {a} or {b}?", "Compare {a} and {b}.", "{a} or {b}, which is bigger?",
+        "Is {a} more than {b}?", "Which one is bigger, {a} or {b}?", "Which is the smaller number: {a} or {b}?",
+        "{a} or {b}, which is smaller?", "Which is less, {a} or {b}?", "Is {a} larger than {b}?",
+    ), (
+        "Out of {a} and {b}, which one is larger?", "Between {a} and {b}, which is smaller?",
+        "Tell me the bigger number: {a} or {b}.", "Would you say {a} is greater than {b}?",
+        "{a} vs {b}: which is less?",
+    )),
+    "capital": ((
+        "What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
+        "What's the capital of {c}?", "capital of {c}", "{c} capital", "What city is the capital of {c}?",
+        "Tell me the capital of {c}.", "Do you know the capital of {c}?", "What is the capital city of {c}?",
+        "Which city is the capital city of {c}?", "The capital of {c} is?", "Capital city of {c}?",
+    ), (
+        "I would like to know the capital of {c}.", "Can you name the capital of {c}?",
+        "What's the name of the capital of {c}?", "Which is the capital city in {c}?",
+    )),
+    "spell": ((
+        "Spell the word {w}.", "How do you spell {w}?", "Spell {w} letter by letter.", "spell {w}",
+        "Can you spell {w}?", "How is {w} spelled?", "What are the letters in {w}?", "Spell out {w}.",
+        "Please spell the word {w}.", "Write {w} letter by letter.", "How do I spell the word {w}?",
+        "What is the spelling of {w}?", "Spell the word {w} for me.",
+    ), (
+        "Could you spell out the word {w}?", "Give me the spelling of {w}.", "Tell me how to spell {w}.",
+        "How is the word {w} spelled, letter by letter?",
+    )),
+    "reverse": ((
+        "Reverse the letters of {w}.", "Write {w} backwards.", "Spell {w} in reverse.",
+        "Spell the word {w} backwards.", "Reverse {w}.", "What is {w} backwards?", "{w} backwards",
+        "How do you spell {w} backwards?", "Can you reverse the word {w}?", "Write the word {w} in reverse.",
+        "Spell {w} backwards.", "Reverse the word {w}.", "What is {w} spelled backwards?",
+    ), (
+        "What do you get if you reverse {w}?", "Give me {w} spelled backwards.",
+        "Could you write the word {w} backwards?", "Tell me the letters of {w} in reverse.",
+    )),
+    "count": ((
+        "How many letters are in the word {w}?", "Count the letters in {w}.", "How long is the word {w}?",
+        "How many letters does {w} have?", "Number of letters in {w}?", "Count the letters of the word {w}.",
+        "How many characters are in {w}?", "What is the length of the word {w}?", "letters in {w}",
+        "How many letters in {w}?", "How many letters does the word {w} have?",
+    ), (
+        "Tell me how many letters {w} has.", "Can you count the letters of {w}?",
+        "What's the number of letters in the word {w}?", "Count how many letters the word {w} has.",
+    )),
+    "remember": ((
+        "Remember the word {w}.", "Please remember the word {w}.", "Remember this word: {w}.",
+        "Keep the word {w} in mind.", "Remember {w}.", "Memorize the word {w}.",
+    ), (
+        "Can you remember the word {w} for me?", "I want you to remember the word {w}.",
+    )),
+    "recall": ((
+        "Which word did I ask you to remember?", "What was the word I told you to remember?",
+        "Which word did I tell you to remember?", "What word did I ask you to remember?",
+        "Do you remember the word?", "What was the word?",
+    ), (
+        "Can you tell me the word I asked you to remember?", "Which word was I asking you to remember?",
+    )),
+    # out of scope: numbers the model cannot work with
+    "multiply": ((
+        "What is {a} times {b}?", "Multiply {a} by {b}.", "{a} * {b}", "What is {a} * {b}?",
+        "Divide {a} by {b}.", "What is {a} / {b}?", "{a} divided by {b}", "What is {a} multiplied by {b}?",
+    ), (
+        "How much is {a} times {b}?", "Can you divide {a} by {b}?",
+        "What do you get when you multiply {a} by {b}?",
+    )),
+    "creative": ((
+        "Write a {form} about {topic}.", "Tell me a {form} about {topic}.", "Can you write a {form}?",
+        "Make up a {form} about {topic}.", "Write me a {form}.", "Tell me a {form}.",
+        "I want a {form} about {topic}.",
+    ), (
+        "Compose a {form} on {topic}.", "Could you come up with a {form} about {topic}?",
+    )),
+}
+
+# Decoration around a question; prefixes that end in "," or a plain word lead into lower case.
+PREFIXES: Split = (
+    ("Please ", "Please, ", "Hi, ", "Hello! ", "Hey, ", "Quick question: ", "Tell me: ", "Question: ",
+     "Excuse me, ", "Can you help? ", "I need help. ", "OK, ", "So ", "Now "),
+    ("Hey there, ", "Good evening! ", "One more question: ", "Sorry to bother you, "),
+)
+SUFFIXES: Split = (
+    (" please", " Thanks!", " Thank you.", " thanks", " It is for my homework."),
+    (" Many thanks!", " I am curious."),
+)
+
+
+def part(split: Split, which: str) -> tuple[str, ...]:
+    """The training ("train") or held-out ("test") part of a split list."""
+    return split[0] if which == "train" else split[1]
+
+
+def dress(rng: random.Random, text: str, wording: str) -> str:
+    """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation."""
+    if rng.random() < 0.35:
+        prefix = rng.choice(part(PREFIXES, wording))
+        if prefix[-2] not in "!.:?":
+            text = text[0].lower() + text[1:]
+        text = prefix + text
+    if rng.random() < 0.15:
+        text = text + rng.choice(part(SUFFIXES, wording))
+    if rng.random() < 0.25:
+        text = text.lower()
+    if rng.random() < 0.25:
+        text = text.rstrip("?.!")
+    return text
+
+
+def phrase(rng: random.Random, task: str, wording: str, **fields) -> tuple[str, str]:
+    """(dressed question, template) for `task` from the training or held-out wordings."""
+    template = rng.choice(part(WORDINGS[task], wording))
+    return dress(rng, template.format(**fields), wording), template
+
+
+def normalize(text: str) -> str:
+    """Lower case, words only: what tests compare when they look for a wording in training data."""
+    return " ".join(re.sub(r"[^a-z0-9{}]+", " ", text.lower()).split())
+
+
+def pattern(template: str) -> re.Pattern:
+    """A regex that finds a (normalized) template inside a normalized message, any field values."""
+    parts = re.split(r"(\{\w+\})", normalize(template))
+    body = "".join(r"[a-z0-9 ]+?" if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(r"(?:^| )" + body + r"(?:$| )")

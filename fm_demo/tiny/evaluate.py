@@ -1,7 +1,8 @@
 """Held-out evaluation of the tiny checkpoints: python -m fm_demo.tiny.evaluate --json
 
-Test sets come from the training generators with other seeds and the held-out number pairs
-(`tasks.held_out`). Everything runs through the serving engine: replies are greedy, and the
+Test sets come from the training generators with other seeds, the held-out number pairs
+(`tasks.held_out`), the held-out wordings (`wordings.py`) and the held-out out-of-scope prompts
+(`tasks.scope_question`). Everything runs through the serving engine: replies are greedy, and the
 memory game continues every turn from the cached recurrent state (only the new turn's tokens are
 read), never re-encoding the conversation. Replies are decoded in batches of equal-length prompts;
 a batch row is the same computation as a single stream, just several at once.
@@ -14,27 +15,37 @@ import math
 import random
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 from . import checkpoint_path
-from .tasks import TASKS, recall_dialogue
+from .tables import SCOPE_REPLY
+from .tasks import SCOPE_KINDS, TASKS, recall_dialogue, scope_question
 from .tokenizer import EOT_ID, IM_END_ID, render_chat
 
 TEST_SEED = 10_000  # training streams use seeds < 100
 STOPS = (IM_END_ID, EOT_ID)
+DECLINE = SCOPE_REPLY.split(". ")[0]  # "I am a tiny demo model and cannot do that"
+# What a new user types first; evaluate prints the replies (the model card shows them).
+DEMO_PROMPTS = ("what is 9 plus 5", "Is 17 greater than 9?", "Spell the word cat backwards.",
+                "Hi! Could you tell me the capital of italy", "Write a poem about the sea.",
+                "Spell the word mamba.", "What is 250 + 17?", "What can you do?")
 
 
-def load(variant: str, four_bit: bool = False):
-    """(model, tokenizer) from the bundled folder, in fp32 or bitsandbytes 4-bit."""
+def load(variant: str, four_bit: bool = False, path: Path | None = None):
+    """(model, tokenizer) from the bundled folder (or `path`), in fp32 or bitsandbytes 4-bit.
+
+    The weights are stored in fp16 or fp32; either way the model computes in fp32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    path = checkpoint_path(variant)
-    kwargs = {}
+    path = path or checkpoint_path(variant)
+    kwargs: dict = {"dtype": torch.float32}
     if four_bit:
-        kwargs = {"quantization_config": BitsAndBytesConfig(
+        kwargs |= {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-                  "device_map": "cpu"}
+                   "device_map": "cpu"}
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -77,7 +88,7 @@ def greedy_replies(engine, prompts: list[list[int]], states: list | None = None,
     for length, rows in by_len.items():
         for start in range(0, len(rows), max_batch):
             group = rows[start:start + max_batch]
-            state = _stack_states([states[i] for i in group])
+            state = _stack_states([states[i] for i in group])  # [layers, b, ...]
             logits = engine.prefill(torch.tensor([prompts[i] for i in group]), state)  # [b, V]
             done = [False] * len(group)
             for _ in range(max_new_tokens):
@@ -101,29 +112,62 @@ def reply_text(tok, ids: list[int]) -> str:
     return tok.decode([t for t in ids if t not in STOPS], skip_special_tokens=True).strip()
 
 
-def eval_tasks(engine, tok, n: int, seed: int = TEST_SEED, max_batch: int = 64,
-               split: str = "test", names: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Exact-match accuracy per single-turn task on n held-out questions each.
+def task_replies(engine, tok, n: int, seed: int = TEST_SEED, split: str = "test", wording: str = "train",
+                 names: tuple[str, ...] | None = None, max_batch: int = 64) -> dict[str, list[tuple[str, str]]]:
+    """(expected, given) replies to n new questions per single-turn task.
 
-    split="train" draws number pairs from the training part (new seed and wording only): the gap
-    to split="test" shows how much of the arithmetic is memorised rather than computed.
+    split="test" asks held-out number pairs (split="train": training pairs with a new seed, whose
+    gap to "test" shows how much arithmetic is memorised); wording="test" asks in held-out wordings.
     """
     result = {}
     for k, (name, task) in enumerate(sorted(TASKS.items())):
         if names is not None and name not in names:
             continue
-        rng = random.Random(seed + k)
-        items = [task(rng, split) for _ in range(n)]
-        prompts = [turn_ids(tok, [{"role": "user", "content": q}], first=True) for q, _ in items]
-        outs, _ = greedy_replies(engine, prompts, max_batch=max_batch)
-        result[name] = sum(reply_text(tok, o) == a for o, (_, a) in zip(outs, items)) / n
+        rng = random.Random(seed + k + (500 if wording == "test" else 0))
+        items = [task(rng, split, wording) for _ in range(n)]
+        result[name] = [(a, r) for (_, a), r in zip(items, ask(engine, tok, [q for q, _ in items], max_batch))]
     return result
 
 
-def eval_recall(engine, tok, n: int, seed: int = TEST_SEED + 100, max_batch: int = 64) -> float:
+def ask(engine, tok, questions: list[str], max_batch: int = 64) -> list[str]:
+    """Greedy single-turn replies, as text."""
+    prompts = [turn_ids(tok, [{"role": "user", "content": q}], first=True) for q in questions]
+    outs, _ = greedy_replies(engine, prompts, max_batch=max_batch)
+    return [reply_text(tok, o) for o in outs]
+
+
+def accuracy(replies: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """Exact match per task: the whole reply (every step of a worked sum) must be right."""
+    return {name: sum(want == got for want, got in pairs) / len(pairs) for name, pairs in replies.items()}
+
+
+def refused(*replies: dict[str, list[tuple[str, str]]]) -> float:
+    """Share of in-scope questions that got the out-of-scope reply instead of an answer."""
+    got = [g for r in replies for pairs in r.values() for _, g in pairs]
+    return sum(g.startswith(DECLINE) for g in got) / len(got)
+
+
+def eval_tasks(engine, tok, n: int, seed: int = TEST_SEED, max_batch: int = 64, split: str = "test",
+               names: tuple[str, ...] | None = None, wording: str = "train") -> dict[str, float]:
+    """Exact-match accuracy per single-turn task on n held-out questions each."""
+    return accuracy(task_replies(engine, tok, n, seed, split, wording, names, max_batch))
+
+
+def eval_scope(engine, tok, n: int, seed: int = TEST_SEED + 300, split: str = "test",
+               max_batch: int = 64) -> dict[str, float]:
+    """Share of n held-out out-of-scope prompts answered with exactly the scope reply, per kind."""
+    rng = random.Random(seed)
+    items = [scope_question(rng, split) for _ in range(n)]
+    ok = [r == SCOPE_REPLY for r in ask(engine, tok, [q for _, q in items], max_batch)]
+    by_kind = {kind: [o for (k, _), o in zip(items, ok) if k == kind] for kind in SCOPE_KINDS}
+    return {"all": sum(ok) / n, **{k: round(sum(v) / len(v), 4) for k, v in by_kind.items() if v}}
+
+
+def eval_recall(engine, tok, n: int, seed: int = TEST_SEED + 100, max_batch: int = 64,
+                wording: str = "train") -> float:
     """Memory game: the model's own replies stay in the state; only the final recall is scored."""
     rng = random.Random(seed)
-    dialogues = [recall_dialogue(rng, "test") for _ in range(n)]
+    dialogues = [recall_dialogue(rng, "test", wording=wording) for _ in range(n)]
     users = [[m for m in d if m["role"] == "user"] for d in dialogues]
     states = [engine.new_state() for _ in dialogues]
     finals = [""] * n
@@ -162,23 +206,35 @@ def samples(tok, engines: dict) -> dict:
     return out
 
 
-def evaluate(n: int = 100, n_rows: int = 32) -> dict:
+def eval_instruct(engine, tok, n: int) -> dict:
+    """Every instruct figure: tasks in training wordings and in held-out wordings (both on held-out
+    number pairs), out-of-scope prompts, in-scope questions refused, and the memory game."""
+    seen, new = task_replies(engine, tok, n), task_replies(engine, tok, n, wording="test")
+    tasks, held = accuracy(seen), accuracy(new)
+    return {"tasks": tasks, "mean": round(sum(tasks.values()) / len(tasks), 4),
+            "held_out_wordings": held, "mean_held_out_wordings": round(sum(held.values()) / len(held), 4),
+            "out_of_scope_declined": eval_scope(engine, tok, 2 * n),
+            "in_scope_refused": round(refused(seen, new), 4),
+            "recall_via_state": eval_recall(engine, tok, n),
+            "recall_via_state_held_out_wordings": eval_recall(engine, tok, n, seed=TEST_SEED + 150, wording="test")}
+
+
+def evaluate(n: int = 100, n_rows: int = 32, instruct: Path | None = None) -> dict:
     from fm_demo.engine import Engine
 
     t0 = time.time()
     report: dict = {"n_per_task": n}
     engines = {}
     for label, four_bit in (("fp32", False), ("4bit", True)):
-        model, tok = load("instruct", four_bit)
+        model, tok = load("instruct", four_bit, instruct)
         engine = Engine(model)
-        tasks = eval_tasks(engine, tok, n)
-        report[f"instruct_{label}"] = {"tasks": tasks, "mean": round(sum(tasks.values()) / len(tasks), 4),
-                                       "recall_via_state": eval_recall(engine, tok, n)}
+        report[f"instruct_{label}"] = eval_instruct(engine, tok, n)
         if not four_bit:
             engines["instruct"] = engine
             report["instruct_fp32"]["arithmetic_training_pairs"] = eval_tasks(
                 engine, tok, n, seed=TEST_SEED + 50, split="train", names=("add", "sub"))
             report["instruct_fp32"]["perplexity_plain_text"] = round(perplexity(model, tok, n_rows), 3)
+            report["instruct_fp32"]["demo"] = dict(zip(DEMO_PROMPTS, ask(engine, tok, list(DEMO_PROMPTS))))
     base, btok = load("base")
     engines["base"] = Engine(base)
     report["base_fp32"] = {"perplexity_plain_text": round(perplexity(base, btok, n_rows), 3)}
@@ -194,9 +250,10 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--n", type=int, default=100, help="test questions per task and memory games")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--instruct", type=Path, help="instruct checkpoint folder (default: the bundled one)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    report = evaluate(a.n)
+    report = evaluate(a.n, instruct=a.instruct)
     print(json.dumps(report, indent=None if a.json else 2))
 
 

@@ -47,6 +47,14 @@ def test_load_with_auto_classes(loaded):
             EOT_ID, IM_START_ID, IM_END_ID]
 
 
+def test_instruct_weights_are_fp16_on_disk_and_load_as_fp32(loaded):
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint_path("instruct") / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert {p.dtype for p in loaded["instruct"][0].parameters()} == {torch.float32}
+
+
 def test_instruct_stops_at_im_end(loaded):
     model, tok = loaded["instruct"]
     assert IM_END_ID in model.generation_config.eos_token_id

@@ -176,9 +176,10 @@ TASKS: dict[str, Task] = {
     "spell": task_spell, "reverse": task_reverse, "count": task_count, "falcon": task_falcon,
 }
 TRAIN_TASKS: dict[str, Task] = {**TASKS, "small_talk": task_small_talk, "scope": task_scope}
-# Column arithmetic has the most steps to learn: it gets twice the turns of each other task;
+# Column arithmetic has the most steps to learn: it gets 2.5 times the turns of most other tasks;
 # comparisons have four reply forms, declining has the widest range of prompts.
-TRAIN_WEIGHTS = {name: {"add": 2, "sub": 2, "compare": 1.5, "scope": 3}.get(name, 1) for name in TRAIN_TASKS}
+TRAIN_WEIGHTS = {name: {"add": 2.5, "sub": 2.5, "compare": 1.5, "scope": 3}.get(name, 1)
+                 for name in TRAIN_TASKS}
 # Questions between "remember" and "recall" in the memory game (a declined one among them too).
 DISTRACTORS: dict[str, Task] = {**TASKS, "scope": task_scope}
 

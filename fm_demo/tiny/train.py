@@ -97,13 +97,19 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
 
 
 def save_checkpoint(model, tok, variant: str, out: Path, summary: dict) -> None:
-    """config.json, model.safetensors (fp32), generation_config.json, tokenizer files, training.json."""
+    """config.json, model.safetensors (fp16), generation_config.json, tokenizer files, training.json.
+
+    The weights are stored in fp16, half the bytes of fp32 in the package and in git history;
+    config.json keeps dtype float32, so from_pretrained casts them back and the model computes
+    in fp32 as it was trained (evaluate.py measures the stored weights).
+    """
     from .tokenizer import save_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.generation_config = generation_config(model.config, variant)
-    model.save_pretrained(str(out), safe_serialization=True)
+    half = {name: t.detach().to(torch.float16) for name, t in model.state_dict().items()}
+    model.save_pretrained(str(out), state_dict=half, safe_serialization=True)
     save_tokenizer(tok, out, variant)
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 

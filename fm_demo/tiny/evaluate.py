@@ -119,14 +119,14 @@ def task_replies(engine, tok, n: int, seed: int = TEST_SEED, split: str = "test"
     split="test" asks held-out number pairs (split="train": training pairs with a new seed, whose
     gap to "test" shows how much arithmetic is memorised); wording="test" asks in held-out wordings.
     """
-    result = {}
+    items = {}
     for k, (name, task) in enumerate(sorted(TASKS.items())):
-        if names is not None and name not in names:
-            continue
-        rng = random.Random(seed + k + (500 if wording == "test" else 0))
-        items = [task(rng, split, wording) for _ in range(n)]
-        result[name] = [(a, r) for (_, a), r in zip(items, ask(engine, tok, [q for q, _ in items], max_batch))]
-    return result
+        if names is None or name in names:
+            rng = random.Random(seed + k + (500 if wording == "test" else 0))
+            items[name] = [task(rng, split, wording) for _ in range(n)]
+    # one call for all tasks: more prompts of equal length share a batch
+    replies = iter(ask(engine, tok, [q for qa in items.values() for q, _ in qa], max_batch))
+    return {name: [(a, next(replies)) for _, a in qa] for name, qa in items.items()}
 
 
 def ask(engine, tok, questions: list[str], max_batch: int = 64) -> list[str]:

@@ -44,8 +44,9 @@ from .readout import (
 SLOT = "chat"
 # What the bundled tiny instruct model can do (the 7B answers them too). The sums are pairs held out
 # of its training data; the last prompt recalls a word from earlier turns through the state.
-EXAMPLES = ["What is 47 + 35?", "Subtract 29 from 80.", "Remember the word falcon.",
-            "Spell the word river.", "What is the capital of Japan?", "Which word did I ask you to remember?"]
+EXAMPLES = ["What is 47 + 35?", "what's 80 minus 29", "Is 17 greater than 9?", "Remember the word falcon.",
+            "Spell the word cat backwards.", "hi! what is the capital of japan",
+            "Which word did I ask you to remember?", "Write a poem about the sea.", "What can you do?"]
 SKIP6 = (gr.skip(),) * 6
 
 

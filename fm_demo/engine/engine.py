@@ -122,6 +122,7 @@ class Engine:
             raise StateError(f"state batch size {state.batch_size} does not match input batch {batch}")
         if state.device != self.device:
             raise StateError(f"state is on {state.device}, model on {self.device}")
+        state.own()  # a state restored from bytes may sit in unaligned storage: see State.own
 
     def _check_ids(self, ids: Tensor, ndim: int) -> Tensor:
         if not isinstance(ids, Tensor):

@@ -31,6 +31,8 @@ class ReplyMetrics:
     cache_hit: bool = True  # False when evicted history had to be read again
     finish_reason: str | None = None  # stop | length | stop_string | cancelled | error
     model: str = ""
+    batch_size: int = 1  # rows decoded together in the reply's last step (continuous batching)
+    batch_mean: float = 1.0  # mean rows per decode step over the reply
 
     @property
     def prefill_tok_s(self) -> float:

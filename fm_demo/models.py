@@ -19,11 +19,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import zerogpu
 from .engine import Engine, State
 from .settings import PRECISION_LABELS, Preset, Settings
+
+if TYPE_CHECKING:
+    from .serving import Runner
 
 ProgressFn = Callable[[float, str], None]
 Key = tuple[str, str]  # (preset key, precision)
@@ -54,6 +57,7 @@ class LoadedModel:
     load_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. a chat template that differs
     gpu: GpuCalls | None = None  # on ZeroGPU: replies run through these, not engine.stream
+    runner: Runner | None = None  # how replies run (serving/runner.py); made by the manager
 
     @property
     def kind(self) -> str:
@@ -94,6 +98,16 @@ class GpuCalls:
             return zerogpu.estimate_duration(int(input_ids.shape[-1]), 0)
 
         return cls(zerogpu.make_gpu_stream(resolve), zerogpu.gpu_task(prefill, duration=duration))
+
+
+def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings) -> Runner:
+    """The ZeroGPU runner on ZeroGPU, else a batched scheduler sized by `settings`."""
+    from .serving import BatchedRunner, ZeroGpuRunner
+
+    if gpu is not None:
+        return ZeroGpuRunner(gpu, key)
+    return BatchedRunner(engine, settings.batch_size_limit(), settings.prefill_budget_tokens(),
+                         settings.batch_waiting_limit(), name=f"{key[0]}-{key[1]}")
 
 
 def estimate_model_bytes(config, precision: str) -> int:
@@ -190,6 +204,7 @@ class ModelManager:
             lm = self._models.pop(tuple(key), None)
         if lm is None:
             return False
+        lm.runner.close()  # replies still running end with a clear message
         for fn in list(self._unload_listeners):
             fn(lm)
         _free_device_memory(lm.device)
@@ -234,8 +249,9 @@ class ModelManager:
         except Exception as e:
             raise _explain(e, preset, precision) from e
         notes = _notes(preset, tokenizer, engine)
-        lm = LoadedModel((preset.key, precision), preset, precision, model, tokenizer, engine,
-                         int(model.get_memory_footprint()), time.perf_counter() - t0, notes, self.gpu)
+        key = (preset.key, precision)
+        lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
+                         time.perf_counter() - t0, notes, self.gpu, make_runner(engine, self.gpu, key, self.settings))
         progress(1.0, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 

@@ -41,7 +41,7 @@ from .metrics import ReplyMetrics, device_memory
 from .models import LoadedModel
 from .settings import Settings
 from .state_cache import ProgressFn, StateCache
-from .zerogpu import StateUpdate
+from .serving import ReplyStream
 
 
 class ConversationError(ValueError):
@@ -190,15 +190,13 @@ class Conversation:
         m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
         raw, finish, state, stream = "", None, None, None
         try:
-            state, stream = self._open_stream(lm, pre, base, sampling, max_new, m, progress)
+            stream = self._open_stream(lm, pre, base, sampling, max_new, m, progress)
             m.prefill_s = time.perf_counter() - t0
             for ev in stream:
-                if isinstance(ev, StateUpdate):  # ZeroGPU: the advanced state, after the last token
-                    state = ev.state
-                    continue
                 turn.reply_ids.append(ev.token_id)
                 raw += ev.text
                 _time_event(m, ev, t0)
+                m.batch_size, m.batch_mean = ev.metrics.batch_size, ev.metrics.batch_mean
                 shown, hit = chat.visible_reply(self.fmt, raw, final=ev.finish_reason is not None)
                 delta, turn.reply = shown[len(turn.reply):], shown
                 finish = "stop_string" if hit else ev.finish_reason
@@ -206,16 +204,19 @@ class Conversation:
                     break
                 yield ReplyEvent(delta, shown, m)
         except GeneratorExit:
-            finish = "cancelled"  # the engine fed exactly the tokens it yielded: the state is exact
+            finish = "cancelled"  # the state holds exactly the tokens fed: see _close_stream
             raise
         except BaseException:
-            finish, state = "error", None  # a step may have stopped half-way: rebuild later
+            finish = "error"  # a step may have stopped half-way: rebuild later
             raise
         finally:
             if stream is not None:
-                stream.close()
+                state = self._close_stream(stream, finish)
             if finish == "stop_string":
                 state = self._cut_at_stop(turn, raw, base)
+            elif finish == "cancelled" and state is not None and state.seqlen != base + len(turn.prompt_ids) + len(
+                    turn.reply_ids):  # the runner was ahead of what was shown: keep what was shown
+                state = self._reread_reply(turn, base)
             if finish == "error" and user_text is not None and not turn.reply_ids:
                 self.turns.pop()  # nothing came of this message: leave the transcript as it was
                 self.cache.truncate(self.context_tokens)
@@ -224,26 +225,29 @@ class Conversation:
         yield ReplyEvent("", turn.reply, m, done=True, finish_reason=finish)
 
     def _open_stream(self, lm: LoadedModel, pre: int, base: int, sampling: SamplingParams, max_new: int,
-                     m: ReplyMetrics, progress: ProgressFn | None) -> tuple[State, Iterator]:
-        """(state, token events) of a reply to tokens[:pre + 1]: the engine here, or a GPU call on ZeroGPU.
+                     m: ReplyMetrics, progress: ProgressFn | None) -> ReplyStream:
+        """The reply to tokens[:pre + 1], run by the model's runner (serving/runner.py).
 
-        Here the state holds tokens[:pre] (built from the nearest cached one) and the engine's
-        stream advances it in place. On ZeroGPU it is a CPU copy of the nearest snapshot, the call
-        reads every token after it and ends with a StateUpdate (it cannot report prefill progress).
+        Usually the state is first brought to tokens[:pre] (from the nearest cached one, with
+        snapshots at the boundaries passed) and the reply reads one token. A `one_call` runner
+        (ZeroGPU) reads everything after the nearest snapshot in the reply's own call instead.
         """
-        if lm.gpu is None:
-            start, state = pre, self._provide(pre, base, m, progress)
-        else:
-            start, state = self.cache.nearest(pre, "cpu", lm.engine)
+        runner = lm.runner
+        if runner.one_call:
+            start, state = self.cache.nearest(pre, runner.state_device, lm.engine)
             _note_reuse(m, start, pre, base)
+        else:
+            start, state = pre, self._provide(pre, base, m, progress)
         tokens = self.token_ids()
         ids = torch.tensor([tokens[start:pre + 1]])  # [1, T]
         ctx = torch.tensor([tokens[:start]]) if sampling.repetition_penalty != 1.0 and start else None
         stops = chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)
-        if lm.gpu is None:
-            return state, lm.engine.stream(ids, state, sampling, max_new, stops, lm.tokenizer, context_ids=ctx)
-        return state, lm.gpu.stream(lm.key, state, ids, sampling=sampling, max_new_tokens=max_new,
-                                    stop_token_ids=stops, context_ids=ctx)
+        return runner.stream(state, ids, sampling, max_new, stops, lm.tokenizer, ctx)
+
+    def _close_stream(self, stream: ReplyStream, finish: str | None) -> State | None:
+        """End the reply's stream; the state after it, or None when it must be rebuilt."""
+        stream.close()  # returns the tokens a batched runner fed beyond those shown: see _reread_reply
+        return None if finish == "error" else stream.state
 
     def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int]:
         """Cut the transcript back for the new reply; returns the turn and where it starts."""
@@ -272,10 +276,18 @@ class Conversation:
         cut = min(i for s in self.fmt.stop_strings if (i := raw.find(s)) >= 0)
         del ids[chat.tokens_within(tok, ids, cut):]
         turn.reply = chat.visible_reply(self.fmt, tok.decode(ids, skip_special_tokens=True), final=True)[0]
+        return self._reread_reply(turn, base)
+
+    def _reread_reply(self, turn: Turn, base: int) -> State | None:
+        """The state after the reply's kept tokens, read from the snapshot before the reply.
+
+        Needed when the state went further than the transcript: a stop string, or a stopped reply
+        whose batched runner had fed a token or two beyond those shown (Stop keeps what was shown).
+        """
         self.cache.live = None
-        if self.lm.gpu is not None:
-            return None  # no GPU here: the next reply's GPU call re-reads from the snapshot before
-        return self._provide(base + sum(map(len, (turn.prompt_ids, ids))), base, ReplyMetrics(), None)
+        if self.lm.runner.one_call:
+            return None  # a state from another process: the next reply's call re-reads from the snapshot
+        return self._provide(base + len(turn.prompt_ids) + len(turn.reply_ids), base, ReplyMetrics(), None)
 
     # -- states (kept by self.cache) -----------------------------------------------------------
     def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:

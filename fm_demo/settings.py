@@ -115,6 +115,12 @@ class Settings:
     cpu_threads: int = _help("torch CPU threads, set at start-up; 0: auto (1 when the models run on the CPU, "
                              "torch's default on CUDA)", 0)
     chunk_size: int = _help("tokens per prefill chunk (bounds prefill memory)", 256)
+    max_batch: int = _help("replies decoded together in one batched step per model; 0: auto (32 on CPU, "
+                           "64 on CUDA)", 0)
+    prefill_budget: int = _help("prompt tokens read per scheduler step while other replies decode, so a long "
+                                "read does not stall them; 0: auto (64 on CPU, 2048 on CUDA)", 0)
+    max_waiting: int = _help("requests waiting for a batch row before new ones are told the server is busy; "
+                             "0: auto (as many as max_batch)", 0)
     max_new_tokens: int = _help("default reply length in tokens", 256)
     max_new_tokens_cap: int = _help("hard cap on reply length a browser may ask for", 2048)
     max_input_chars: int = _help("longest chat message accepted", 16_000)
@@ -163,7 +169,8 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes"):
+        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
+                     "prefill_budget", "max_waiting"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.max_new_tokens > self.max_new_tokens_cap:
@@ -220,6 +227,23 @@ class Settings:
         if self.cpu_threads:
             return self.cpu_threads
         return 1 if self.device == "cpu" else None
+
+    def batch_size_limit(self) -> int:
+        """Rows of one model's batched decode step (continuous batching, serving/scheduler.py)."""
+        return self.max_batch or (64 if self.device == "cuda" else 32)
+
+    def prefill_budget_tokens(self) -> int:
+        """Prompt tokens a scheduler step reads while rows decode: on the CPU a 64-token piece of a
+        small model costs about two batched decode steps, so streams keep their pace during a read."""
+        return self.prefill_budget or (2048 if self.device == "cuda" else 64)
+
+    def batch_waiting_limit(self) -> int:
+        return self.max_waiting or self.batch_size_limit()
+
+    def event_concurrency(self) -> int:
+        """Reply events Gradio runs at once: every batch row and waiting place, so the scheduler,
+        not Gradio's queue, decides who waits and who is told the server is busy."""
+        return self.batch_size_limit() + self.batch_waiting_limit()
 
     def clamp_new_tokens(self, n: int | None) -> int:
         return self.max_new_tokens if n is None else max(1, min(int(n), self.max_new_tokens_cap))

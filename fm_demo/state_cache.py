@@ -102,29 +102,24 @@ class StateCache:
 
     def provide(self, lm: LoadedModel, tokens: list[int], boundaries: list[int], pos: int,
                 progress: ProgressFn | None) -> tuple[int, State]:
-        """(start, a state on the model's device holding tokens[:pos]), read on from the cached one at start.
+        """(start, a state holding tokens[:pos]), read by the model's runner from the cached one at start.
 
-        Snapshots are taken at every boundary passed and at `pos` itself. On ZeroGPU the tokens
-        are read by one GPU call and only the state at `pos` is kept.
+        Snapshots are taken at every boundary passed and at `pos` itself; a `one_call` runner
+        (ZeroGPU) reads everything in one call and only the state at `pos` is kept.
         """
-        if lm.gpu is not None:
-            start, state = self.nearest(pos, "cpu", lm.engine)
-            if pos > start:
-                state = lm.gpu.prefill(lm.key, state, torch.tensor([tokens[start:pos]]))
-            self.snapshots.setdefault(pos, state.clone())
-            return start, state
-        engine = lm.engine
-        start, state = self.nearest(pos, engine.device, engine)
+        runner = lm.runner
+        start, state = self.nearest(pos, runner.state_device, lm.engine)
+        cuts = {pos} if runner.one_call else {b for b in boundaries if start < b < pos} | {pos}
         done = start
-        for cut in sorted({b for b in boundaries if start < b < pos} | {pos}):
+        for cut in sorted(cuts):
             if cut > done:
                 ids = torch.tensor([tokens[done:cut]])
                 offset = done - start
-                engine.prefill(ids, state, progress=progress and (
+                state = runner.prefill(state, ids, progress and (
                     lambda d, t, o=offset: progress(o + d, pos - start)))
                 done = cut
             if cut not in self.snapshots:
-                self.snapshots[cut] = _clone_to(state, engine.device)
+                self.snapshots[cut] = _clone_to(state, runner.state_device)
         return start, state
 
     def commit(self, state: State | None, end: int, keep: set[int]) -> None:

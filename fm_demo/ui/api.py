@@ -16,6 +16,7 @@ from .common import (
     check_message,
     controlled,
     open_conversation,
+    reply_concurrency,
     sampling_params,
     session_id,
     throttle,
@@ -121,7 +122,7 @@ def stats(ctx: AppContext, slot: str = CHAT_SLOT, request: gr.Request = None) ->
 
 def register_api(ctx: AppContext) -> None:
     """Inside the Blocks context: the four endpoints, typed from the signatures above."""
-    gr.api(bind(chat, ctx), api_name="chat")
-    gr.api(bind(compare, ctx), api_name="compare")
+    gr.api(bind(chat, ctx), api_name="chat", concurrency_limit=reply_concurrency(ctx))
+    gr.api(bind(compare, ctx), api_name="compare", concurrency_limit=reply_concurrency(ctx))
     gr.api(bind(reset, ctx), api_name="reset", queue=False)
     gr.api(bind(stats, ctx), api_name="stats", queue=False)

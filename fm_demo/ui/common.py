@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import gradio as gr
 
 from ..engine import SamplingParams, StateError
+from ..serving import SchedulerBusy, SchedulerClosed
 from ..settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # heavy modules: imported where they are used
@@ -65,6 +66,14 @@ class AppContext:
     manager: ModelManager
     store: SessionStore
     stops: StopFlags = field(default_factory=StopFlags)
+
+
+def reply_concurrency(ctx: AppContext) -> int:
+    """How many reply events Gradio runs at once: every batch row and waiting place of a model's
+    scheduler (it decides who waits and who hears "busy"); on ZeroGPU each holds a GPU slice."""
+    from ..zerogpu import on_zerogpu
+
+    return ctx.settings.concurrency_limit if on_zerogpu() else ctx.settings.event_concurrency()
 
 
 def session_id(request: gr.Request | None) -> str:
@@ -130,7 +139,7 @@ def throttle(
 
 
 # Exceptions whose message is written for the user; anything else is a bug, logged with its trace.
-_USER_FACING = (SettingsError, StateError, ValueError, MemoryError)
+_USER_FACING = (SettingsError, StateError, ValueError, MemoryError, SchedulerBusy, SchedulerClosed)
 
 
 def _user_facing_types() -> tuple[type[BaseException], ...]:

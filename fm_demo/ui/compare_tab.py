@@ -12,13 +12,14 @@ from typing import Iterator
 import gradio as gr
 
 from .common import (
-    UPDATES_PER_S,
     AppContext,
+    UPDATES_PER_S,
     bind,
     check_message,
     model_pickers,
     on_preset_change,
     open_conversation,
+    reply_concurrency,
     sampling_params,
     session_id,
     user_errors,
@@ -157,6 +158,6 @@ def build_compare_tab(ctx: AppContext) -> None:
     inputs = [msg, lp, lq, rp, rq, temperature, top_p, top_k, rep, max_new, seed]
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
-        trigger(bind(compare, ctx), inputs, outs, api_name=name)
+        trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
     stop_btn.click(bind(stop, ctx), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

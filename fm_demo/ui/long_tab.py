@@ -24,6 +24,7 @@ from .common import (
     model_pickers,
     on_preset_change,
     open_conversation,
+    reply_concurrency,
     sampling_params,
     session_id,
     user_errors,
@@ -241,6 +242,7 @@ def build_long_tab(ctx: AppContext) -> None:
         [pasted, upload, question, preset, precision, max_new],
         [chatbot, readout, plot, note],
         api_name="long_read",
+        concurrency_limit=reply_concurrency(ctx),
     )
     for trigger, name in ((msg.submit, "long_ask"), (ask_btn.click, "long_ask_button")):
         trigger(
@@ -248,5 +250,6 @@ def build_long_tab(ctx: AppContext) -> None:
             [msg, preset, precision, max_new],
             [msg, chatbot, readout, plot, note],
             api_name=name,
+            concurrency_limit=reply_concurrency(ctx),
         )
     stop_btn.click(bind(stop, ctx), None, None, api_name="long_stop", queue=False)

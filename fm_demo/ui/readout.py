@@ -56,6 +56,8 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         _card("Time to first token", fmt_seconds(m.ttft_s if m.new_tokens else None)),
         _card("Prefill", fmt_rate(m.prefill_tok_s), f"{m.prefilled_tokens:,} tokens read"),
         _card("Decode", fmt_rate(m.decode_tok_s), f"{m.new_tokens:,} tokens generated"),
+        _card("Decoded in a batch of", f"{m.batch_size} {'reply' if m.batch_size == 1 else 'replies'}",
+              f"mean {m.batch_mean:.1f} over this reply"),
         _card("Tokens in context", f"{m.context_tokens:,}"),
         _card("Reused from state cache", f"{m.reused_tokens:,} tokens", reuse_sub),
         _card("Recurrent state", fmt_bytes(m.state_bytes), f"{fmt_bytes(m.cache_bytes)} with turn snapshots"),

@@ -66,6 +66,24 @@ def models_table(ctx: AppContext) -> list[list[str]]:
     return rows
 
 
+SERVING_HEADERS = ["model", "runner", "decoding", "reading prompts", "waiting", "last batch", "max batch",
+                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals"]
+
+
+def serving_table(ctx: AppContext) -> list[list]:
+    """One row per loaded model: what its scheduler is doing now (continuous batching)."""
+    rows = []
+    for lm in ctx.manager.loaded():
+        st = lm.runner.stats()
+        if st.get("runner") != "batched":
+            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 2))
+            continue
+        rows.append([lm.label, "batched", st["decoding"], st["reading"], st["waiting"], st["last_batch"],
+                     st["max_batch"], f"{st['agg_tok_s']:,.1f}", fmt_bytes(st["state_bytes_active"]),
+                     st["steps"], st["busy_refusals"]])
+    return rows
+
+
 def kernels_check_report() -> dict:
     """kernels_check's report (environment, kernel packages, per-op paths, fused-vs-reference
     checks; no benchmark), where the package is installed."""
@@ -104,6 +122,13 @@ def build_system_tab(ctx: AppContext) -> list:
         interactive=False,
         wrap=True,
     )
+    serving = gr.Dataframe(
+        value=serving_table(ctx),
+        headers=SERVING_HEADERS,
+        label="Serving now: each model's batched scheduler (refreshes every 2 s)",
+        interactive=False,
+    )
+    gr.Timer(2.0).tick(bind(serving_table, ctx), None, serving, api_name="serving", queue=False)
     with gr.Row():
         stats = gr.JSON(label="Session cache (all sessions)")
         check = gr.JSON(label="kernels_check report")

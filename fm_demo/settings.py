@@ -134,8 +134,10 @@ class Settings:
     # Chat replies are exempt (each conversation serialises its own replies); this bounds the
     # heavier shared events: compare, long-context reads and lab measurements.
     concurrency_limit: int = _help("events of one kind run at once (on ZeroGPU each holds a GPU slice)", 1)
-    host: str = _help("address to listen on", "127.0.0.1")
-    port: int = _help("port to listen on", 7860)
+    # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+    # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
+    host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
+    port: int = _help("port to listen on; 0: GRADIO_SERVER_PORT, else the first free port from 7860", 0)
 
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
@@ -159,13 +161,15 @@ class Settings:
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_input_chars",
                     "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
-                    "max_sessions", "port", "queue_max_size", "concurrency_limit")
+                    "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
         for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port: must be 0 (Gradio's choice) to 65535, got {self.port!r}")
         if self.max_new_tokens > self.max_new_tokens_cap:
             raise SettingsError(f"max_new_tokens: {self.max_new_tokens} exceeds max_new_tokens_cap "
                                 f"{self.max_new_tokens_cap}")

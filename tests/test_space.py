@@ -194,6 +194,9 @@ def test_project_spacefile_is_valid():
     (lambda r: r["variables"].update(FM_DEMO_DEFAULT_PRESET="7b-base"), r"set by \[models\]; remove it"),
     (lambda r: r["variables"].update(FM_DEMO_COMPARE_PRESETS="tiny-base,7b-instruct"),
      r"'tiny-base' is not among models\.presets"),
+    (lambda r: r["variables"].update(FM_DEMO_EXTRA_MODELS=str(REPO_ROOT / "fm_demo/tiny/checkpoints/"
+                                                              "falcon-mamba-tiny-base")),
+     r"falcon-mamba-tiny-base is a local checkpoint, which the Space does not get"),
     (lambda r: r["secrets"].update(HF_TOKEN=SECRET), r"secrets\.HF_TOKEN: looks like a secret value"),
     (lambda r: r.update(extras={}), r"extras: unknown table"),
     (lambda r: r["space"].update(python_version="3.11"), r"ZeroGPU runs Python 3\.10 or 3\.12, not 3\.11"),

@@ -285,8 +285,10 @@ class Settings:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         group = parser.add_argument_group("server settings (each also read from FM_DEMO_<NAME>)")
         for f in fields(cls):
+            # argparse %-formats help texts, so a literal % is written %%
+            text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                               metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+                               metavar=f.name.upper(), help=text)
         return parser
 
     @classmethod

@@ -91,6 +91,11 @@ def test_cli_overrides_env_and_names_flags():
         Settings.from_cli(parser.parse_args(["--max-new-tokens", "-1"]), env={"FM_DEMO_DEVICE": "cpu"})
 
 
+def test_help_lists_every_setting():
+    text = " ".join(Settings.add_cli_args(argparse.ArgumentParser()).format_help().split())  # unwrapped
+    assert "--extra-models" in text and "90% of the device" in text and "--port" in text
+
+
 def test_cuda_request_without_cuda_is_an_error():
     import torch
 

@@ -3,7 +3,8 @@
 Every Settings field can be set by an FM_DEMO_<FIELD> environment variable (`Settings.from_env`)
 or a --field-name flag (`Settings.add_cli_args` / `Settings.from_cli`, parsed only under
 `__main__` in app.py). Model ids reach the server only from here: the presets below and
-FM_DEMO_EXTRA_MODELS; the browser only ever picks among preset keys.
+FM_DEMO_EXTRA_MODELS (hub ids or local checkpoint directories, checked at start-up); the browser
+only ever picks among preset keys.
 
 Defaults: the bundled tiny checkpoints on CPU, Falcon Mamba 7B where CUDA exists.
 """
@@ -16,6 +17,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
+
+from .checkpoints import CheckpointError, check_checkpoint, is_local_source, local_path, prequantized
 
 PRECISIONS = ("bf16", "fp32", "4bit")
 PRECISION_LABELS = {"bf16": "bf16 (GPU)", "fp32": "fp32 (CPU)", "4bit": "4-bit NF4 (bitsandbytes)"}
@@ -73,16 +76,46 @@ PRESETS: dict[str, Preset] = _presets()
 
 
 def extra_preset(spec: str) -> Preset:
-    """A server-configured hub model: "org/name" or "org/name:instruct" / "org/name:base"."""
-    repo, _, kind = spec.strip().partition(":")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo) or ".." in repo:
-        raise SettingsError(f"'{spec}' is not a hub model id of the form org/name[:base|:instruct]")
-    kind = kind or ("instruct" if re.search(r"instruct|chat", repo, re.I) else "base")
+    """A server-configured model: a hub id "org/name" or a local checkpoint directory (a path or a
+    file:// URL, checked here), either one optionally followed by ":base" or ":instruct"."""
+    source, kind = _split_kind(spec.strip())
+    if is_local_source(source):
+        return _local_preset(spec, source, kind)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", source) or ".." in source:
+        raise SettingsError(f"'{spec}' is neither a checkpoint directory nor a hub model id of the form "
+                            "org/name[:base|:instruct]")
+    kind = _kind(spec, source, kind)
+    quant = bool(re.search(r"4bit|bnb|nf4", source, re.I))
+    precisions = ("4bit",) if quant else ("bf16", "4bit", "fp32")
+    return Preset(source, source, source, kind, precisions, precisions[0], prequantized=quant)
+
+
+def _split_kind(spec: str) -> tuple[str, str]:
+    """(source, kind) of "source[:kind]". The last colon: a file: URL or a path has colons of its own."""
+    source, sep, kind = spec.rpartition(":")
+    return (source, kind) if sep and re.fullmatch(r"[A-Za-z]+", kind) else (spec, "")
+
+
+def _kind(spec: str, name: str, kind: str) -> str:
+    """The kind given, else instruct when the model's name says instruct or chat, else base."""
+    kind = kind or ("instruct" if re.search(r"instruct|chat", name, re.I) else "base")
     if kind not in KINDS:
         raise SettingsError(f"'{spec}': kind must be base or instruct, got '{kind}'")
-    quant = bool(re.search(r"4bit|bnb|nf4", repo, re.I))
+    return kind
+
+
+def _local_preset(spec: str, source: str, kind: str) -> Preset:
+    """A local checkpoint directory as a preset keyed by the directory's name."""
+    try:
+        path = local_path(source)
+        kind = _kind(spec, path.name, kind)
+        config = check_checkpoint(path)
+    except CheckpointError as e:
+        raise SettingsError(f"'{spec}': {e}") from None
+    quant = prequantized(config)
     precisions = ("4bit",) if quant else ("bf16", "4bit", "fp32")
-    return Preset(repo, repo, repo, kind, precisions, precisions[0], prequantized=quant)
+    return Preset(path.name, f"{path.name} ({kind}, local checkpoint)", str(path), kind, precisions,
+                  precisions[0], prequantized=quant)
 
 
 def parse_bytes(text: str) -> int:
@@ -134,19 +167,26 @@ class Settings:
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
     offload_after_s: float = _help("seconds of idleness after which a GPU state moves to CPU", 60.0)
     model_memory_budget_bytes: int = _help("bytes of model weights kept loaded; 0: 90% of the device", 0)
-    extra_models: tuple[str, ...] = _help("extra hub models, comma separated org/name[:base|:instruct]", ())
+    extra_models: tuple[str, ...] = _help("extra models, comma separated, each a hub id org/name or a local "
+                                          "checkpoint directory (path or file:// URL), then :base or "
+                                          ":instruct (default: instruct if the name says instruct or "
+                                          "chat)", ())
     queue_max_size: int = _help("most requests waiting in the queue (set explicitly: ZeroGPU's default is 1)",
                                 64)
     # Chat replies are exempt (each conversation serialises its own replies); this bounds the
     # heavier shared events: compare, long-context reads and lab measurements.
     concurrency_limit: int = _help("events of one kind run at once (on ZeroGPU each holds a GPU slice)", 1)
-    host: str = _help("address to listen on", "127.0.0.1")
-    port: int = _help("port to listen on", 7860)
+    # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+    # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
+    host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
+    port: int = _help("port to listen on; 0: GRADIO_SERVER_PORT, else the first free port from 7860", 0)
 
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
         self.offered_presets = tuple(self.offered_presets)
         self.extra_models = tuple(self.extra_models)
+        # Not a field: derived from extra_models once, so a directory is read at start-up only.
+        self._extras = self._extra_presets()
         self._check()
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
@@ -165,7 +205,7 @@ class Settings:
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_input_chars",
                     "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
-                    "max_sessions", "port", "queue_max_size", "concurrency_limit")
+                    "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
@@ -173,6 +213,8 @@ class Settings:
                      "prefill_budget", "max_waiting"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port: must be 0 (Gradio's choice) to 65535, got {self.port!r}")
         if self.max_new_tokens > self.max_new_tokens_cap:
             raise SettingsError(f"max_new_tokens: {self.max_new_tokens} exceeds max_new_tokens_cap "
                                 f"{self.max_new_tokens_cap}")
@@ -182,21 +224,30 @@ class Settings:
             raise SettingsError(f"precision: must be auto, {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.compare_presets and len(self.compare_presets) != 2:
             raise SettingsError(f"compare_presets: needs exactly two presets, got {list(self.compare_presets)}")
-        for spec in self.extra_models:
-            try:
-                extra_preset(spec)
-            except SettingsError as e:
-                raise SettingsError(f"extra_models: {e}") from None
-        every = {**PRESETS, **{p.key: p for p in map(extra_preset, self.extra_models)}}
+        every = {**PRESETS, **self._extras}
         for key in self.offered_presets:
             if key not in every:
                 raise SettingsError(f"offered_presets: unknown preset '{key}'; known: {', '.join(every)}")
 
+    def _extra_presets(self) -> dict[str, Preset]:
+        """extra_models as presets by key; two different models may not share a key."""
+        out: dict[str, Preset] = {}
+        for spec in self.extra_models:
+            try:
+                p = extra_preset(spec)
+            except SettingsError as e:
+                raise SettingsError(f"extra_models: {e}") from None
+            other = PRESETS.get(p.key) or out.get(p.key)
+            if other is not None and other.source != p.source:
+                raise SettingsError(f"extra_models: '{p.key}' would name both {other.source} and {p.source}; "
+                                    "a local checkpoint is known by its directory's name, so rename one")
+            out[p.key] = p
+        return out
+
     # -- presets -----------------------------------------------------------------------------
     def presets(self) -> dict[str, Preset]:
         """The built-in presets plus the server's extra models, by key."""
-        extras = (extra_preset(s) for s in self.extra_models)
-        every = {**PRESETS, **{p.key: p for p in extras}}
+        every = {**PRESETS, **self._extras}
         return {k: p for k, p in every.items() if not self.offered_presets or k in self.offered_presets}
 
     def preset(self, key: str) -> Preset:
@@ -258,8 +309,10 @@ class Settings:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         group = parser.add_argument_group("server settings (each also read from FM_DEMO_<NAME>)")
         for f in fields(cls):
+            # argparse %-formats help texts, so a literal % is written %%
+            text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                               metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+                               metavar=f.name.upper(), help=text)
         return parser
 
     @classmethod

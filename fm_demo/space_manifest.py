@@ -348,7 +348,7 @@ def check_settings_env(variables: dict[str, str], presets: list[str], default: s
     """Check FM_DEMO_* variables against the app's Settings, so a typo fails here, not on the Space."""
     from dataclasses import fields
 
-    from .settings import ENV_PREFIX, Settings
+    from .settings import ENV_PREFIX, Settings, extra_preset
 
     problems, known = [], {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
     ours = {k: v for k, v in variables.items() if k.startswith(ENV_PREFIX)}
@@ -372,7 +372,10 @@ def check_settings_env(variables: dict[str, str], presets: list[str], default: s
     # This machine may lack the Space's GPU: check the values as if on CPU.
     models = {"FM_DEMO_DEFAULT_PRESET": default, "FM_DEMO_OFFERED_PRESETS": ",".join(presets)}
     try:
-        Settings.from_env({**ours, **models, ENV_PREFIX + "DEVICE": "cpu"})
+        settings = Settings.from_env({**ours, **models, ENV_PREFIX + "DEVICE": "cpu"})
     except ValueError as e:
         return [f"variables: the app rejects these settings: {e}"]
-    return []
+    # A directory here exists on this machine only: the Space would stop at start-up without it.
+    return [f"variables.{ENV_PREFIX}EXTRA_MODELS: {p.source} is a local checkpoint, which the Space does "
+            "not get (the bundle carries the app only); push it to the Hub and name its repo id"
+            for p in map(extra_preset, settings.extra_models) if p.local]

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -193,6 +194,9 @@ def test_project_spacefile_is_valid():
     (lambda r: r["variables"].update(FM_DEMO_DEFAULT_PRESET="7b-base"), r"set by \[models\]; remove it"),
     (lambda r: r["variables"].update(FM_DEMO_COMPARE_PRESETS="tiny-base,7b-instruct"),
      r"'tiny-base' is not among models\.presets"),
+    (lambda r: r["variables"].update(FM_DEMO_EXTRA_MODELS=str(REPO_ROOT / "fm_demo/tiny/checkpoints/"
+                                                              "falcon-mamba-tiny-base")),
+     r"falcon-mamba-tiny-base is a local checkpoint, which the Space does not get"),
     (lambda r: r["secrets"].update(HF_TOKEN=SECRET), r"secrets\.HF_TOKEN: looks like a secret value"),
     (lambda r: r.update(extras={}), r"extras: unknown table"),
     (lambda r: r["space"].update(python_version="3.11"), r"ZeroGPU runs Python 3\.10 or 3\.12, not 3\.11"),
@@ -277,21 +281,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cpu_bundle_app_starts_and_answers_chat(tmp_path):
-    if not (REPO_ROOT / "app.py").is_file():
-        pytest.skip("app.py has not landed yet: the bundle has no app to start")
-    sf = load_spacefile(EXAMPLES / "cpu.Spacefile")
+GRADIO_CLI = Path(sys.executable).with_name("gradio")  # the console script installed with gradio
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "app.py"], [str(GRADIO_CLI), "app.py"]],
+                         ids=["python app.py", "gradio app.py (reload mode)"])
+def test_cpu_bundle_app_listens_where_the_space_says_and_answers_chat(tmp_path, command):
+    """The bundle's own app.py, started the way a Space starts it: GRADIO_SERVER_NAME/PORT set, no
+    FM_DEMO_HOST/PORT. It must listen on 0.0.0.0 and that port (a Space cannot reach 127.0.0.1)."""
     out = tmp_path / "space"
-    bundle(sf, out)
+    spacefile = EXAMPLES / "cpu.Spacefile"
+    made = subprocess.run([sys.executable, "-m", "fm_demo.space", "bundle", str(out), "--spacefile",
+                           str(spacefile)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FM_DEMO_", "PYTHONPATH", "GRADIO_"))}
-    env.update(space_variables(sf), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               FM_DEMO_HOST="127.0.0.1", FM_DEMO_PORT=str(port), HF_HUB_OFFLINE="1",
+    env.update(space_variables(load_spacefile(spacefile)), SYSTEM="spaces", SPACE_ID="me/fm-tiny",
+               GRADIO_SERVER_NAME="0.0.0.0", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False")
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=out, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    # A session of its own: reload mode's watcher leaves its app process behind when terminated.
+    proc = subprocess.Popen(command, cwd=out, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        listening = _wait_listening(proc, tmp_path / "app.log")
+        assert listening == {("0.0.0.0", port)}, f"listens on {sorted(listening)}, not 0.0.0.0:{port}"
         client = _wait_for(f"http://127.0.0.1:{port}/", proc, tmp_path / "app.log")
         reply = client.predict("Hello there", api_name="/chat")
         stats = client.predict(api_name="/stats")
@@ -299,10 +313,32 @@ def test_cpu_bundle_app_starts_and_answers_chat(tmp_path):
         assert isinstance(reply, str) and reply, f"no reply from /chat: {reply!r}"
         assert stats["turns"] == 1 and stats["last_reply"]["new_tokens"] >= 1, stats
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
     assert (out / "fm_demo").is_dir() and not (out / "tests").exists()
+
+
+def _wait_listening(proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> set[tuple[str, int]]:
+    """The TCP addresses the app (or a process it started) listens on, once it listens at all."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the bundled app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        found = set()
+        try:
+            root = psutil.Process(proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # a child came or went while we looked; look again
+            found = set()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"the bundled app did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0):

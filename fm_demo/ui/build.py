@@ -100,6 +100,19 @@ def launch_kwargs(settings: Settings) -> dict:
     }
 
 
+def server_kwargs(settings: Settings) -> dict:
+    """Arguments of demo.launch() that say where it listens.
+
+    Only an address set explicitly (FM_DEMO_HOST / FM_DEMO_PORT, or --host / --port, which win)
+    is passed. Otherwise None leaves the choice to Gradio, so that its own variables apply exactly
+    as Gradio reads them: GRADIO_SERVER_NAME (else 127.0.0.1) and GRADIO_SERVER_PORT (else the
+    first free port from 7860). A Space starts `python app.py` with those set to 0.0.0.0 and its
+    port; passing defaults of ours instead would bind 127.0.0.1 where the Space cannot reach it.
+    root_path is never passed, so GRADIO_ROOT_PATH is Gradio's alone as well.
+    """
+    return {"server_name": settings.host or None, "server_port": settings.port or None}
+
+
 def queue_kwargs(settings: Settings) -> dict:
     """Arguments of demo.queue(): the queue bound and default concurrency from Settings."""
     from ..zerogpu import queue_options

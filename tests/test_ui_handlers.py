@@ -299,14 +299,19 @@ def test_lab_handlers_stream_both_series_and_the_prefill_sweep(ctx):
     from fm_demo.ui import lab_tab
 
     outs = drain(lab_tab.run_decode(ctx, "tiny-instruct", "fp32", 128, 60, request=request("lab")))
+    first = outs[0][0]  # Falcon Mamba's samples only: the transformer is named by a row without values
+    assert set(first["series"]) == {lab.MAMBA, lab.TRANSFORMER}
+    assert first[first["series"] == lab.TRANSFORMER]["tokens/s"].isna().all()
     speed, cache, memory, note = outs[-1]
     assert set(speed["series"]) == {lab.MAMBA, lab.TRANSFORMER} and note.startswith("Done")
+    assert speed["tokens/s"].notna().all()  # once both have samples, no placeholder remains
     mamba = cache[cache["series"] == lab.MAMBA]["cache MiB"]
     kv = cache[cache["series"] == lab.TRANSFORMER]["cache MiB"]
     assert mamba.nunique() == 1 and kv.is_monotonic_increasing and kv.iloc[-1] > kv.iloc[0]
     outs = drain(lab_tab.run_prefill(ctx, "tiny-instruct", "fp32", 1024, request=request("lab")))
     frame, note = outs[-1]
     assert sorted(set(frame["prompt tokens"])) == [128, 256, 512, 1024] and note.startswith("Done")
+    assert set(frame["series"]) == {lab_tab.PARALLEL, lab_tab.CHUNKED}
 
 
 def test_kernels_check_report_says_which_path_runs():

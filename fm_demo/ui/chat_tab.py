@@ -30,6 +30,7 @@ from .common import (
     session_id,
     user_errors,
 )
+from .plots import series_plot
 from .readout import (
     MEMORY_COLORS,
     SPEED_COLORS,
@@ -304,25 +305,25 @@ def build_chat_tab(ctx: AppContext) -> None:
                 )
                 seed = gr.Number(d["seed"], precision=0, label="Seed (-1 = random)")
     with gr.Row():
-        mem_plot = gr.LinePlot(
+        mem_plot = series_plot(
+            MEMORY_COLORS,
             memory_frame([]),
             x="context tokens",
             y="MiB",
-            color="series",
             height=280,
             title="Memory over this conversation (MiB)",
             y_lim=[0, None],
-            color_map=MEMORY_COLORS,
+            elem_id="chat-memory",
         )
-        speed_plot = gr.LinePlot(
+        speed_plot = series_plot(
+            SPEED_COLORS,
             speed_frame([]),
             x="context tokens",
             y="tokens/s",
-            color="series",
             height=280,
             title="Speed per turn (tokens/s)",
             y_lim=[0, None],
-            color_map=SPEED_COLORS,
+            elem_id="chat-speed",
         )
 
     knobs = [preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points]

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
 from .common import fmt_bytes, fmt_rate, fmt_seconds
+from .plots import series_frame
 
 MiB = 1 << 20
 
@@ -21,7 +22,10 @@ MiB = 1 << 20
 MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "device memory (whole process)"
 KV_SERIES = f"transformer KV cache ({KV_REFERENCE.name})"
 MEMORY_COLORS = {MAMBA_SERIES: "#059669", DEVICE_SERIES: "#6b7280", KV_SERIES: "#dc2626"}
+DEVICE_COLORS = {DEVICE_SERIES: MEMORY_COLORS[DEVICE_SERIES]}
 SPEED_COLORS = {"decode": "#059669", "prefill": "#2563eb"}
+_MIB_COLUMNS = {"context tokens": "int64", "series": "object", "MiB": "float64"}
+_SPEED_COLUMNS = {"context tokens": "int64", "series": "object", "tokens/s": "float64"}
 
 
 def kv_formula(tokens: int) -> str:
@@ -112,12 +116,6 @@ def turn_point(m: ReplyMetrics) -> dict:
     }
 
 
-def typed_frame(rows: list[dict], dtypes: dict[str, str]) -> pd.DataFrame:
-    """A plot frame with fixed column types, also when empty: the browser's chart infers axis
-    types from the data, and an empty untyped frame would turn numbers into categories."""
-    return pd.DataFrame(rows, columns=list(dtypes)).astype(dtypes)
-
-
 def memory_frame(points: list[dict]) -> pd.DataFrame:
     rows = []
     for p in points:
@@ -127,7 +125,7 @@ def memory_frame(points: list[dict]) -> pd.DataFrame:
             {"context tokens": n, "series": DEVICE_SERIES, "MiB": p["device"] / MiB},
             {"context tokens": n, "series": KV_SERIES, "MiB": kv_cache_bytes(n) / MiB},
         ]
-    return typed_frame(rows, {"context tokens": "int64", "series": "object", "MiB": "float64"})
+    return series_frame(rows, _MIB_COLUMNS, "context tokens", MEMORY_COLORS)
 
 
 def speed_frame(points: list[dict]) -> pd.DataFrame:
@@ -137,7 +135,7 @@ def speed_frame(points: list[dict]) -> pd.DataFrame:
             {"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
             {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]},
         ]
-    return typed_frame(rows, {"context tokens": "int64", "series": "object", "tokens/s": "float64"})
+    return series_frame(rows, _SPEED_COLUMNS, "context tokens", SPEED_COLORS)
 
 
 CSS = """

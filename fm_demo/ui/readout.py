@@ -19,8 +19,9 @@ from .plots import series_frame
 MiB = 1 << 20
 
 
-MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "device memory (whole process)"
-KV_SERIES = f"transformer KV cache ({KV_REFERENCE.name})"
+# Legend labels are cut at about 25 characters: the KV series names its reference in the readout
+MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "whole-process memory"
+KV_SERIES = "transformer KV cache"
 # The state and the KV cache share a plot; whole-process memory has its own: at hundreds of MiB it
 # would flatten the other two lines to zero on a shared axis.
 MEMORY_COLORS = {MAMBA_SERIES: "#059669", KV_SERIES: "#dc2626"}

@@ -27,8 +27,9 @@ from torch import nn
 from .engine import Engine
 from .metrics import device_memory
 
-MAMBA = "Falcon Mamba (recurrent state)"
-TRANSFORMER = "Llama-style transformer (KV cache)"
+# Series names, short enough for a plot legend (it cuts labels at about 25 characters)
+MAMBA = "Falcon Mamba (state)"
+TRANSFORMER = "Transformer (KV cache)"
 
 
 @dataclass

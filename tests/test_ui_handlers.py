@@ -21,7 +21,7 @@ from fm_demo.settings import Settings
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, throttle, to_user_error
-from fm_demo.ui.readout import readout_html
+from fm_demo.ui.readout import DEVICE_SERIES, KV_SERIES, MAMBA_SERIES, readout_html
 
 N = 12  # new tokens per reply: short replies keep the suite fast
 
@@ -92,7 +92,13 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     assert m.reused_tokens == first_context  # the whole first exchange came from the cached state
     assert m.prefilled_tokens < 20  # only the new turn was read
     assert [p["context"] for p in points] == [first_context, conv.context_tokens]
-    assert set(mem["series"]) >= {"Falcon Mamba state"} and len(speed) == 4
+    assert len(speed) == 4
+    # the state against the KV cache on their own axis: one stays flat, the other grows
+    assert set(mem["series"]) == {MAMBA_SERIES, KV_SERIES}
+    state, kv = (mem[mem["series"] == s]["MiB"] for s in (MAMBA_SERIES, KV_SERIES))
+    assert state.nunique() == 1 and kv.iloc[1] > kv.iloc[0] > state.iloc[0]
+    device = chat_tab.device_plot(points)  # whole-process memory: a plot of its own
+    assert set(device["series"]) == {DEVICE_SERIES} and len(device) == 2 and chat_tab.device_plot([]) is None
 
 
 @pytest.fixture(scope="module")
@@ -299,14 +305,19 @@ def test_lab_handlers_stream_both_series_and_the_prefill_sweep(ctx):
     from fm_demo.ui import lab_tab
 
     outs = drain(lab_tab.run_decode(ctx, "tiny-instruct", "fp32", 128, 60, request=request("lab")))
+    first = outs[0][0]  # Falcon Mamba's samples only: the transformer is named by a row without values
+    assert set(first["series"]) == {lab.MAMBA, lab.TRANSFORMER}
+    assert first[first["series"] == lab.TRANSFORMER]["tokens/s"].isna().all()
     speed, cache, memory, note = outs[-1]
     assert set(speed["series"]) == {lab.MAMBA, lab.TRANSFORMER} and note.startswith("Done")
+    assert speed["tokens/s"].notna().all()  # once both have samples, no placeholder remains
     mamba = cache[cache["series"] == lab.MAMBA]["cache MiB"]
     kv = cache[cache["series"] == lab.TRANSFORMER]["cache MiB"]
     assert mamba.nunique() == 1 and kv.is_monotonic_increasing and kv.iloc[-1] > kv.iloc[0]
     outs = drain(lab_tab.run_prefill(ctx, "tiny-instruct", "fp32", 1024, request=request("lab")))
     frame, note = outs[-1]
     assert sorted(set(frame["prompt tokens"])) == [128, 256, 512, 1024] and note.startswith("Done")
+    assert set(frame["series"]) == {lab_tab.PARALLEL, lab_tab.CHUNKED}
 
 
 def test_kernels_check_report_says_which_path_runs():

@@ -2,7 +2,8 @@
 
 Every reply-producing handler yields the same outputs, REPLY_OUTPUTS:
     (message box, chatbot, readout html, memory plot, speed plot, plot points state)
-and takes the same model/sampling inputs after its own, REPLY_INPUTS.
+and takes the same model/sampling inputs after its own, REPLY_INPUTS. The memory plot shows the
+state against a transformer's KV cache; the device-memory plot redraws when the points change.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
+import pandas as pd
 
 from .common import (
     SAMPLING_DEFAULTS,
@@ -30,9 +32,12 @@ from .common import (
     session_id,
     user_errors,
 )
+from .plots import series_plot
 from .readout import (
+    DEVICE_COLORS,
     MEMORY_COLORS,
     SPEED_COLORS,
+    device_frame,
     live_metrics,
     memory_frame,
     plot_points,
@@ -243,6 +248,12 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     )
 
 
+def device_plot(points: list) -> pd.DataFrame | None:
+    """The device-memory plot follows the per-turn points (None empties it, as clear and undo do
+    to the other plots)."""
+    return device_frame(points) if points else None
+
+
 def build_chat_tab(ctx: AppContext) -> None:
     s = ctx.settings
     points = gr.State([])
@@ -304,25 +315,35 @@ def build_chat_tab(ctx: AppContext) -> None:
                 )
                 seed = gr.Number(d["seed"], precision=0, label="Seed (-1 = random)")
     with gr.Row():
-        mem_plot = gr.LinePlot(
+        mem_plot = series_plot(
+            MEMORY_COLORS,
             memory_frame([]),
             x="context tokens",
             y="MiB",
-            color="series",
             height=280,
-            title="Memory over this conversation (MiB)",
+            title="Falcon Mamba state vs KV cache (MiB)",
             y_lim=[0, None],
-            color_map=MEMORY_COLORS,
+            elem_id="chat-memory",
         )
-        speed_plot = gr.LinePlot(
+        device_mem_plot = series_plot(
+            DEVICE_COLORS,
+            device_frame([]),
+            x="context tokens",
+            y="MiB",
+            height=280,
+            title=f"Device memory (MiB, {'CUDA allocated' if s.device == 'cuda' else 'process RSS'})",
+            y_lim=[0, None],
+            elem_id="chat-device-memory",
+        )
+        speed_plot = series_plot(
+            SPEED_COLORS,
             speed_frame([]),
             x="context tokens",
             y="tokens/s",
-            color="series",
             height=280,
             title="Speed per turn (tokens/s)",
             y_lim=[0, None],
-            color_map=SPEED_COLORS,
+            elem_id="chat-speed",
         )
 
     knobs = [preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points]
@@ -340,3 +361,5 @@ def build_chat_tab(ctx: AppContext) -> None:
     chatbot.clear(bind(clear, ctx), None, outs, api_name="chat_clear_icon")
     export_btn.click(bind(export, ctx), [preset, precision], export_file, api_name="chat_export")
     import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision], api_name="chat_import")
+    # its own plot, fed by the points every reply handler already returns (their outputs stay as they are)
+    points.change(device_plot, points, device_mem_plot, api_visibility="private", show_progress="hidden")

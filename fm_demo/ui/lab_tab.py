@@ -25,10 +25,13 @@ from .common import (
     session_id,
     user_errors,
 )
-from .readout import typed_frame
+from .plots import series_frame, series_plot
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live
 MiB = 1 << 20
+DECODE_COLORS = {lab.MAMBA: "#059669", lab.TRANSFORMER: "#dc2626"}  # the chat tab's state and KV colours
+PARALLEL, CHUNKED = "parallel (one pass)", "chunked prefill"
+PREFILL_COLORS = {PARALLEL: "#dc2626", CHUNKED: "#059669"}
 
 
 def sizes_for(device: str) -> dict[str, int]:
@@ -49,16 +52,15 @@ def decode_frame(samples: list[lab.Sample]) -> pd.DataFrame:
         }
         for s in samples
     ]
-    return typed_frame(
-        rows,
-        {
-            "tokens generated": "int64",
-            "series": "object",
-            "tokens/s": "float64",
-            "cache MiB": "float64",
-            "memory MiB": "float64",
-        },
-    )
+    dtypes = {
+        "tokens generated": "int64",
+        "series": "object",
+        "tokens/s": "float64",
+        "cache MiB": "float64",
+        "memory MiB": "float64",
+    }
+    # Falcon Mamba's samples stream first: the transformer needs its placeholder row until its own come
+    return series_frame(rows, dtypes, "tokens generated", DECODE_COLORS)
 
 
 def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
@@ -68,18 +70,19 @@ def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
             rows.append(
                 {
                     "prompt tokens": p.prompt_tokens,
-                    "series": "parallel (one pass)",
+                    "series": PARALLEL,
                     "peak MiB": p.parallel_bytes / MiB,
                 }
             )
         rows.append(
             {
                 "prompt tokens": p.prompt_tokens,
-                "series": f"chunked ({p.chunk_size} tokens/chunk)",
+                "series": CHUNKED,
                 "peak MiB": p.chunked_bytes / MiB,
             }
         )
-    return typed_frame(rows, {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"})
+    dtypes = {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"}
+    return series_frame(rows, dtypes, "prompt tokens", PREFILL_COLORS)
 
 
 def summary(samples: list[lab.Sample], ref_config, note: str) -> str:
@@ -166,7 +169,10 @@ def run_prefill(
         yield prefill_frame(peaks), f"Measured up to {peak.prompt_tokens:,} tokens..."
     _free(loaded.engine.device)
     where = "CUDA allocator peak" if loaded.engine.device.type == "cuda" else "process RSS peak (CPU, noisy)"
-    yield prefill_frame(peaks), f"Done. Peak memory above the idle level, measured as {where}."
+    yield prefill_frame(peaks), (
+        f"Done. Peak memory above the idle level, measured as {where}; chunked prefill reads "
+        f"{chunk:,} tokens per chunk."
+    )
 
 
 def _free(device: torch.device) -> None:
@@ -184,54 +190,61 @@ def build_lab_tab(ctx: AppContext) -> None:
     )
     with gr.Row():
         preset, precision = model_pickers(ctx.settings, ctx.settings.default_preset)
-        n_tokens = gr.Slider(64, s["max_tokens"], value=s["tokens"], step=64, label="Tokens to generate")
+        n_tokens = gr.Slider(
+            64, s["max_tokens"], value=s["tokens"], step=64, label="Tokens to generate", elem_id="lab-tokens"
+        )
         limit_s = gr.Slider(10, 1800, value=s["limit_s"], step=10, label="Time limit per model (s)")
     with gr.Row():
-        run_btn = gr.Button("Run decode benchmark", variant="primary")
+        run_btn = gr.Button("Run decode benchmark", variant="primary", elem_id="lab-run")
         stop_btn = gr.Button("Stop", variant="stop")
-    note = gr.Markdown()
+    note = gr.Markdown(elem_id="lab-note")
     with gr.Row():
-        speed_plot = gr.LinePlot(
+        speed_plot = series_plot(
+            DECODE_COLORS,
             x="tokens generated",
             y="tokens/s",
-            color="series",
             height=300,
             title="Decode speed (tokens/s) vs tokens generated",
             y_lim=[0, None],
+            elem_id="lab-speed",
         )
-        mem_plot = gr.LinePlot(
+        mem_plot = series_plot(
+            DECODE_COLORS,
             x="tokens generated",
             y="cache MiB",
-            color="series",
             height=300,
             title="Per-sequence cache (MiB): recurrent state vs KV cache",
             y_lim=[0, None],
+            elem_id="lab-cache",
         )
-    device_plot = gr.LinePlot(
+    device_plot = series_plot(
+        DECODE_COLORS,
         x="tokens generated",
         y="memory MiB",
-        color="series",
         height=260,
         title=(
             "Device memory allocated (MiB, CUDA allocator)"
             if ctx.settings.device == "cuda"
             else "Process memory (MiB, RSS: weights of both models + caches; CPU, noisy)"
         ),
+        elem_id="lab-memory",
     )
     gr.Markdown("### Longest prompt that fits: peak memory of reading a prompt")
     with gr.Row():
         max_prompt = gr.Slider(
-            256, s["max_prompt"], value=s["prompt"], step=256, label="Longest prompt (tokens)"
+            256, s["max_prompt"], value=s["prompt"], step=256, label="Longest prompt (tokens)",
+            elem_id="lab-max-prompt",
         )
-        prefill_btn = gr.Button("Run prefill sweep", variant="primary")
-    prefill_note = gr.Markdown()
-    prefill_plot = gr.LinePlot(
+        prefill_btn = gr.Button("Run prefill sweep", variant="primary", elem_id="lab-prefill-run")
+    prefill_note = gr.Markdown(elem_id="lab-prefill-note")
+    prefill_plot = series_plot(
+        PREFILL_COLORS,
         x="prompt tokens",
         y="peak MiB",
-        color="series",
         height=300,
         y_lim=[0, None],
         title="Peak memory (MiB) vs prompt length: parallel vs chunked prefill",
+        elem_id="lab-prefill",
     )
 
     preset.input(bind(on_preset_change, ctx.settings), preset, precision, api_name="lab_precisions")

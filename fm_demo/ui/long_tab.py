@@ -29,7 +29,8 @@ from .common import (
     session_id,
     user_errors,
 )
-from .readout import live_metrics, readout_html, typed_frame
+from .plots import series_frame, series_plot
+from .readout import DEVICE_COLORS, DEVICE_SERIES, live_metrics, readout_html
 
 SLOT = "long"
 MiB = 1 << 20
@@ -59,8 +60,10 @@ def document_text(pasted: str | None, file, limit_chars: int) -> str:
 
 
 def memory_frame(samples: list[tuple[int, int]]) -> pd.DataFrame:
-    rows = [{"tokens read": n, "series": "device memory (whole process)", "MiB": b / MiB} for n, b in samples]
-    return typed_frame(rows, {"tokens read": "int64", "series": "object", "MiB": "float64"})
+    rows = [{"tokens read": n, "series": DEVICE_SERIES, "MiB": b / MiB} for n, b in samples]
+    return series_frame(
+        rows, {"tokens read": "int64", "series": "object", "MiB": "float64"}, "tokens read", DEVICE_COLORS
+    )
 
 
 def _kv_note(tokens: int) -> str:
@@ -220,14 +223,15 @@ def build_long_tab(ctx: AppContext) -> None:
                 read_btn = gr.Button("Read and answer", variant="primary", elem_id="long-read")
                 stop_btn = gr.Button("Stop", variant="stop")
         with gr.Column(scale=2):
-            plot = gr.LinePlot(
+            plot = series_plot(
+                DEVICE_COLORS,
                 memory_frame([]),
                 x="tokens read",
                 y="MiB",
-                color="series",
                 height=260,
                 y_lim=[0, None],
                 title="Memory while reading (MiB)",
+                elem_id="long-memory",
             )
             note = gr.Markdown()
             readout = gr.HTML(readout_html(None))

@@ -1,0 +1,103 @@
+"""Stateless completions: a whole prompt in, a reply out (the OpenAI-compatible API's engine room).
+
+A request carries every token of its prompt (clients resend the whole history each call); the
+model's prefix cache finds the longest prefix it already holds a state for, only the rest is read,
+and the state at the end of the prompt is kept for the next request. `cached_tokens` in the usage
+says how many prompt tokens were served from the cache.
+
+Stop strings are cut at text level: text that could be the start of a stop string is held back
+until it is clear, so a client never sees part of a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..engine import SamplingParams
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    namespace: str = ""  # prefix-cache namespace (session, API key or cache_salt); shared when sharing is on
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose state came from the prefix cache
+    ttft_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class CompletionChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length on the last chunk
+    usage: Usage | None = None  # on the last chunk
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could begin a stop string (keep them back)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChunk]:
+    """Stream the completion of req.prompt_ids; closing the iterator cancels the reply."""
+    if not req.prompt_ids:
+        raise ValueError("the prompt is empty")
+    t0 = time.perf_counter()
+    prompt = req.prompt_ids
+    usage = Usage(prompt_tokens=len(prompt))
+    cache = lm.prefix_cache
+    start, state = cache.lookup(prompt[:-1], req.namespace)  # a private copy holding prompt[:start]
+    usage.cached_tokens = start
+    runner = lm.runner
+    if len(prompt) - 1 > start and not runner.one_call:
+        state = runner.prefill(state, torch.tensor([prompt[start:len(prompt) - 1]]))
+        cache.insert(prompt[:-1], state, req.namespace)
+        start = len(prompt) - 1
+    stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
+                           req.stop_token_ids, lm.tokenizer, None)
+    text, sent, ids, finish = "", 0, [], None
+    try:
+        for ev in stream:
+            if not ids:
+                usage.ttft_s = time.perf_counter() - t0
+            ids.append(ev.token_id)
+            text += ev.text
+            hit = min((i for s in req.stop_strings if (i := text.find(s)) >= 0), default=-1)
+            if hit >= 0:
+                text, finish = text[:hit], "stop"
+                break
+            finish = ev.finish_reason
+            upto = len(text) - (0 if finish else _held_back(text, req.stop_strings))
+            if upto > sent or finish:
+                yield CompletionChunk(text[sent:upto], [ev.token_id], None)
+                sent = upto
+    finally:
+        stream.close()
+    usage.completion_tokens = len(ids)
+    yield CompletionChunk(text[sent:], [], "length" if finish == "length" else "stop", usage)

@@ -25,6 +25,8 @@ from . import zerogpu
 from .engine import Engine, State
 from .settings import PRECISION_LABELS, Preset, Settings
 
+from .serving.prefix_cache import PrefixCache
+
 if TYPE_CHECKING:
     from .serving import Runner
 
@@ -58,6 +60,7 @@ class LoadedModel:
     notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. a chat template that differs
     gpu: GpuCalls | None = None  # on ZeroGPU: replies run through these, not engine.stream
     runner: Runner | None = None  # how replies run (serving/runner.py); made by the manager
+    prefix_cache: PrefixCache | None = None  # states by token prefix, shared by its requests; made by the manager
 
     @property
     def kind(self) -> str:
@@ -251,7 +254,8 @@ class ModelManager:
         notes = _notes(preset, tokenizer, engine)
         key = (preset.key, precision)
         lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
-                         time.perf_counter() - t0, notes, self.gpu, make_runner(engine, self.gpu, key, self.settings))
+                         time.perf_counter() - t0, notes, self.gpu, make_runner(engine, self.gpu, key, self.settings),
+                         PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache))
         progress(1.0, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 

@@ -91,7 +91,8 @@ def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
 
 
 class Conversation:
-    def __init__(self, lm: LoadedModel, settings: Settings | None = None, system_prompt: str | None = None):
+    def __init__(self, lm: LoadedModel, settings: Settings | None = None, system_prompt: str | None = None,
+                 namespace: str | None = None):
         self.settings = settings or Settings(device="cpu" if lm.device == "cpu" else "cuda")
         self.lm: LoadedModel | None = lm
         self.fmt = chat.format_for(lm.kind)
@@ -100,7 +101,9 @@ class Conversation:
         self.last_metrics: ReplyMetrics | None = None
         self.last_used = time.monotonic()
         self.on_commit: Callable[[Conversation, ReplyMetrics | None], None] | None = None  # the store's hook
-        self.cache = StateCache()
+        # the prefix-cache namespace: the browser session (the store passes it), else this conversation
+        self.namespace = namespace if namespace is not None else f"conversation-{id(self):x}-{time.time_ns()}"
+        self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
         self._lock = threading.Lock()
 
     # -- views -------------------------------------------------------------------------------
@@ -362,10 +365,10 @@ class Conversation:
     def fork(self) -> Conversation:
         """An independent copy; snapshots are shared (they are never modified in place)."""
         with self._locked():
-            other = Conversation(self.lm, self.settings, self.system)
+            other = Conversation(self.lm, self.settings, self.system, self.namespace)
             other.turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason,
                                 t.metrics) for t in self.turns]
-            other.cache = self.cache.copy()
+            other.cache = self.cache.copy(other.token_ids)
             return other
 
     def bind(self, lm: LoadedModel) -> None:
@@ -374,7 +377,7 @@ class Conversation:
             old, self.lm = self.lm, lm
             if old is not None and old.key == lm.key:
                 return
-            self.cache.clear()
+            self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
             if old is not None and (old.preset.source, old.kind) == (lm.preset.source, lm.kind):
                 return  # same tokens, only the precision changed
             self.fmt = chat.format_for(lm.kind)
@@ -386,6 +389,15 @@ class Conversation:
             try:
                 self.offload_all()
                 self.lm = None
+            finally:
+                self._lock.release()
+
+    def release_states(self) -> None:
+        """Let go of every state (a conversation the store drops): the prefix cache frees what no
+        one else holds. A busy conversation keeps them; the cache's budget frees them later."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.cache.clear()
             finally:
                 self._lock.release()
 

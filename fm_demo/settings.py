@@ -164,6 +164,8 @@ class Settings:
                                       4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
+    share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
+                                     "document demo): a hit reveals that someone sent the same text", False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
     offload_after_s: float = _help("seconds of idleness after which a GPU state moves to CPU", 60.0)
     model_memory_budget_bytes: int = _help("bytes of model weights kept loaded; 0: 90% of the device", 0)
@@ -359,6 +361,11 @@ def _env_values(cls, env: Mapping[str, str] | None) -> dict:
 def _parse_field(f, text: str, source: str):
     kind, text = type(f.default), str(text).strip()
     try:
+        if kind is bool:
+            low = text.lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("use true or false")
+            return low in ("1", "true", "yes", "on")
         if kind is tuple:
             return tuple(s.strip() for s in text.split(",") if s.strip())
         if kind is int:

@@ -1,18 +1,20 @@
-"""The recurrent states one conversation keeps (the conversation itself: sessions.py).
+"""The recurrent states one conversation uses (the conversation itself: sessions.py).
 
-A StateCache holds states that each hold exactly a prefix of the conversation's token transcript:
+Snapshots live in the model's PrefixCache (serving/prefix_cache.py), a radix tree over token ids
+shared by every request to that model; a conversation holds references into it, never copies:
     live         the state after the whole transcript, on the model's device, while it is hot;
-    snapshots    {position: state}: every turn boundary, plus the point just before the last
-                 reply's first token (so retry reads one token), moved to CPU between replies.
-Invariant: every snapshot at position p equals the state after reading token_ids[:p], and the
+    refs         {position: tree node}: every turn boundary, plus the point just before the last
+                 reply's first token (so retry reads one token); the tree keeps them on CPU.
+Invariant: every state found for position p equals the state after reading token_ids[:p], and the
 live state equals the state after reading token_ids[:live.seqlen]. The conversation keeps it by
-dropping the states past a change (truncate, clear) before it changes tokens; nearest() hands the
-live state to the caller, which advances it and gives it back through commit().
+dropping the live state past a change (truncate, clear) before it changes tokens; nearest() hands
+the live state to the caller, which advances it and gives it back through commit().
 
-Any position is served from the nearest cached state at or before it, prefilling only the tokens
-after it; with nothing cached (evicted by the store) the same code rebuilds the state from the
-tokens by chunked prefill. Snapshots are never modified in place, so copies may share them.
-The cache takes no lock: its conversation serialises every call.
+Any position is served from the nearest state at or before it: the live state, or the longest
+prefix the tree holds in this conversation's namespace (its own snapshots, or, with sharing on,
+anyone's with the same tokens), prefilling only the tokens after it. With nothing cached (evicted
+under the byte budget) the same code rebuilds the state from the tokens by chunked prefill.
+The cache takes no lock: its conversation serialises every call (the tree has its own).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .engine import Engine, State
+from .serving.prefix_cache import Node, PrefixCache
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -36,9 +39,21 @@ def _clone_to(state: State, device: torch.device | str) -> State:
 
 
 class StateCache:
-    def __init__(self) -> None:
+    def __init__(self, tree: PrefixCache | None, namespace: str, tokens: Callable[[], list[int]]) -> None:
+        self.tree = tree if tree is not None else PrefixCache(budget_bytes=0)
+        self.namespace = namespace
+        self._tokens = tokens  # the conversation's transcript now (keys for the tree)
         self.live: State | None = None
-        self.snapshots: dict[int, State] = {}
+        self.refs: dict[int, Node] = {}
+
+    @property
+    def snapshots(self) -> dict[int, State]:
+        """{position: state} of this conversation's snapshots still in the tree (not copies)."""
+        out = {}
+        for p, node in self.refs.items():
+            if (state := self.tree.get(node)) is not None:
+                out[p] = state
+        return out
 
     def nbytes(self) -> int:
         live = self.live.nbytes if self.live is not None else 0
@@ -48,56 +63,79 @@ class StateCache:
         states = [*self.snapshots.values()] + ([self.live] if self.live is not None else [])
         return sum(s.nbytes for s in states if s.device.type != "cpu")
 
-    def copy(self) -> StateCache:
-        """An independent cache; snapshots are shared (they are never modified in place)."""
-        other = StateCache()
-        other.snapshots = dict(self.snapshots)
+    def copy(self, tokens: Callable[[], list[int]]) -> StateCache:
+        """An independent cache over the same tree (snapshots are shared: never modified in place)."""
+        other = StateCache(self.tree, self.namespace, tokens)
+        other.refs = {p: self.tree.hold(n) for p, n in self.refs.items()}
         other.live = self.live.clone() if self.live is not None else None
         return other
 
+    def _keep_only(self, keep: Callable[[int], bool]) -> None:
+        """Let go of the snapshots at positions `keep` rejects (the tree frees what nobody holds)."""
+        for p in [p for p in self.refs if not keep(p)]:
+            self.tree.release(self.refs.pop(p))
+
+    def _ref(self, pos: int, node: Node) -> None:
+        if self.refs.get(pos) is not node:
+            if pos in self.refs:
+                self.tree.release(self.refs[pos])
+            self.refs[pos] = self.tree.hold(node)
+
     def clear(self) -> None:
-        self.snapshots, self.live = {}, None
+        self._keep_only(lambda p: False)
+        self.live = None
 
     def truncate(self, pos: int) -> None:
-        """Forget cached states beyond token position `pos`."""
-        self.snapshots = {p: s for p, s in self.snapshots.items() if p <= pos}
+        """Forget this conversation's states beyond token position `pos`."""
+        self._keep_only(lambda p: p <= pos)
         if self.live is not None and self.live.seqlen > pos:
             self.live = None
 
     def trim(self, level: int, keep: set[int]) -> int:
         """Free memory; level 1 keeps the live state and the snapshots at `keep`, level 2 drops all.
 
+        Dropped snapshots leave the tree once no fork holds them, unless it is shared (then its
+        budget decides).
         Returns the bytes freed.
         """
         before = self.nbytes()
+        self._keep_only(lambda p: level < 2 and p in keep)
         if level >= 2:
-            self.clear()
-        else:
-            self.snapshots = {p: s for p, s in self.snapshots.items() if p in keep}
+            self.live = None
         return before - self.nbytes()
 
     def at(self, pos: int) -> State | None:
         """The cached state holding exactly tokens[:pos], if there is one (not a copy)."""
-        state = self.snapshots.get(pos) or self.live
-        return state if state is not None and state.seqlen == pos else None
+        state = self.tree.get(self.refs.get(pos))
+        if state is None:
+            n, node = self.tree.find(self._tokens()[:pos], self.namespace)
+            state = self.tree.get(node) if n == pos else None
+        if state is None and self.live is not None and self.live.seqlen == pos:
+            state = self.live
+        return state
 
     def add(self, state: State) -> None:
-        """Keep a CPU copy of `state` as the snapshot at its position (state.seqlen)."""
-        self.snapshots[state.seqlen] = state.to("cpu")
+        """Keep `state` as the snapshot at its position (state.seqlen); the tree takes a CPU copy."""
+        pos = state.seqlen
+        self._ref(pos, self.tree.insert(self._tokens()[:pos], _clone_to(state, self.tree.device), self.namespace))
+
+    def _keep(self, state: State) -> None:
+        """Keep `state` itself as the snapshot at its position (it is not modified afterwards)."""
+        pos = state.seqlen
+        self._ref(pos, self.tree.insert(self._tokens()[:pos], state, self.namespace))
 
     def nearest(self, pos: int, device: torch.device | str, engine: Engine) -> tuple[int, State]:
         """(start, a state on `device` holding tokens[:start]) from the latest cached state <= pos.
 
-        The live state is taken over (the caller advances it); snapshots are copied (shared, never
-        modified in place); with nothing cached, a fresh state (start 0).
+        The live state is taken over (the caller advances it); tree states are copied (shared,
+        never modified in place); with nothing cached, a fresh state (start 0).
         """
         start, state = 0, None
         if self.live is not None and self.live.seqlen <= pos:
             start, state, self.live = self.live.seqlen, self.live.to(device), None
-        cached = [p for p in self.snapshots if p <= pos]
-        if cached and max(cached) > start:
-            start = max(cached)
-            state = _clone_to(self.snapshots[start], device)
+        n, node = self.tree.find(self._tokens()[:pos], self.namespace)
+        if n > start:
+            start, state = n, _clone_to(node.state, device)
         return start, state if state is not None else engine.new_state(device=device)
 
     def provide(self, lm: LoadedModel, tokens: list[int], boundaries: list[int], pos: int,
@@ -118,35 +156,35 @@ class StateCache:
                 state = runner.prefill(state, ids, progress and (
                     lambda d, t, o=offset: progress(o + d, pos - start)))
                 done = cut
-            if cut not in self.snapshots:
-                self.snapshots[cut] = _clone_to(state, runner.state_device)
+            if self.tree.get(self.refs.get(cut)) is None:
+                self.add(state)
         return start, state
 
     def commit(self, state: State | None, end: int, keep: set[int]) -> None:
         """Keep `state` (after a reply, holding tokens[:end]) and only the snapshots at `keep`."""
         if state is None or state.seqlen != end:  # an error mid-step: rebuild from snapshots later
             self.live = None
-        elif state.device.type == "cpu":
-            self.snapshots[end], self.live = state, None
+        elif state.device == self.tree.device:
+            self._keep(state)
+            self.live = None
         else:
-            self.snapshots[end], self.live = state.to("cpu"), state
-        self.snapshots = {p: s for p, s in self.snapshots.items() if p in keep and p <= end}
-        self.settle()
+            self.add(state)
+            self.live = state
+        self._keep_only(lambda p: p in keep and p <= end)
 
     def settle(self) -> None:
-        """Snapshots wait on CPU between replies; only the hot state stays on the device."""
-        self.snapshots = {p: s if s.device.type == "cpu" else s.to("cpu") for p, s in self.snapshots.items()}
+        """Snapshots wait in the tree (on CPU) between replies; kept for callers of the old API."""
 
     def offload(self) -> int:
-        """Move the hot state off the GPU (its copy at the end of the transcript is on CPU)."""
+        """Move the hot state off the GPU (its copy at the end of the transcript is in the tree)."""
         if self.live is None or self.live.device.type == "cpu":
             return 0
-        if self.live.seqlen not in self.snapshots:
-            self.snapshots[self.live.seqlen] = self.live.to("cpu")
+        if self.tree.get(self.refs.get(self.live.seqlen)) is None:
+            self.add(self.live)
         freed, self.live = self.live.nbytes, None
         return freed
 
     def offload_all(self) -> None:
         if self.live is not None and self.live.device.type != "cpu":
-            self.snapshots[self.live.seqlen] = self.live.to("cpu")
+            self.offload()
         self.live = None

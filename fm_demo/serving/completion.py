@@ -71,13 +71,13 @@ def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChun
     t0 = time.perf_counter()
     prompt = req.prompt_ids
     usage = Usage(prompt_tokens=len(prompt))
-    cache = lm.prefix_cache
-    start, state = cache.lookup(prompt[:-1], req.namespace)  # a private copy holding prompt[:start]
+    cache, runner = lm.prefix_cache, lm.runner
+    fresh = lm.engine.new_state(device=runner.state_device)
+    start, state = cache.lookup(prompt[:-1], req.namespace, runner.state_device, fresh)  # a private copy
     usage.cached_tokens = start
-    runner = lm.runner
     if len(prompt) - 1 > start and not runner.one_call:
         state = runner.prefill(state, torch.tensor([prompt[start:len(prompt) - 1]]))
-        cache.insert(prompt[:-1], state, req.namespace)
+        cache.insert(prompt[:-1], state.clone(), req.namespace)  # the point before the reply
         start = len(prompt) - 1
     stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
                            req.stop_token_ids, lm.tokenizer, None)
@@ -99,5 +99,8 @@ def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChun
                 sent = upto
     finally:
         stream.close()
+        end = stream.state
+        if end is not None and end.seqlen == len(prompt) + len(ids):  # the state after prompt and reply:
+            cache.insert(prompt + ids, end, req.namespace)  # a client that resends the history resumes here
     usage.completion_tokens = len(ids)
     yield CompletionChunk(text[sent:], [], "length" if finish == "length" else "stop", usage)

@@ -67,20 +67,24 @@ def models_table(ctx: AppContext) -> list[list[str]]:
 
 
 SERVING_HEADERS = ["model", "runner", "decoding", "reading prompts", "waiting", "last batch", "max batch",
-                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals"]
+                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals",
+                   "prefix cache: states", "prefix cache: memory", "prefix cache: hit rate"]
 
 
 def serving_table(ctx: AppContext) -> list[list]:
     """One row per loaded model: what its scheduler is doing now (continuous batching)."""
     rows = []
     for lm in ctx.manager.loaded():
-        st = lm.runner.stats()
+        st, pc = lm.runner.stats(), lm.prefix_cache.stats()
+        cache = [pc["states"], f"{fmt_bytes(pc['bytes'])} of {fmt_bytes(pc['budget_bytes'])}"
+                 + (" (shared)" if pc["shared"] else ""),
+                 f"{pc['hit_rate']:.0%} of requests, {pc['token_hit_rate']:.0%} of tokens"]
         if st.get("runner") != "batched":
-            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 2))
+            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 5) + cache)
             continue
         rows.append([lm.label, "batched", st["decoding"], st["reading"], st["waiting"], st["last_batch"],
                      st["max_batch"], f"{st['agg_tok_s']:,.1f}", fmt_bytes(st["state_bytes_active"]),
-                     st["steps"], st["busy_refusals"]])
+                     st["steps"], st["busy_refusals"], *cache])
     return rows
 
 

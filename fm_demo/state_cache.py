@@ -133,7 +133,7 @@ class StateCache:
         start, state = 0, None
         if self.live is not None and self.live.seqlen <= pos:
             start, state, self.live = self.live.seqlen, self.live.to(device), None
-        n, node = self.tree.find(self._tokens()[:pos], self.namespace)
+        n, node = self.tree.find(self._tokens()[:pos], self.namespace, count=True)
         if n > start:
             start, state = n, _clone_to(node.state, device)
         return start, state if state is not None else engine.new_state(device=device)

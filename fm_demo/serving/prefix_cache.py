@@ -93,8 +93,9 @@ class PrefixCache:
         return root
 
     # -- reading -------------------------------------------------------------------------------
-    def find(self, tokens: list[int], namespace: str = "") -> tuple[int, Node | None]:
-        """(n, node) of the longest prefix tokens[:n] with a stored state (n = 0, None: none)."""
+    def find(self, tokens: list[int], namespace: str = "", count: bool = False) -> tuple[int, Node | None]:
+        """(n, node) of the longest prefix tokens[:n] with a stored state (n = 0, None: none);
+        count=True counts the look-up towards the hit rate."""
         with self._lock:
             node, at, best = self._root(namespace), 0, None
             while True:
@@ -108,20 +109,22 @@ class PrefixCache:
                 node, at = child, at + len(child.edge)
             if best is not None:
                 best.last_used = time.monotonic()
-            return (best.depth, best) if best is not None else (0, None)
+            n = best.depth if best is not None else 0
+            if count:
+                self._counts["lookups"] += 1
+                self._counts["looked_up_tokens"] += len(tokens)
+                self._counts["hits"] += n > 0
+                self._counts["hit_tokens"] += n
+            return (n, best) if best is not None else (0, None)
 
     def lookup(self, tokens: list[int], namespace: str, device: torch.device | str,
                fresh: State) -> tuple[int, State]:
         """(n, a private copy on `device` of the state after tokens[:n]) for the longest cached
         prefix; (0, fresh) when none. Counts towards the hit rate."""
         with self._lock:
-            n, node = self.find(tokens, namespace)
-            self._counts["lookups"] += 1
-            self._counts["looked_up_tokens"] += len(tokens)
+            n, node = self.find(tokens, namespace, count=True)
             if node is None:
                 return 0, fresh
-            self._counts["hits"] += 1
-            self._counts["hit_tokens"] += n
             state = node.state
             copy = state.clone() if state.device == torch.device(device) else state.to(device)
         return n, copy

@@ -73,34 +73,36 @@ def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChun
     usage = Usage(prompt_tokens=len(prompt))
     cache, runner = lm.prefix_cache, lm.runner
     fresh = lm.engine.new_state(device=runner.state_device)
-    start, state = cache.lookup(prompt[:-1], req.namespace, runner.state_device, fresh)  # a private copy
+    start, state, node = cache.lookup(prompt[:-1], req.namespace, runner.state_device, fresh)  # a private copy
     usage.cached_tokens = start
-    if len(prompt) - 1 > start and not runner.one_call:
-        state = runner.prefill(state, torch.tensor([prompt[start:len(prompt) - 1]]))
-        cache.insert(prompt[:-1], state.clone(), req.namespace)  # the point before the reply
-        start = len(prompt) - 1
-    stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
-                           req.stop_token_ids, lm.tokenizer, None)
-    text, sent, ids, finish = "", 0, [], None
-    try:
-        for ev in stream:
-            if not ids:
-                usage.ttft_s = time.perf_counter() - t0
-            ids.append(ev.token_id)
-            text += ev.text
-            hit = min((i for s in req.stop_strings if (i := text.find(s)) >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                break
-            finish = ev.finish_reason
-            upto = len(text) - (0 if finish else _held_back(text, req.stop_strings))
-            if upto > sent or finish:
-                yield CompletionChunk(text[sent:upto], [ev.token_id], None)
-                sent = upto
-    finally:
-        stream.close()
-        end = stream.state
-        if end is not None and end.seqlen == len(prompt) + len(ids):  # the state after prompt and reply:
-            cache.insert(prompt + ids, end, req.namespace)  # a client that resends the history resumes here
+    text, ids, finish = "", [], None
+    with cache.pinned(node):  # the prefix this request resumes from stays while it runs
+        if len(prompt) - 1 > start and not runner.one_call:
+            state = runner.prefill(state, torch.tensor([prompt[start:len(prompt) - 1]]))
+            cache.insert(prompt[:-1], state.clone(), req.namespace)  # the point before the reply
+            start = len(prompt) - 1
+        stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
+                               req.stop_token_ids, lm.tokenizer, None)
+        sent = 0
+        try:
+            for ev in stream:
+                if not ids:
+                    usage.ttft_s = time.perf_counter() - t0
+                ids.append(ev.token_id)
+                text += ev.text
+                hit = min((i for s in req.stop_strings if (i := text.find(s)) >= 0), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                    break
+                finish = ev.finish_reason
+                upto = len(text) - (0 if finish else _held_back(text, req.stop_strings))
+                if upto > sent or finish:
+                    yield CompletionChunk(text[sent:upto], [ev.token_id], None)
+                    sent = upto
+        finally:
+            fed = ids + [ev.token_id for ev in stream.close()]  # a cancelled row may be a token ahead
+            end = stream.state
+            if end is not None and end.seqlen == len(prompt) + len(fed):  # the state after prompt and reply:
+                cache.insert(prompt + fed, end, req.namespace)  # a client that resends the history resumes here
     usage.completion_tokens = len(ids)
     yield CompletionChunk(text[sent:], [], "length" if finish == "length" else "stop", usage)

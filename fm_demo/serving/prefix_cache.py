@@ -118,16 +118,16 @@ class PrefixCache:
             return (n, best) if best is not None else (0, None)
 
     def lookup(self, tokens: list[int], namespace: str, device: torch.device | str,
-               fresh: State) -> tuple[int, State]:
-        """(n, a private copy on `device` of the state after tokens[:n]) for the longest cached
-        prefix; (0, fresh) when none. Counts towards the hit rate."""
+               fresh: State) -> tuple[int, State, Node | None]:
+        """(n, a private copy on `device` of the state after tokens[:n], its node) for the longest
+        cached prefix; (0, fresh, None) when none. Counts towards the hit rate."""
         with self._lock:
             n, node = self.find(tokens, namespace, count=True)
             if node is None:
-                return 0, fresh
+                return 0, fresh, None
             state = node.state
             copy = state.clone() if state.device == torch.device(device) else state.to(device)
-        return n, copy
+        return n, copy, node
 
     def get(self, node: Node | None) -> State | None:
         """The stored state of a node someone holds a reference to (None once evicted)."""

@@ -64,6 +64,7 @@ class Turn:
     reply: str = ""  # text shown for the reply
     finish_reason: str | None = None
     metrics: ReplyMetrics | None = None
+    keep_at: int | None = None  # a point inside prompt_ids worth a state of its own (a document's end)
 
 
 @dataclass
@@ -143,10 +144,16 @@ class Conversation:
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, text: str, sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
-             progress: ProgressFn | None = None, allow_long: bool = False) -> Iterator[ReplyEvent]:
-        """Stream the reply to a new user message; closing the iterator stops the reply."""
+             progress: ProgressFn | None = None, allow_long: bool = False,
+             document_chars: int | None = None) -> Iterator[ReplyEvent]:
+        """Stream the reply to a new user message; closing the iterator stops the reply.
+
+        document_chars: the message starts with a document of that many characters; the state at
+        its end is kept in the prefix cache, so the same document with another question (from
+        this session, or anyone's when sharing is on) is not read again.
+        """
         self._check_text(text, allow_long)
-        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress)
+        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress, document_chars)
 
     def retry(self, sampling: SamplingParams | None = None,
               max_new_tokens: int | None = None) -> Iterator[ReplyEvent]:
@@ -172,23 +179,28 @@ class Conversation:
             raise ConversationError(f"the message has {len(text):,} characters; the limit is {limit:,}")
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
-                  max_new_tokens: int | None, progress: ProgressFn | None) -> Iterator[ReplyEvent]:
+                  max_new_tokens: int | None, progress: ProgressFn | None,
+                  document_chars: int | None = None) -> Iterator[ReplyEvent]:
         if not self._lock.acquire(blocking=False):
             raise ConversationBusy("a reply is still being written in this conversation")
         before = self.last_metrics
         try:
             yield from self._generate_locked(keep, user_text, sampling or SamplingParams(),
-                                             self.settings.clamp_new_tokens(max_new_tokens), progress)
+                                             self.settings.clamp_new_tokens(max_new_tokens), progress,
+                                             document_chars)
         finally:
             self.last_used = time.monotonic()
             self._lock.release()
             if self.on_commit is not None:
                 self.on_commit(self, self.last_metrics if self.last_metrics is not before else None)
 
-    def _generate_locked(self, keep, user_text, sampling, max_new, progress) -> Iterator[ReplyEvent]:
+    def _generate_locked(self, keep, user_text, sampling, max_new, progress,
+                         document_chars=None) -> Iterator[ReplyEvent]:
         lm = self._require_model()
         t0 = time.perf_counter()
         turn, base = self._begin_turn(keep, user_text)
+        if document_chars:
+            turn.keep_at = self._document_end(turn, document_chars)
         pre = base + len(turn.prompt_ids) - 1  # the last prompt token goes through the stream
         m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
         raw, finish, state, stream = "", None, None, None
@@ -270,6 +282,29 @@ class Conversation:
         self.turns.append(turn)
         return turn, base
 
+    def _document_end(self, turn: Turn, chars: int) -> int | None:
+        """Tokens of turn.prompt_ids that hold only the first `chars` characters of the message:
+        the common prefix with the prompt of the document alone (token boundaries can merge
+        across the cut, so the point is where both encodings still agree)."""
+        prev = self.turns[-2].reply_ids if len(self.turns) > 1 else None
+        alone = chat.prompt_ids(self.fmt, self.lm.tokenizer, turn.user[:chars], prev, system=self.system)
+        n = 0
+        for a, b in zip(alone, turn.prompt_ids):
+            if a != b:
+                break
+            n += 1
+        return n if 0 < n < len(turn.prompt_ids) - 1 else None
+
+    def _marks(self) -> list[int]:
+        """Positions worth a state: turn boundaries and documents' ends."""
+        out, pos = [0], 0
+        for t in self.turns:
+            if t.keep_at is not None:
+                out.append(pos + t.keep_at)
+            pos += len(t.prompt_ids) + len(t.reply_ids)
+            out.append(pos)
+        return out
+
     def _cut_at_stop(self, turn: Turn, raw: str, base: int) -> State | None:
         """Drop the tokens from a stop string on and rebuild the state to the kept tokens.
 
@@ -295,14 +330,14 @@ class Conversation:
     # -- states (kept by self.cache) -----------------------------------------------------------
     def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:
         """A state on the model's device holding tokens[:pos], from the nearest cached one."""
-        start, state = self.cache.provide(self.lm, self.token_ids(), self._boundaries(), pos, progress)
+        start, state = self.cache.provide(self.lm, self.token_ids(), self._marks(), pos, progress)
         _note_reuse(m, start, pos, base)
         return state
 
     def _commit(self, turn: Turn, state: State | None, finish: str | None, m: ReplyMetrics) -> None:
         turn.finish_reason, turn.metrics = finish, m
         end = self.context_tokens
-        self.cache.commit(state, end, set(self._boundaries()) | {self._retry_point()})
+        self.cache.commit(state, end, set(self._marks()) | {self._retry_point()})
         m.state_bytes = self.lm.engine.state_nbytes()
         m.cache_bytes, m.context_tokens = self.cache_bytes(), end
         m.device_mem_bytes, m.device_peak_bytes = device_memory(self.lm.engine.device)
@@ -360,6 +395,7 @@ class Conversation:
             if self.turns:
                 self.turns[0].prompt_ids = chat.prompt_ids(self.fmt, self.lm.tokenizer, self.turns[0].user,
                                                            None, system=text)
+                self.turns[0].keep_at = None
                 self.cache.clear()
 
     def fork(self) -> Conversation:
@@ -367,7 +403,7 @@ class Conversation:
         with self._locked():
             other = Conversation(self.lm, self.settings, self.system, self.namespace)
             other.turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason,
-                                t.metrics) for t in self.turns]
+                                t.metrics, t.keep_at) for t in self.turns]
             other.cache = self.cache.copy(other.token_ids)
             return other
 
@@ -409,7 +445,7 @@ class Conversation:
         for t in self.turns:
             t.prompt_ids = chat.prompt_ids(self.fmt, tok, t.user, prev, system=self.system)
             t.reply_ids = chat.encode(tok, self.fmt.reply_lead + t.reply) if t.reply else []
-            prev = t.reply_ids
+            t.keep_at, prev = None, t.reply_ids
 
     def _require_model(self) -> LoadedModel:
         if self.lm is None:

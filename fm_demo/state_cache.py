@@ -94,12 +94,13 @@ class StateCache:
     def trim(self, level: int, keep: set[int]) -> int:
         """Free memory; level 1 keeps the live state and the snapshots at `keep`, level 2 drops all.
 
-        Dropped snapshots leave the tree once no fork holds them, unless it is shared (then its
-        budget decides).
+        Then the tree frees every state of this namespace that no conversation (a fork) holds,
+        unless it is shared (then its budget decides).
         Returns the bytes freed.
         """
         before = self.nbytes()
         self._keep_only(lambda p: level < 2 and p in keep)
+        self.tree.discard_unheld(self.namespace)
         if level >= 2:
             self.live = None
         return before - self.nbytes()

@@ -199,6 +199,25 @@ def test_long_context_reads_in_chunks_then_answers_follow_ups(ctx):
     assert conv.last_metrics.reused_tokens == before
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_document_read_by_one_session_is_not_read_again_when_sharing_is_on(tmp_path_factory, shared):
+    ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, max_upload_chars=50_000, share_prefix_cache=shared),
+                       tmp_path_factory)
+    doc = " ".join(f"Line {i}: the falcon flies over the desert at dawn." for i in range(120))
+    first = drain(long_tab.read_document(ctx, doc, None, "What flies?", "tiny-instruct", "fp32", N,
+                                         request=request("alice")))[-1]
+    second = drain(long_tab.read_document(ctx, doc, None, "When does it fly?", "tiny-instruct", "fp32", N,
+                                          request=request("bob")))[-1]
+    a, b = ctx.store.get("alice", "long"), ctx.store.get("bob", "long")
+    assert "Already read" not in first[3] and a.last_metrics.reused_tokens == 0
+    if shared:  # bob reads only his question: the document's state came from alice's read
+        assert second[3].startswith("**Already read (read earlier on this server")
+        assert b.last_metrics.reused_tokens == b.turns[0].keep_at > 0.9 * b.context_tokens - N
+        assert b.last_metrics.prefilled_tokens < 20
+    else:  # sessions never see each other's states
+        assert "Already read" not in second[3] and b.last_metrics.reused_tokens == 0
+
+
 def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory):
     # small chunks: the read takes many chunks (seconds), so Stop lands mid-way on any machine
     ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, chunk_size=16, max_upload_chars=50_000),

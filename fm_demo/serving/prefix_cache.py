@@ -183,12 +183,27 @@ class PrefixCache:
         return node
 
     def release(self, node: Node) -> None:
-        """A conversation lets go of `node`. Unshared, a state nobody holds any more is useless
-        (nobody else can reach this namespace) and is freed now; shared, the budget decides."""
+        """A conversation lets go of `node`; the state stays for look-ups until the budget needs
+        the room (least recently used first) or its namespace frees what nobody holds."""
         with self._lock:
             node.holders = max(0, node.holders - 1)
-            if node.holders == 0 and not self.shared:
-                self.discard(node)
+
+    def discard_unheld(self, namespace: str) -> int:
+        """Free every state of `namespace` that no conversation holds and no row uses (a session
+        trimming its memory); nothing when sharing is on (others may hit). Returns bytes freed."""
+        if self.shared:
+            return 0
+        with self._lock:
+            root = self._roots.get(namespace)
+            if root is None:
+                return 0
+            stack, unheld = [root], []
+            while stack:
+                node = stack.pop()
+                if node.state is not None and node.holders == 0 and node.pins == 0:
+                    unheld.append(node)
+                stack.extend(node.children.values())
+            return sum(self.discard(node) for node in unheld)
 
     def discard(self, node: Node | None) -> int:
         """Drop a node's state now (its owner frees memory); returns the bytes freed."""

@@ -137,6 +137,7 @@ def read_document(
         int(max_new_tokens),
         progress=on_chunk,
         allow_long=True,
+        document_chars=len(text),
     )
     first = None
     try:
@@ -158,6 +159,10 @@ def read_document(
     note = (
         _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
     )
+    if first is not None and first.metrics.reused_tokens:
+        shared = " (read earlier on this server: prefix states are shared)" if conv.lm.prefix_cache.shared else ""
+        note = (f"**Already read{shared}**: {first.metrics.reused_tokens:,} tokens of this document came from "
+                f"the prefix cache, so only {first.metrics.prefilled_tokens:,} were read now. " + note)
     yield from _answer(ctx, sid, conv, events, first, memory_frame(samples), note)
 
 

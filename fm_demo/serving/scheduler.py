@@ -282,12 +282,13 @@ class Scheduler:
             self._finish(req, None, keep_state=True)
 
     def _read_prompts(self) -> None:
-        """Read prompt pieces: within the budget, first come first served, while rows decode; one
-        piece per row otherwise (so a new arrival still starts within one piece's time)."""
+        """Read prompt pieces: within the budget, first come first served, while rows decode; up to
+        a chunk per row otherwise (so a new arrival still starts within one chunk's time)."""
         decoding = bool(self._decoding)
-        budget = self.prefill_budget if decoding else len(self._reading) * self.piece
+        per_row = max(self.engine.chunk_size, self.piece)
+        budget = self.prefill_budget if decoding else len(self._reading) * per_row
         for req in list(self._reading):
-            row_budget = budget if decoding else self.piece
+            row_budget = budget if decoding else per_row
             while row_budget > 0 and req.read < len(req.ids):
                 t0 = time.perf_counter()
                 end = min(req.read + self.piece, len(req.ids))

@@ -178,11 +178,12 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def decode_step(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
+    def decode_step(self, ids: Tensor, conv: Tensor, ssm: Tensor, static: bool = False) -> Tensor:
         """One token per row on raw state tensors (no checks): ids [B] long on the device,
         conv [L, B, D, K-1], ssm [L, B, D, N] (views of bigger buffers are fine), advanced in
-        place; returns logits [B, V]. Replays a CUDA graph for B where one is captured."""
-        logits = self.graphs.step(ids, conv, ssm) if self.graphs is not None else None
+        place; returns logits [B, V]. Replays a CUDA graph for B where one is captured;
+        static=True: the tensors are long-lived buffers the graph may be captured on."""
+        logits = self.graphs.step(ids, conv, ssm, static) if self.graphs is not None else None
         if logits is None:
             logits = forward_step(self.model, self.consts, self.ops, ids, conv, ssm)
         return logits

@@ -332,7 +332,7 @@ class Scheduler:
         n = len(rows)
         b = self.engine.decode_bucket(n)  # n on CPU; a captured CUDA-graph size on CUDA (spare slots pad)
         ids = torch.tensor([r.pending for r in rows] + [0] * (b - n), device=self.engine.device)
-        logits = self.engine.decode_step(ids, self.conv[:, :b], self.ssm[:, :b])[:n]  # [n, V]
+        logits = self.engine.decode_step(ids, self.conv[:, :b], self.ssm[:, :b], static=True)[:n]  # [n, V]
         now = time.perf_counter()
         self._counts["steps"] += 1
         self._counts["tokens"] += n

@@ -82,7 +82,8 @@ class _Detok:
 class Engine:
     """Wraps a transformers FalconMambaForCausalLM (fp32, bf16 or bitsandbytes 4-bit)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ops: OpSet | None = None):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ops: OpSet | None = None,
+                 cuda_graphs: bool = True):
         if getattr(model.config, "model_type", None) not in ("falcon_mamba", "mamba"):
             raise TypeError(f"Engine needs a Falcon Mamba model, got {type(model).__name__}")
         if chunk_size < 1:
@@ -95,8 +96,9 @@ class Engine:
         self.ops = ops or select_ops(self.device)
         self.consts = [layer_consts(b.mixer) for b in model.backbone.layers]
         self.signature = model_signature(model)
-        # CUDA-graph decode (cuda_graph.py): None off CUDA; per batch size it falls back to eager
-        self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device)
+        # CUDA-graph decode (cuda_graph.py): None off CUDA or when turned off; per batch size it
+        # falls back to eager
+        self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device) if cuda_graphs else None
 
     # -- state -------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:

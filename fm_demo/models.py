@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import zerogpu
 from .engine import Engine, State
-from .settings import PRECISION_LABELS, Preset, Settings
-
 from .serving.prefix_cache import PrefixCache
+from .settings import PRECISION_LABELS, Preset, Settings
 
 if TYPE_CHECKING:
     from .serving import Runner

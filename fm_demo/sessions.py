@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -39,32 +39,13 @@ from . import chat
 from .engine import SamplingParams, State, TokenEvent
 from .metrics import ReplyMetrics, device_memory
 from .models import LoadedModel
+from .serving import ReplyStream
 from .settings import Settings
 from .state_cache import ProgressFn, StateCache
-from .serving import ReplyStream
+from .transfer import export_bytes, import_parts
+from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 
-
-class ConversationError(ValueError):
-    """A request a conversation cannot serve; the message is for the user."""
-
-
-class ConversationBusy(ConversationError):
-    pass
-
-
-class ImportRefused(ConversationError):
-    pass
-
-
-@dataclass
-class Turn:
-    user: str
-    prompt_ids: list[int]  # delta read before the reply (chat.prompt_ids)
-    reply_ids: list[int] = field(default_factory=list)  # generated tokens, all of them in the state
-    reply: str = ""  # text shown for the reply
-    finish_reason: str | None = None
-    metrics: ReplyMetrics | None = None
-    keep_at: int | None = None  # a point inside prompt_ids worth a state of its own (a document's end)
+__all__ = ["Conversation", "ConversationBusy", "ConversationError", "ImportRefused", "ReplyEvent", "Turn"]
 
 
 @dataclass
@@ -455,8 +436,6 @@ class Conversation:
     # -- export / import ---------------------------------------------------------------------
     def export(self) -> bytes:
         """Transcript + state at its end, as one safetensors file (versioned, checksummed)."""
-        from .transfer import export_bytes  # transfer builds on this module's Turn and errors
-
         with self._locked():
             lm = self._require_model()
             end = self.context_tokens
@@ -469,8 +448,6 @@ class Conversation:
     @classmethod
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
         """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
-        from .transfer import import_parts  # transfer builds on this module's Turn and errors
-
         conv = cls(lm, settings)
         conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
         if state.seqlen:

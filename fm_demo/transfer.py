@@ -18,7 +18,7 @@ import torch
 from . import chat
 from .engine import State, StateError
 from .models import LoadedModel
-from .sessions import ImportRefused, Turn
+from .turns import ImportRefused, Turn
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
 

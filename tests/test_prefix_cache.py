@@ -194,4 +194,5 @@ def test_a_conversation_whose_states_were_evicted_is_rebuilt_and_replies_as_befo
     a = list(conv.send("What word did I ask you to remember?"))[-1]
     b = list(twin.send("What word did I ask you to remember?"))[-1]
     assert not a.metrics.cache_hit and a.metrics.rebuilt_tokens > 0
+    assert b.metrics.cache_hit  # same session, same tokens: the twin resumes from the rebuilt states
     assert conv.turns[-1].reply_ids == twin.turns[-1].reply_ids

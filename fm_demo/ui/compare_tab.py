@@ -12,8 +12,8 @@ from typing import Iterator
 import gradio as gr
 
 from .common import (
-    AppContext,
     UPDATES_PER_S,
+    AppContext,
     bind,
     check_message,
     model_pickers,

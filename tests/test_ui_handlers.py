@@ -291,6 +291,21 @@ def test_system_report_lists_versions_and_loaded_models(ctx):
     assert "sessions" in stats
 
 
+def test_system_tab_shows_each_models_scheduler_and_prefix_cache(tmp_path_factory):
+    ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, max_batch=4), tmp_path_factory)
+    drain(chat_tab.send(ctx, "What is 2 plus 3?", *knobs(), request=request("sys")))
+    lm = ctx.manager.get("tiny-instruct", "fp32")
+    conv = ctx.store.get("sys", "chat")
+    serving, caches = system_tab.live_tables(ctx)
+    assert len(serving) == len(caches) == 1 and serving[0][0] == caches[0][0] == lm.label
+    row = dict(zip(system_tab.SERVING_HEADERS, serving[0]))
+    assert row["runner"] == "batched" and row["max batch"] == 4 and row["decoding"] == 0
+    assert row["decode steps"] == conv.last_metrics.new_tokens and row["last batch"] == 1
+    cache = dict(zip(system_tab.CACHE_HEADERS, caches[0]))
+    assert cache["states"] == lm.prefix_cache.stats()["states"] == len(conv.cache.refs) >= 2
+    assert cache["shared across sessions"] == "no" and cache["evictions"] == 0
+
+
 def test_similar_transformer_matches_parameter_count_and_grows_its_cache(ctx):
     lm = ctx.manager.get("tiny-instruct", "fp32")
     llama = lab.similar_transformer(lm.model)

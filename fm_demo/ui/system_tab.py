@@ -67,25 +67,38 @@ def models_table(ctx: AppContext) -> list[list[str]]:
 
 
 SERVING_HEADERS = ["model", "runner", "decoding", "reading prompts", "waiting", "last batch", "max batch",
-                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals",
-                   "prefix cache: states", "prefix cache: memory", "prefix cache: hit rate"]
+                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals"]
+CACHE_HEADERS = ["model", "states", "memory", "budget", "shared across sessions", "hit rate (requests)",
+                 "hit rate (tokens)", "evictions"]
 
 
 def serving_table(ctx: AppContext) -> list[list]:
     """One row per loaded model: what its scheduler is doing now (continuous batching)."""
     rows = []
     for lm in ctx.manager.loaded():
-        st, pc = lm.runner.stats(), lm.prefix_cache.stats()
-        cache = [pc["states"], f"{fmt_bytes(pc['bytes'])} of {fmt_bytes(pc['budget_bytes'])}"
-                 + (" (shared)" if pc["shared"] else ""),
-                 f"{pc['hit_rate']:.0%} of requests, {pc['token_hit_rate']:.0%} of tokens"]
+        st = lm.runner.stats()
         if st.get("runner") != "batched":
-            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 5) + cache)
+            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 2))
             continue
         rows.append([lm.label, "batched", st["decoding"], st["reading"], st["waiting"], st["last_batch"],
                      st["max_batch"], f"{st['agg_tok_s']:,.1f}", fmt_bytes(st["state_bytes_active"]),
-                     st["steps"], st["busy_refusals"], *cache])
+                     st["steps"], st["busy_refusals"]])
     return rows
+
+
+def cache_table(ctx: AppContext) -> list[list]:
+    """One row per loaded model: its prefix-state cache (serving/prefix_cache.py)."""
+    rows = []
+    for lm in ctx.manager.loaded():
+        pc = lm.prefix_cache.stats()
+        rows.append([lm.label, pc["states"], fmt_bytes(pc["bytes"]), fmt_bytes(pc["budget_bytes"]),
+                     "yes" if pc["shared"] else "no", f"{pc['hit_rate']:.0%}", f"{pc['token_hit_rate']:.0%}",
+                     pc["evictions"]])
+    return rows
+
+
+def live_tables(ctx: AppContext) -> tuple[list[list], list[list]]:
+    return serving_table(ctx), cache_table(ctx)
 
 
 def kernels_check_report() -> dict:
@@ -132,7 +145,13 @@ def build_system_tab(ctx: AppContext) -> list:
         label="Serving now: each model's batched scheduler (refreshes every 2 s)",
         interactive=False,
     )
-    gr.Timer(2.0).tick(bind(serving_table, ctx), None, serving, api_name="serving", queue=False)
+    caches = gr.Dataframe(
+        value=cache_table(ctx),
+        headers=CACHE_HEADERS,
+        label="Prefix-state cache of each model (refreshes every 2 s)",
+        interactive=False,
+    )
+    gr.Timer(2.0).tick(bind(live_tables, ctx), None, [serving, caches], api_name="serving", queue=False)
     with gr.Row():
         stats = gr.JSON(label="Session cache (all sessions)")
         check = gr.JSON(label="kernels_check report")

@@ -89,7 +89,13 @@ def _forget_session(ctx: AppContext):
 
 
 def launch_kwargs(settings: Settings) -> dict:
-    """Arguments of demo.launch() that style and bound the app (Gradio 6 takes theme/css here)."""
+    """Arguments of demo.launch() that style, bound and extend the app (Gradio 6 takes theme/css here).
+
+    app_kwargs reach the FastAPI app launch() builds: its `routes` are the OpenAI-compatible /v1
+    endpoints.
+    """
+    from .openai_api import api_routes
+
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
         "theme": gr.themes.Soft(primary_hue="emerald"),
@@ -97,6 +103,7 @@ def launch_kwargs(settings: Settings) -> dict:
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],
         "show_error": False,
+        "app_kwargs": {"routes": api_routes()},
     }
 
 

@@ -32,10 +32,10 @@ def mcp_session(url: str, work):
     from mcp.client.streamable_http import streamablehttp_client
 
     async def run():
-        async with streamablehttp_client(f"{url}/gradio_api/mcp/") as (read, write, _):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                return await work(session)
+        async with streamablehttp_client(f"{url}/gradio_api/mcp/") as (read, write, _), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            return await work(session)
 
     return asyncio.run(asyncio.wait_for(run(), timeout=120))
 

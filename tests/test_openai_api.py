@@ -84,8 +84,8 @@ def keyed():
 def shared(tmp_path_factory):
     settings = Settings(device="cpu", max_new_tokens=N, max_upload_chars=UPLOAD, share_prefix_cache=True,
                         max_batch=1, max_new_tokens_cap=100_000)
-    rambler = Preset("rambler", "random weights that never stop", rambler_checkpoint(tmp_path_factory), "base",
-                     ("fp32",), "fp32")
+    path = rambler_checkpoint(tmp_path_factory)
+    rambler = Preset("rambler", "random weights that never stop", path, "base", ("fp32",), "fp32")
     ctx = context(settings, {"rambler": rambler})
     demo, url = serve(settings, ctx)
     yield url, ctx
@@ -117,12 +117,13 @@ def test_chat_replies_as_the_chat_tab_does(keyed):
     """Same template, same greedy reply as a conversation in the app (gradio_client /chat)."""
     from gradio_client import Client
 
-    url, ctx = keyed
+    url, _ = keyed
     r = ask(client(url))
     assert r.object == "chat.completion" and r.model == "tiny-instruct" and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == Client(url, verbose=False).predict(QUESTION, api_name="/chat")
-    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    u = r.usage
+    assert u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
 def test_system_messages_go_through_the_template(keyed):
@@ -148,7 +149,8 @@ def test_streaming_gives_the_same_text_and_a_usage_chunk(keyed):
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == \
         (whole.usage.prompt_tokens, whole.usage.completion_tokens)
     plain = list(ask(c, PROMPTS[1], stream=True, extra_body={"cache_salt": "stream-c"}))
-    assert all(ch.choices for ch in plain) and "".join(ch.choices[0].delta.content or "" for ch in plain) == text
+    assert all(ch.choices for ch in plain)
+    assert "".join(ch.choices[0].delta.content or "" for ch in plain) == text
 
 
 def test_a_resent_history_is_read_from_the_cache(keyed):
@@ -156,7 +158,8 @@ def test_a_resent_history_is_read_from_the_cache(keyed):
     url, _ = keyed
     c = client(url)
     messages, previous = [], 0
-    for turn, text in enumerate(["Remember the word apple.", "Spell apple.", "What word did I ask you to remember?"]):
+    turns = ["Remember the word apple.", "Spell apple.", "What word did I ask you to remember?"]
+    for turn, text in enumerate(turns):
         messages.append({"role": "user", "content": text})
         r = c.chat.completions.create(model="tiny-instruct", messages=messages, temperature=0, max_tokens=24,
                                       extra_body={"cache_salt": "multi-turn"})
@@ -169,7 +172,7 @@ def test_a_resent_history_is_read_from_the_cache(keyed):
 def test_completions_continue_text_and_cut_at_a_stop_string(keyed):
     url, _ = keyed
     c = client(url)
-    kw = dict(model="tiny-base", prompt="Once upon a time", temperature=0, max_tokens=24)
+    kw = {"model": "tiny-base", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 24}
     whole = c.completions.create(**kw)
     text = whole.choices[0].text
     assert whole.object == "text_completion" and len(text) > 10
@@ -187,7 +190,8 @@ def test_completions_continue_text_and_cut_at_a_stop_string(keyed):
 def test_chat_with_a_base_model_uses_the_plain_transcript(keyed):
     url, ctx = keyed
     messages = [{"role": "user", "content": "Tell me about cats."}]
-    r = client(url).chat.completions.create(model="tiny-base", messages=messages, temperature=0, max_tokens=40)
+    r = client(url).chat.completions.create(model="tiny-base", messages=messages, temperature=0,
+                                            max_tokens=40)
     reply = r.choices[0].message.content
     tok = ctx.manager.get("tiny-base").tokenizer
     assert r.usage.prompt_tokens == len(chat.encode(tok, chat.render(chat.BASE, messages, True)))
@@ -201,7 +205,8 @@ def test_concurrent_clients_get_their_solo_replies(keyed):
             for i, p in enumerate(PROMPTS)]
 
     def one(i: int) -> str:
-        return ask(client(url), PROMPTS[i], extra_body={"cache_salt": f"together-{i}"}).choices[0].message.content
+        r = ask(client(url), PROMPTS[i], extra_body={"cache_salt": f"together-{i}"})
+        return r.choices[0].message.content
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         assert list(pool.map(one, range(len(PROMPTS)))) == solo
@@ -211,10 +216,13 @@ def test_concurrent_clients_get_their_solo_replies(keyed):
 def test_without_sharing_a_namespace_sees_only_its_own_cache(keyed):
     url, _ = keyed
     c = client(url)
-    salted = lambda salt: ask(c, PROMPTS[3], extra_body={"cache_salt": salt}).usage  # noqa: E731
-    assert salted("ns-one").prompt_tokens_details.cached_tokens == 0
-    assert salted("ns-two").prompt_tokens_details.cached_tokens == 0
-    assert salted("ns-one").prompt_tokens_details.cached_tokens > 0
+
+    def cached(salt: str) -> int:
+        return ask(c, PROMPTS[3], extra_body={"cache_salt": salt}).usage.prompt_tokens_details.cached_tokens
+
+    assert cached("ns-one") == 0
+    assert cached("ns-two") == 0  # the same prompt, another namespace: no hit
+    assert cached("ns-one") > 0
 
 
 def test_with_sharing_a_namespace_hits_what_another_cached(shared):
@@ -265,7 +273,7 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
                       ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"stop": [""]}, "stop"),
                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                       ({"logprobs": True}, "logprobs"), ({"top_p": 0}, None)]:
-        status, err = _status(lambda: ask(c, **kw))
+        status, err = _status(lambda kw=kw: ask(c, **kw))
         assert status == 400 and err["type"] == "invalid_request_error" and err["param"] == param, (kw, err)
     image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     status, err = _status(lambda: c.chat.completions.create(
@@ -275,10 +283,10 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
     status, err = _status(lambda: ask(c, "x" * UPLOAD))
     assert status == 413 and err["code"] == "prompt_too_long"
     assert _status(lambda: c.completions.create(model="tiny-base", prompt="y" * (UPLOAD + 1)))[0] == 413
-    raw = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    raw = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers=auth)
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
-    huge = httpx.post(f"{url}/v1/completions", content=b" " * (7 * UPLOAD + 70_000),
-                      headers={"Authorization": f"Bearer {KEY}"})
+    huge = httpx.post(f"{url}/v1/completions", content=b" " * (7 * UPLOAD + 70_000), headers=auth)
     assert huge.status_code == 413
     ok = ask(c, max_tokens=10_000, extra_body={"an_unknown_field": 1, "top_k": 5, "repetition_penalty": 1.1})
     assert ok.choices[0].message.content  # unknown fields ignored, max_tokens clamped to the cap
@@ -308,15 +316,15 @@ def test_an_error_mid_stream_ends_the_stream_with_an_error_event(shared):
     url, ctx = shared
     c = client(url)
     lm = ctx.manager.get("rambler")
-    stream = c.completions.create(model="rambler", prompt="Once upon a time", max_tokens=100_000, temperature=0,
-                                  stream=True)
+    stream = c.completions.create(model="rambler", prompt="Once upon a time", max_tokens=100_000,
+                                  temperature=0, stream=True)
     chunks = iter(stream)
     next(chunks)
     threading.Timer(0.2, ctx.manager.unload, [lm.key]).start()  # the model goes away mid-reply
     with pytest.raises(openai.APIError, match="unloaded"):
         for _ in chunks:
             pass
-    again = c.completions.create(model="rambler", prompt="Once", max_tokens=3, temperature=0)  # loads it again
+    again = c.completions.create(model="rambler", prompt="Once", max_tokens=3, temperature=0)  # loaded again
     assert again.usage.completion_tokens == 3
 
 

@@ -99,8 +99,8 @@ def chat(
     if text is None:  # an empty message does nothing, as in the browser
         yield ""
         return
-    with call_session(ctx, request) as request:
-        sid, conv = open_conversation(ctx, request, _resolve(ctx, preset), precision, CHAT_SLOT)
+    with call_session(ctx, request) as session:
+        sid, conv = open_conversation(ctx, session, _resolve(ctx, preset), precision, CHAT_SLOT)
         sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
         reply = ""
         for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, sampling, int(max_new_tokens))):
@@ -145,8 +145,8 @@ def compare(
         "left": (left_preset or defaults["left"], left_precision),
         "right": (right_preset or defaults["right"], right_precision),
     }
-    with call_session(ctx, request) as request:
-        convs = {side: open_conversation(ctx, request, *picks[side], side)[1] for side in SLOTS}
+    with call_session(ctx, request) as session:
+        convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
         sampling = sampling_params(temperature, 1.0, 0, 1.0, seed)
         streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
         texts = {side: "" for side in SLOTS}

@@ -31,8 +31,9 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import APIRouter, Request
@@ -217,7 +218,7 @@ class _Lead:
         self.buf += text
         if len(self.buf) < len(self.lead) and self.lead.startswith(self.buf) and not final:
             return ""
-        out = self.buf[len(self.lead):] if self.buf.startswith(self.lead) else self.buf
+        out = self.buf.removeprefix(self.lead)
         self.lead, self.buf = "", ""
         return out
 

@@ -115,8 +115,8 @@ def _unsupported(body: Json, name: str, allowed: tuple = (None,), why: str = "")
 def parse_chat(body: Any, settings: Settings) -> ApiRequest:
     """A /v1/chat/completions body, checked."""
     body = _object(body)
-    for name, why in (("tools", ": the models were not trained for tool calls"), ("functions", ": no tool calls")):
-        _unsupported(body, name, why=why)
+    for name in ("tools", "functions"):
+        _unsupported(body, name, why=": the models were not trained for tool calls")
     _unsupported(body, "tool_choice", (None, "none", "auto"), ": no tool calls")
     _unsupported(body, "function_call", (None, "none", "auto"), ": no tool calls")
     _unsupported(body, "logprobs", (None, False), ": no log-probabilities are returned")
@@ -218,7 +218,8 @@ def _messages(messages: Any) -> list[dict[str, str]]:
                 "roles are system, developer, user and assistant"
             raise bad(f"{param}.role {role!r}: {why}", f"{param}.role")
         if m.get("tool_calls") or m.get("function_call"):
-            raise bad(f"{param}: tool calls are not supported", f"{param}.tool_calls", "unsupported_parameter")
+            raise bad(f"{param}: tool calls are not supported", f"{param}.tool_calls",
+                      "unsupported_parameter")
         out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), param)})
     return out
 
@@ -234,8 +235,8 @@ def _content(content: Any, param: str) -> str:
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind in ("image_url", "input_image", "image", "input_audio", "file"):
-                raise bad(f"{param}.content[{j}]: {kind} content is not supported; these models read text only",
-                          f"{param}.content", "unsupported_content")
+                raise bad(f"{param}.content[{j}]: {kind} content is not supported; these models read text "
+                          "only", f"{param}.content", "unsupported_content")
             else:
                 raise bad(f"{param}.content[{j}] must be a text part", f"{param}.content")
         return "".join(texts)
@@ -248,7 +249,7 @@ def _prompt(prompt: Any) -> str | list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # bool is no token id
         return prompt
     raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
 
@@ -282,7 +283,8 @@ class Shape:
                 "finish_reason": finish}
 
     def response(self, text: str, finish: str, usage: Usage) -> Json:
-        return {**self._head(False), "choices": [self._choice(text, finish, False)], "usage": usage_json(usage)}
+        choices = [self._choice(text, finish, False)]
+        return {**self._head(False), "choices": choices, "usage": usage_json(usage)}
 
     def chunk(self, text: str | None, finish: str | None = None, with_usage: bool = False) -> Json:
         """One stream chunk; with_usage: the stream sends a usage chunk at its end, so every

@@ -3,7 +3,8 @@
 Settings come from FM_DEMO_* environment variables, and under `python app.py` also from flags
 (`python app.py --help`). `demo` is module-level so `gradio app.py` and Hugging Face Spaces find it.
 It listens where Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say (a Space sets them) unless
-FM_DEMO_HOST / FM_DEMO_PORT or --host / --port name an address.
+FM_DEMO_HOST / FM_DEMO_PORT or --host / --port name an address. The same server answers the
+OpenAI-compatible API at /v1 and, with FM_DEMO_MCP_SERVER, Gradio's MCP server (launch_kwargs).
 """
 
 from fm_demo.zerogpu import on_zerogpu, prepare

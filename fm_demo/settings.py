@@ -166,6 +166,11 @@ class Settings:
     max_sessions: int = _help("most browser sessions kept at once", 256)
     share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
                                      "document demo): a hit reveals that someone sent the same text", False)
+    # repr=False: the key never shows up where settings are printed or logged
+    api_key: str = field(default="", repr=False, metadata={"help": (
+        "bearer key the OpenAI-compatible API (/v1) requires; empty: the API is open, as on a public Space")})
+    mcp_server: bool = _help("serve Gradio's MCP server at /gradio_api/mcp/ (the chat and compare tools)",
+                             False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
     offload_after_s: float = _help("seconds of idleness after which a GPU state moves to CPU", 60.0)
     model_memory_budget_bytes: int = _help("bytes of model weights kept loaded; 0: 90% of the device", 0)

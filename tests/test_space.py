@@ -312,11 +312,23 @@ def test_cpu_bundle_app_listens_where_the_space_says_and_answers_chat(tmp_path, 
         # Any text counts: the bundled tiny models are small, the point is the Space's app serving them.
         assert isinstance(reply, str) and reply, f"no reply from /chat: {reply!r}"
         assert stats["turns"] == 1 and stats["last_reply"]["new_tokens"] >= 1, stats
+        _check_openai_routes(f"http://127.0.0.1:{port}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
     assert (out / "fm_demo").is_dir() and not (out / "tests").exists()
+
+
+def _check_openai_routes(url: str) -> None:
+    """The OpenAI-compatible routes are served by the same server, however the app was started."""
+    import httpx
+
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert {m["id"] for m in models} == {"tiny-instruct", "tiny-base"}, models
+    body = {"model": "tiny-instruct", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] >= 1, reply
 
 
 def _wait_listening(proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> set[tuple[str, int]]:

@@ -11,7 +11,7 @@ import os
 import gradio as gr
 
 from ..settings import Settings
-from .api import register_api
+from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
 from .common import AppContext, session_id
 from .compare_tab import build_compare_tab
@@ -49,6 +49,9 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
     ctx = ctx or make_context(settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
+        # First: Gradio names an MCP tool after its function and numbers later namesakes (the
+        # compare tab's handler is also called compare), so the tools keep their plain names.
+        register_api(ctx)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(ctx)
@@ -60,11 +63,23 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
                 build_lab_tab(ctx)
             with gr.Tab("System", id="system"):
                 system_outputs = build_system_tab(ctx)
-        register_api(ctx)
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
+    mcp_tools_only(demo, MCP_TOOLS)
     demo.fm_context = ctx  # for tests and app.py: the live manager and store
     return demo
+
+
+def mcp_tools_only(demo: gr.Blocks, names: tuple[str, ...]) -> None:
+    """Offer only the API functions `names` as MCP tools; every tab's events stay in the API page.
+
+    Gradio's MCP server lists every documented endpoint as a tool unless its function carries an
+    MCP type other than "tool" (the attribute gr.mcp.tool/resource/prompt set, read by
+    gradio/mcp.py's list_tools); the tabs' events return whole UI updates and are no tools.
+    """
+    for block_fn in demo.fns.values():
+        if block_fn.fn is not None and block_fn.api_name not in names:
+            block_fn.fn._mcp_type = "ui_event"
 
 
 def _system_loader(ctx: AppContext):
@@ -89,7 +104,13 @@ def _forget_session(ctx: AppContext):
 
 
 def launch_kwargs(settings: Settings) -> dict:
-    """Arguments of demo.launch() that style and bound the app (Gradio 6 takes theme/css here)."""
+    """Arguments of demo.launch() that style, bound and extend the app (Gradio 6 takes theme/css here).
+
+    app_kwargs reach the FastAPI app launch() builds: its `routes` are the OpenAI-compatible /v1
+    endpoints. mcp_server=None (the setting off) leaves Gradio's own GRADIO_MCP_SERVER in charge.
+    """
+    from .openai_api import api_routes
+
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
         "theme": gr.themes.Soft(primary_hue="emerald"),
@@ -97,6 +118,8 @@ def launch_kwargs(settings: Settings) -> dict:
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],
         "show_error": False,
+        "app_kwargs": {"routes": api_routes()},
+        "mcp_server": True if settings.mcp_server else None,
     }
 
 

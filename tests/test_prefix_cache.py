@@ -94,6 +94,13 @@ def test_budget_evicts_least_recent_leaves_and_never_pinned_ones(engine):
     assert cache.stats()["evictions"] == 2 and cache.nbytes == 3 * one
 
 
+def test_a_namespace_whose_states_are_all_gone_leaves_no_trace(engine):
+    cache = PrefixCache(budget_bytes=engine.state_nbytes())
+    for i in range(5):  # each client its own namespace; the budget holds one state
+        cache.insert([1, 2, i], read(engine, [1, 2, i]), f"api:user:{i}")
+    assert cache.stats()["states"] == 1 and cache.stats()["namespaces"] == 1
+
+
 def test_namespaces_isolate_unless_sharing_is_on(engine):
     tokens = list(range(40))
     for shared in (False, True):
@@ -137,6 +144,20 @@ def test_a_resent_history_resumes_from_the_cached_reply_and_replies_as_from_scra
     # the reply equals the reply from an empty cache (another namespace reads everything)
     text3, u3, _ = _ask(lm, msgs, "api:two")
     assert u3.cached_tokens == 0 and text3 == text2
+
+
+def test_the_repetition_penalty_sees_the_cached_part_of_the_prompt_too(lms):
+    lm = lms[False]
+    fmt = chat.format_for("instruct")
+    ids = chat.encode(lm.tokenizer, chat.render(fmt, [{"role": "user", "content": "Spell the word river."}],
+                                                add_generation_prompt=True))
+    penalty = SamplingParams(repetition_penalty=1.5)
+    texts = []
+    for ns in ("rp:a", "rp:a", "rp:b"):  # uncached, cached, uncached again
+        chunks = list(complete(lm, CompletionRequest(ids, penalty, 16, namespace=ns)))
+        texts.append(("".join(c.text for c in chunks), chunks[-1].usage.cached_tokens))
+    assert texts[1][1] == len(ids) - 1 and texts[0][1] == texts[2][1] == 0
+    assert texts[0][0] == texts[1][0] == texts[2][0]
 
 
 def test_sharing_serves_a_document_once_for_everyone(lms):

@@ -81,8 +81,10 @@ def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChun
             state = runner.prefill(state, torch.tensor([prompt[start:len(prompt) - 1]]))
             cache.insert(prompt[:-1], state.clone(), req.namespace)  # the point before the reply
             start = len(prompt) - 1
+        # the repetition penalty sees the whole prompt, cached part included (as the chat does)
+        ctx = torch.tensor([prompt[:start]]) if req.sampling.repetition_penalty != 1.0 and start else None
         stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
-                               req.stop_token_ids, lm.tokenizer, None)
+                               req.stop_token_ids, lm.tokenizer, ctx)
         sent = 0
         try:
             for ev in stream:

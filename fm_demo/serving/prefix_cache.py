@@ -249,6 +249,9 @@ class PrefixCache:
         while node.parent is not None and not node.children and node.state is None and node.pins == 0:
             del node.parent.children[node.edge[0]]  # prune the branch that holds nothing
             node = node.parent
+        if node.parent is None and not node.children:  # an empty namespace goes too
+            for key in [k for k, root in self._roots.items() if root is node]:
+                del self._roots[key]
 
     def _nodes(self) -> Iterator[Node]:
         stack = list(self._roots.values())

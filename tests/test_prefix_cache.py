@@ -152,11 +152,22 @@ def test_the_repetition_penalty_sees_the_cached_part_of_the_prompt_too(lms):
     ids = chat.encode(lm.tokenizer, chat.render(fmt, [{"role": "user", "content": "Spell the word river."}],
                                                 add_generation_prompt=True))
     penalty = SamplingParams(repetition_penalty=1.5)
-    texts = []
-    for ns in ("rp:a", "rp:a", "rp:b"):  # uncached, cached, uncached again
-        chunks = list(complete(lm, CompletionRequest(ids, penalty, 16, namespace=ns)))
-        texts.append(("".join(c.text for c in chunks), chunks[-1].usage.cached_tokens))
+    texts, seen = [], []
+    real = lm.runner.stream
+
+    def recording(state, ids_, sampling, max_new, stops, tokenizer, context_ids):
+        seen.append((context_ids[0].tolist() if context_ids is not None else []) + ids_[0].tolist())
+        return real(state, ids_, sampling, max_new, stops, tokenizer, context_ids)
+
+    lm.runner.stream = recording
+    try:
+        for ns in ("rp:a", "rp:a", "rp:b"):  # uncached, cached, uncached again
+            chunks = list(complete(lm, CompletionRequest(ids, penalty, 16, namespace=ns)))
+            texts.append(("".join(c.text for c in chunks), chunks[-1].usage.cached_tokens))
+    finally:
+        del lm.runner.stream
     assert texts[1][1] == len(ids) - 1 and texts[0][1] == texts[2][1] == 0
+    assert seen == [ids] * 3  # the penalty's context is the whole prompt however much was cached
     assert texts[0][0] == texts[1][0] == texts[2][0]
 
 

@@ -18,6 +18,7 @@ resends its history, and one state for many conversations about one document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -82,6 +83,13 @@ def shared_doc_memory(manager: ModelManager, settings: Settings, tokens: int, co
             "state_bytes": lm.engine.state_nbytes(), "tree_states": tree.stats()["states"]}
 
 
+def user_message(turn: int) -> str:
+    """About a hundred tokens a turn, so twenty turns make a history worth caching."""
+    return (f"Turn {turn + 1}. A note for the record: the falcon glides over the desert at dawn, the river "
+            f"keeps its slow course, and the wind carries sand from the dunes to the city walls, where the "
+            f"market opens early and the bells ring twice. What is {turn + 3} plus {turn + 4}?")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,14 +104,15 @@ def api_chat(settings: Settings, turns: int, max_new: int) -> dict:
 
     demo = build_demo(settings).queue(**queue_kwargs(settings))
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_kwargs(settings))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_kwargs(settings))
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         out = {"ttft_s": [], "ttft_nocache_s": [], "cached_tokens": [], "prompt_tokens": []}
         for salt, key in (("bench-chat", "ttft_s"), (None, "ttft_nocache_s")):
             messages = []
             for turn in range(turns):
-                messages.append({"role": "user", "content": f"Turn {turn + 1}: what is {turn + 3} plus {turn + 4}?"})
+                messages.append({"role": "user", "content": user_message(turn)})
                 extra = {"cache_salt": salt or f"fresh-{turn}-{time.time_ns()}"}
                 t0 = time.perf_counter()
                 stream = client.chat.completions.create(
@@ -126,7 +135,8 @@ def api_chat(settings: Settings, turns: int, max_new: int) -> dict:
                    nocache_over_cache_last=n[-1] / c[-1])
         return out
     finally:
-        demo.close()
+        with contextlib.redirect_stdout(sys.stderr):
+            demo.close()
 
 
 def run(args: argparse.Namespace) -> dict:

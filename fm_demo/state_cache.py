@@ -148,6 +148,10 @@ class StateCache:
         """
         runner = lm.runner
         start, state = self.nearest(pos, runner.state_device, lm.engine)
+        if start in boundaries and self.tree.get(self.refs.get(start)) is None:  # resumed from a state
+            n, node = self.tree.find(tokens[:start], self.namespace)  # another request left: hold it too
+            if n == start:
+                self._ref(start, node)
         cuts = {pos} if runner.one_call else {b for b in boundaries if start < b < pos} | {pos}
         done = start
         for cut in sorted(cuts):

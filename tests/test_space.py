@@ -23,9 +23,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 
+from deploy.manifest import REPO_ROOT, SpacefileError, load_spacefile, parse_spacefile
+from deploy.space import BundleError, bundle, deploy, gradio_version, main, space_variables
 from fm_demo import zerogpu
-from fm_demo.space import BundleError, bundle, deploy, gradio_version, main, space_variables
-from fm_demo.space_manifest import REPO_ROOT, SpacefileError, load_spacefile, parse_spacefile
 
 EXAMPLES = REPO_ROOT / "spaces" / "examples"
 TOKEN = "hf_standinwritetoken0123456789abcdef"
@@ -291,7 +291,7 @@ def test_cpu_bundle_app_listens_where_the_space_says_and_answers_chat(tmp_path, 
     FM_DEMO_HOST/PORT. It must listen on 0.0.0.0 and that port (a Space cannot reach 127.0.0.1)."""
     out = tmp_path / "space"
     spacefile = EXAMPLES / "cpu.Spacefile"
-    made = subprocess.run([sys.executable, "-m", "fm_demo.space", "bundle", str(out), "--spacefile",
+    made = subprocess.run([sys.executable, "-m", "deploy.space", "bundle", str(out), "--spacefile",
                            str(spacefile)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     port = _free_port()
@@ -413,7 +413,7 @@ def test_redeploy_removes_files_the_bundle_no_longer_has(hub):
 def test_deploy_cli_and_dry_run(hub, tmp_path):
     spacefile = str(EXAMPLES / "zerogpu.Spacefile")
     env = {**os.environ, "SPACE_SECRET_HF_TOKEN": SECRET, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    dry = subprocess.run([sys.executable, "-m", "fm_demo.space", "deploy", "--dry-run",
+    dry = subprocess.run([sys.executable, "-m", "deploy.space", "deploy", "--dry-run",
                           "--spacefile", spacefile],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
@@ -421,7 +421,7 @@ def test_deploy_cli_and_dry_run(hub, tmp_path):
     assert "would call add_space_secret(" in dry.stdout and "value='***'" in dry.stdout
     assert SECRET not in dry.stdout and hub.requests == []
 
-    real = subprocess.run([sys.executable, "-m", "fm_demo.space", "deploy", "--spacefile", spacefile,
+    real = subprocess.run([sys.executable, "-m", "deploy.space", "deploy", "--spacefile", spacefile,
                            "--space-id", "me/zero", "--endpoint", hub.url, "--token", TOKEN],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert real.returncode == 0, real.stderr

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 
-from ..engine import SamplingParams
+from ..engine import Engine, SamplingParams
+from .prefix_cache import PrefixCache
+from .runner import Runner
 
-if TYPE_CHECKING:
-    from ..models import LoadedModel
+
+class ServedModel(Protocol):
+    """What a completion needs of a loaded model (models.LoadedModel is one)."""
+
+    engine: Engine
+    runner: Runner
+    prefix_cache: PrefixCache
+    tokenizer: Any
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
-def complete(lm: LoadedModel, req: CompletionRequest) -> Iterator[CompletionChunk]:
+def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChunk]:
     """Stream the completion of req.prompt_ids; closing the iterator cancels the reply."""
     if not req.prompt_ids:
         raise ValueError("the prompt is empty")

@@ -17,18 +17,26 @@ is the state after the reply (None when the runner cannot say, e.g. a stopped GP
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
 from ..engine import Engine, SamplingParams, State, TokenEvent
+from ..zerogpu import StateUpdate
 from .scheduler import Progress, ReplyHandle, Scheduler
 
-if TYPE_CHECKING:
-    from ..models import GpuCalls
-
 ProgressFn = Callable[[int, int], None]
+
+
+class GpuCalls(Protocol):
+    """The functions that run a model's work in ZeroGPU's worker (made by models.GpuCalls.make)."""
+
+    stream: Callable[..., Iterator]  # (key, state, ids [1, T], **Engine.stream kwargs) -> events, StateUpdate
+    prefill: Callable[..., State]  # (key, state, ids [1, T]) -> the advanced state
+
+
+Key = Any  # a model's key, as the GPU worker's resolver knows it
 
 
 class ReplyStream(Protocol):
@@ -102,8 +110,6 @@ class _GpuReply:
         self.state: State | None = sent
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        from ..zerogpu import StateUpdate
-
         for item in self._events:
             if isinstance(item, StateUpdate):
                 self.state = item.state.own()  # unpickled from the worker: give it storage of its own
@@ -119,7 +125,7 @@ class ZeroGpuRunner:
     one_call = True
     state_device = "cpu"
 
-    def __init__(self, gpu: GpuCalls, key):
+    def __init__(self, gpu: GpuCalls, key: Key):
         self.gpu, self.key = gpu, key
         self._replies = 0
 

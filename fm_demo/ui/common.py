@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import gradio as gr
 
 from ..engine import SamplingParams, StateError
+from ..models import ModelLoadError
 from ..serving import SchedulerBusy, SchedulerClosed
 from ..settings import Settings, SettingsError
+from ..turns import ImportRefused
 
 if TYPE_CHECKING:  # heavy modules: imported where they are used
     from ..models import ModelManager
@@ -139,17 +141,8 @@ def throttle(
 
 
 # Exceptions whose message is written for the user; anything else is a bug, logged with its trace.
-_USER_FACING = (SettingsError, StateError, ValueError, MemoryError, SchedulerBusy, SchedulerClosed)
-
-
-def _user_facing_types() -> tuple[type[BaseException], ...]:
-    extra = []
-    for module, name in (("fm_demo.models", "ModelLoadError"), ("fm_demo.sessions", "ImportRefused")):
-        try:
-            extra.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return (*_USER_FACING, *extra)
+_USER_FACING = (SettingsError, StateError, ValueError, MemoryError, SchedulerBusy, SchedulerClosed,
+                ModelLoadError, ImportRefused)
 
 
 def to_user_error(e: BaseException) -> gr.Error:
@@ -157,7 +150,7 @@ def to_user_error(e: BaseException) -> gr.Error:
         return e
     if type(e).__name__ == "OutOfMemoryError":
         return gr.Error("The device ran out of memory. Try a shorter input, fewer new tokens, or 4-bit.")
-    if isinstance(e, _user_facing_types()):
+    if isinstance(e, _USER_FACING):
         return gr.Error(str(e))
     log.exception("unexpected error in a handler")
     return gr.Error(

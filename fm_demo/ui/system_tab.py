@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 
@@ -101,18 +105,25 @@ def live_tables(ctx: AppContext) -> tuple[list[list], list[list]]:
     return serving_table(ctx), cache_table(ctx)
 
 
+KERNELS_CHECK_TIMEOUT_S = 300.0
+
+
 def kernels_check_report() -> dict:
-    """kernels_check's report (environment, kernel packages, per-op paths, fused-vs-reference
-    checks; no benchmark), where the package is installed."""
+    """The report of `python -m kernels_check --json` (environment, kernel packages, per-op paths,
+    fused-vs-reference checks; no benchmark), run as the command-line tool it is: the app does not
+    import the diagnostics package, and a crash or hang there cannot take the server down."""
+    root = Path(__file__).resolve().parents[2]  # app.py's folder, where kernels_check/ sits
+    if not (root / "kernels_check").is_dir():
+        return {"available": False, "why": f"kernels_check is not installed next to the app ({root})"}
     try:
-        from kernels_check.report import build_report
-    except ImportError as e:
-        return {"available": False, "why": f"kernels_check is not importable: {e}"}
-    try:
-        return build_report(bench=False)
-    except Exception as e:  # a diagnostics failure must not take the tab down
-        log.exception("kernels_check failed")
-        return {"available": True, "error": f"{type(e).__name__}: {e}"}
+        done = subprocess.run([sys.executable, "-m", "kernels_check", "--json"], cwd=root, capture_output=True,
+                              text=True, timeout=KERNELS_CHECK_TIMEOUT_S)
+        return json.loads(done.stdout)
+    except subprocess.TimeoutExpired:
+        return {"available": True, "error": f"kernels_check took more than {KERNELS_CHECK_TIMEOUT_S:.0f} s"}
+    except json.JSONDecodeError:  # a diagnostics failure must not take the tab down
+        log.error("kernels_check failed: %s", done.stderr[-2000:])
+        return {"available": True, "error": f"kernels_check exited {done.returncode}: {done.stderr[-500:]}"}
 
 
 def _md(title: str, d: dict[str, str]) -> str:

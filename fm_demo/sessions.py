@@ -42,6 +42,7 @@ from .models import LoadedModel
 from .serving import ReplyStream
 from .settings import Settings
 from .state_cache import ProgressFn, StateCache
+from .stops import first_stop
 from .transfer import export_bytes, import_parts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 
@@ -292,7 +293,7 @@ class Conversation:
         Starts from the snapshot before the reply, so it re-reads only the kept reply tokens.
         """
         tok, ids = self.lm.tokenizer, turn.reply_ids
-        cut = min(i for s in self.fmt.stop_strings if (i := raw.find(s)) >= 0)
+        cut = first_stop(raw, self.fmt.stop_strings)
         del ids[chat.tokens_within(tok, ids, cut):]
         turn.reply = chat.visible_reply(self.fmt, tok.decode(ids, skip_special_tokens=True), final=True)[0]
         return self._reread_reply(turn, base)

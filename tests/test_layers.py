@@ -22,6 +22,7 @@ LAYERS = {
     "fm_demo.serving": 1,
     "fm_demo.metrics": 1,
     "fm_demo.checkpoints": 1,
+    "fm_demo.stops": 1,
     "fm_demo.tiny": 1,
     "fm_demo.settings": 2,
     "fm_demo.chat": 2,

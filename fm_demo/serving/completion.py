@@ -18,6 +18,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from ..engine import Engine, SamplingParams
+from ..stops import first_stop, partial_stop
 from .prefix_cache import PrefixCache
 from .runner import Runner
 
@@ -61,17 +62,6 @@ class CompletionChunk:
     usage: Usage | None = None  # on the last chunk
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of `text` could begin a stop string (keep them back)."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep
-
-
 def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChunk]:
     """Stream the completion of req.prompt_ids; closing the iterator cancels the reply."""
     if not req.prompt_ids:
@@ -100,12 +90,12 @@ def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChun
                     usage.ttft_s = time.perf_counter() - t0
                 ids.append(ev.token_id)
                 text += ev.text
-                hit = min((i for s in req.stop_strings if (i := text.find(s)) >= 0), default=-1)
+                hit = first_stop(text, req.stop_strings)
                 if hit >= 0:
                     text, finish = text[:hit], "stop"
                     break
                 finish = ev.finish_reason
-                upto = len(text) - (0 if finish else _held_back(text, req.stop_strings))
+                upto = len(text) - (0 if finish else partial_stop(text, req.stop_strings))
                 if upto > sent or finish:
                     yield CompletionChunk(text[sent:upto], [ev.token_id], None)
                     sent = upto

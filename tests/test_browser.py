@@ -208,7 +208,7 @@ def set_number(page, elem_id: str, value) -> None:
 def test_reply_streams_and_stop_ends_it(page, app):
     pick(page, "#chat-model", RANDOM_LABEL)
     toggle_sampling(page)
-    set_number(page, "#chat-temperature", 0)  # greedy: this model's reply then runs 1,264 tokens
+    set_number(page, "#chat-temperature", 0)  # greedy: this model never ends a reply by itself
     toggle_sampling(page)
     page.fill("#chat-input textarea", "Tell me a long story about a fox.")
     page.keyboard.press("Enter")

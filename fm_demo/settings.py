@@ -151,7 +151,7 @@ class Settings:
     max_batch: int = _help("replies decoded together in one batched step per model; 0: auto (32 on CPU, "
                            "64 on CUDA)", 0)
     prefill_budget: int = _help("prompt tokens read per scheduler step while other replies decode, so a long "
-                                "read does not stall them; 0: auto (32 on CPU, 2048 on CUDA)", 0)
+                                "read does not stall them; 0: auto (16 on CPU, 2048 on CUDA)", 0)
     max_waiting: int = _help("requests waiting for a batch row before new ones are told the server is busy; "
                              "0: auto (as many as max_batch)", 0)
     max_new_tokens: int = _help("default reply length in tokens", 256)
@@ -291,10 +291,13 @@ class Settings:
         return self.max_batch or (64 if self.device == "cuda" else 32)
 
     def prefill_budget_tokens(self) -> int:
-        """Prompt tokens a scheduler step reads while rows decode. On the CPU the reference scan reads
-        a token in about a tenth of a batched decode step of the tiny model, so 32 tokens keep the
-        other streams' inter-token latency within about 2-3x during a long read."""
-        return self.prefill_budget or (2048 if self.device == "cuda" else 32)
+        """Prompt tokens a scheduler step reads while rows decode (also the size of every prompt
+        piece): a step's decode then waits for one piece. On the CPU (one thread) a 16-token piece
+        costs about two decode steps of 8 rows (CPU time, tiny shape 16 vs 8 ms, a 22M model 81 vs
+        43 ms), so a document read leaves the other streams about 3x their inter-token latency.
+        64-token pieces (48 and 234 ms) cost them 6-7x for a read alone ~30% faster; 8-token pieces
+        2.3-2.6x for one ~25% slower (bench/serve.py --budgets). A bigger model on the CPU may want 8."""
+        return self.prefill_budget or (2048 if self.device == "cuda" else 16)
 
     def batch_waiting_limit(self) -> int:
         return self.max_waiting or self.batch_size_limit()

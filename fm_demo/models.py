@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import zerogpu
 from .engine import Engine, State
+from .metrics import free_device_memory
 from .serving.prefix_cache import PrefixCache
 from .settings import PRECISION_LABELS, Preset, Settings
 
@@ -209,7 +210,7 @@ class ModelManager:
         lm.runner.close()  # replies still running end with a clear message
         for fn in list(self._unload_listeners):
             fn(lm)
-        _free_device_memory(lm.device)
+        free_device_memory(lm.device)
         return True
 
     def on_unload(self, fn: Callable[[LoadedModel], None]) -> None:
@@ -352,16 +353,6 @@ def _notes(preset: Preset, tokenizer, engine: Engine) -> tuple[str, ...]:
     if preset.kind == "instruct" and (diff := template_mismatch(format_for("instruct"), tokenizer)):
         notes.append(diff)
     return tuple(notes)
-
-
-def _free_device_memory(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def _explain(e: Exception, preset: Preset, precision: str) -> ModelLoadError:

@@ -6,15 +6,14 @@ similar parameter count, then the prefill peak-memory sweep. Plots refresh a few
 
 from __future__ import annotations
 
-import gc
 import time
 from typing import Iterator
 
 import gradio as gr
 import pandas as pd
-import torch
 
 from .. import lab
+from ..metrics import free_device_memory
 from .common import (
     AppContext,
     bind,
@@ -141,7 +140,7 @@ def run_decode(
         ref = transformer.config
     finally:
         del transformer
-        _free(loaded.engine.device)
+        free_device_memory(loaded.engine.device)
     frame = decode_frame(samples)
     stopped = [
         s for s in (lab.MAMBA, lab.TRANSFORMER) if max(x.tokens for x in samples if x.series == s) < n_tokens
@@ -167,18 +166,12 @@ def run_prefill(
     for peak in lab.prefill_peaks(loaded.engine, lengths, chunk):
         peaks.append(peak)
         yield prefill_frame(peaks), f"Measured up to {peak.prompt_tokens:,} tokens..."
-    _free(loaded.engine.device)
+    free_device_memory(loaded.engine.device)
     where = "CUDA allocator peak" if loaded.engine.device.type == "cuda" else "process RSS peak (CPU, noisy)"
     yield prefill_frame(peaks), (
         f"Done. Peak memory above the idle level, measured as {where}; chunked prefill reads "
         f"{chunk:,} tokens per chunk."
     )
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def build_lab_tab(ctx: AppContext) -> None:

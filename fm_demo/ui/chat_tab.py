@@ -17,6 +17,7 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from ..settings import MiB
 from .common import (
     SAMPLING_DEFAULTS,
     AppContext,
@@ -232,7 +233,7 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     path = Path(file if isinstance(file, str) else file.name)
     size, limit = path.stat().st_size, ctx.settings.max_import_bytes
     if size > limit:
-        raise gr.Error(f"That file is {size / 2**20:,.1f} MiB; the import limit is {limit / 2**20:,.0f} MiB.")
+        raise gr.Error(f"That file is {size / MiB:,.1f} MiB; the import limit is {limit / MiB:,.0f} MiB.")
     conv = ctx.store.import_bytes(session_id(request), path.read_bytes(), SLOT)
     gr.Info(f"Imported {len(conv.turns)} turns ({conv.context_tokens:,} tokens) on {conv.lm.label}.")
     preset, precision = conv.lm.key

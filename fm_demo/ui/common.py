@@ -21,7 +21,7 @@ import gradio as gr
 from ..engine import SamplingParams, StateError
 from ..models import ModelLoadError
 from ..serving import SchedulerBusy, SchedulerClosed
-from ..settings import Settings, SettingsError
+from ..settings import GiB, MiB, Settings, SettingsError
 from ..turns import ImportRefused
 
 if TYPE_CHECKING:  # heavy modules: imported where they are used
@@ -211,7 +211,7 @@ def bind(fn: Callable, *bound) -> Callable:
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{int(n)} B"

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .. import lab
 from ..metrics import free_device_memory
+from ..settings import MiB
 from .common import (
     AppContext,
     bind,
@@ -27,7 +28,6 @@ from .common import (
 from .plots import series_frame, series_plot
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live
-MiB = 1 << 20
 DECODE_COLORS = {lab.MAMBA: "#059669", lab.TRANSFORMER: "#dc2626"}  # the chat tab's state and KV colours
 PARALLEL, CHUNKED = "parallel (one pass)", "chunked prefill"
 PREFILL_COLORS = {PARALLEL: "#dc2626", CHUNKED: "#059669"}

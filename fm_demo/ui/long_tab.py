@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from ..metrics import KV_REFERENCE, device_memory, kv_cache_bytes
+from ..settings import MiB
 from .common import (
     AppContext,
     bind,
@@ -33,7 +34,6 @@ from .plots import series_frame, series_plot
 from .readout import DEVICE_COLORS, DEVICE_SERIES, live_metrics, readout_html
 
 SLOT = "long"
-MiB = 1 << 20
 POLL_S = 0.25  # how often the progress bar and memory plot refresh while the document is read
 DEFAULT_QUESTION = "Summarize the text above in a few sentences."
 

@@ -13,11 +13,9 @@ from dataclasses import replace
 import pandas as pd
 
 from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
+from ..settings import MiB
 from .common import fmt_bytes, fmt_rate, fmt_seconds
 from .plots import series_frame
-
-MiB = 1 << 20
-
 
 # Legend labels are cut at about 25 characters: the KV series names its reference in the readout
 MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "whole-process memory"

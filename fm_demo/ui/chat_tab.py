@@ -40,10 +40,10 @@ from .readout import (
     SPEED_COLORS,
     device_frame,
     live_metrics,
-    memory_frame,
     plot_points,
     readout_html,
     speed_frame,
+    state_kv_frame,
     trim_points,
 )
 
@@ -91,7 +91,7 @@ def _stream(ctx: AppContext, sid: str, conv, events, points) -> Iterator[tuple]:
             )
     m = conv.last_metrics
     points = plot_points(points, m)
-    yield gr.skip(), conv.messages, readout_html(m), memory_frame(points), speed_frame(points), points
+    yield gr.skip(), conv.messages, readout_html(m), state_kv_frame(points), speed_frame(points), points
 
 
 @user_errors
@@ -199,7 +199,7 @@ def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr
     text = conv.undo()
     box = gr.skip() if text is None else text
     points = trim_points(points, conv.context_tokens)
-    plots = (memory_frame(points), speed_frame(points)) if points else (None, None)
+    plots = (state_kv_frame(points), speed_frame(points)) if points else (None, None)
     return box, conv.messages, readout_html(conv.last_metrics), *plots, points
 
 
@@ -318,7 +318,7 @@ def build_chat_tab(ctx: AppContext) -> None:
     with gr.Row():
         mem_plot = series_plot(
             MEMORY_COLORS,
-            memory_frame([]),
+            state_kv_frame([]),
             x="context tokens",
             y="MiB",
             height=280,

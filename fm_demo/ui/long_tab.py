@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
-import pandas as pd
 
 from ..metrics import KV_REFERENCE, device_memory, kv_cache_bytes
 from ..settings import MiB
@@ -30,11 +29,12 @@ from .common import (
     session_id,
     user_errors,
 )
-from .plots import series_frame, series_plot
-from .readout import DEVICE_COLORS, DEVICE_SERIES, live_metrics, readout_html
+from .plots import series_plot
+from .readout import DEVICE_COLORS, device_memory_frame, live_metrics, readout_html
 
 SLOT = "long"
 POLL_S = 0.25  # how often the progress bar and memory plot refresh while the document is read
+READ_AXIS = "tokens read"  # the memory plot's x axis
 DEFAULT_QUESTION = "Summarize the text above in a few sentences."
 
 
@@ -57,13 +57,6 @@ def document_text(pasted: str | None, file, limit_chars: int) -> str:
             "(server setting FM_DEMO_MAX_UPLOAD_CHARS)."
         )
     return text
-
-
-def memory_frame(samples: list[tuple[int, int]]) -> pd.DataFrame:
-    rows = [{"tokens read": n, "series": DEVICE_SERIES, "MiB": b / MiB} for n, b in samples]
-    return series_frame(
-        rows, {"tokens read": "int64", "series": "object", "MiB": "float64"}, "tokens read", DEVICE_COLORS
-    )
 
 
 def _kv_note(tokens: int) -> str:
@@ -129,7 +122,7 @@ def read_document(
         done = samples[-1][0]
         if total[0]:
             progress(done / total[0], desc=f"Reading {done:,} / {total[0]:,} tokens")
-        return gr.skip(), gr.skip(), memory_frame(samples), _kv_note(done)
+        return gr.skip(), gr.skip(), device_memory_frame(samples, READ_AXIS), _kv_note(done)
 
     events = conv.send(
         f"{text}\n\n{question}",
@@ -148,7 +141,7 @@ def read_document(
                 first = item
     except ReadStopped:  # the conversation dropped the unfinished turn: it is empty again
         read = samples[-1][0]
-        yield conv.messages, readout_html(None), memory_frame(samples), (
+        yield conv.messages, readout_html(None), device_memory_frame(samples, READ_AXIS), (
             f"Stopped after reading {read:,} of {total[0]:,} tokens; nothing was kept. "
             "Press Read and answer to start again."
         )
@@ -163,7 +156,7 @@ def read_document(
         shared = " (read earlier on this server: prefix states are shared)" if conv.lm.prefix_cache.shared else ""
         note = (f"**Already read{shared}**: {first.metrics.reused_tokens:,} tokens of this document came from "
                 f"the prefix cache, so only {first.metrics.prefilled_tokens:,} were read now. " + note)
-    yield from _answer(ctx, sid, conv, events, first, memory_frame(samples), note)
+    yield from _answer(ctx, sid, conv, events, first, device_memory_frame(samples, READ_AXIS), note)
 
 
 def _answer(ctx, sid, conv, events, first, plot, note) -> Iterator[tuple]:
@@ -230,8 +223,8 @@ def build_long_tab(ctx: AppContext) -> None:
         with gr.Column(scale=2):
             plot = series_plot(
                 DEVICE_COLORS,
-                memory_frame([]),
-                x="tokens read",
+                device_memory_frame([], READ_AXIS),
+                x=READ_AXIS,
                 y="MiB",
                 height=260,
                 y_lim=[0, None],

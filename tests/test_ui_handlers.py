@@ -14,10 +14,12 @@ import pytest
 from tiny_fixtures import bundled_checkpoint, random_checkpoint
 
 from fm_demo import lab
-from fm_demo.engine import Engine
+from fm_demo.engine import Engine, StateError
 from fm_demo.metrics import KVReference
-from fm_demo.models import ModelManager
-from fm_demo.settings import Settings
+from fm_demo.models import ModelLoadError, ModelManager
+from fm_demo.serving import SchedulerBusy, SchedulerClosed
+from fm_demo.sessions import ConversationBusy, ConversationError, ImportRefused
+from fm_demo.settings import Settings, SettingsError
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, throttle, to_user_error
@@ -256,6 +258,23 @@ def test_long_context_refuses_an_oversized_document(ctx):
         )
 
 
+@pytest.mark.parametrize("knob, message", [
+    ({"top_p": 0.0}, "Invalid sampling setting: top_p must be in (0, 1], got 0.0"),
+    ({"temperature": -1.0}, "Invalid sampling setting: temperature must be >= 0, got -1.0"),
+    ({"seed": "lucky"}, "Invalid sampling setting: invalid literal for int() with base 10: 'lucky'"),
+])
+def test_a_sampling_setting_the_engine_refuses_is_named_to_the_user(ctx, knob, message):
+    with pytest.raises(gr.Error) as refused:
+        drain(api.chat(ctx, "Hi", max_new_tokens=N, **knob, request=request("bad-knob")))
+    assert refused.value.message == message
+
+
+def test_an_unknown_model_is_named_to_the_user(ctx):
+    with pytest.raises(gr.Error) as refused:
+        drain(api.chat(ctx, "Hi", preset="gpt-9", request=request("bad-model")))
+    assert refused.value.message.startswith("Unknown model 'gpt-9'. Available: tiny-base, tiny-instruct,")
+
+
 def test_api_chat_and_stats(ctx):
     sid = "api-client"
     replies = drain(api.chat(ctx, "Hi", max_new_tokens=N, request=request(sid)))
@@ -267,12 +286,26 @@ def test_api_chat_and_stats(ctx):
     assert api.stats(ctx, request=request(sid))["turns"] == 0
 
 
-def test_unexpected_errors_become_a_human_message_without_a_trace():
-    err = to_user_error(KeyError("internal detail"))
-    assert (
-        isinstance(err, gr.Error) and "Something went wrong" in err.message and "Traceback" not in err.message
-    )
-    assert to_user_error(ValueError("the message is empty")).message == "the message is empty"
+@pytest.mark.parametrize("error", [
+    SettingsError("unknown model preset 'x'"), StateError("the state does not fit this model"),
+    ConversationError("nothing to retry: the conversation is empty"), ConversationBusy("a reply is running"),
+    ImportRefused("not a conversation file exported by this app"), ModelLoadError("Unknown model 'x'."),
+    SchedulerBusy("the server is busy"), SchedulerClosed("the model was unloaded"), MemoryError("no room"),
+], ids=lambda e: type(e).__name__)
+def test_the_domains_errors_reach_the_user_as_they_are_written(error, caplog):
+    assert to_user_error(error).message == str(error)
+    assert not caplog.records  # a refusal, not a bug: nothing to log
+
+
+@pytest.mark.parametrize("error", [KeyError("internal detail"), ValueError("too many values to unpack"),
+                                   TypeError("'NoneType' object is not subscriptable")],
+                         ids=lambda e: type(e).__name__)
+def test_unexpected_errors_are_logged_and_the_user_gets_a_human_message(error, caplog):
+    message = to_user_error(error).message
+    assert message == (f"Something went wrong on the server ({type(error).__name__}). "
+                       "The details are in the server log; try again or reload the page.")
+    [record] = caplog.records
+    assert record.name == "fm_demo.ui" and record.levelname == "ERROR" and record.exc_info[1] is error
 
 
 def test_readout_names_the_kv_reference_and_formula():

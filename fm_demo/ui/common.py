@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import gradio as gr
 
 from ..engine import SamplingParams, StateError
-from ..models import ModelLoadError
+from ..models import ModelLoadError, ModelManager
 from ..serving import SchedulerBusy, SchedulerClosed
 from ..settings import GiB, MiB, Settings, SettingsError
-from ..turns import ImportRefused
+from ..turns import ConversationError
 
-if TYPE_CHECKING:  # heavy modules: imported where they are used
-    from ..models import ModelManager
+if TYPE_CHECKING:
     from ..store import SessionStore
 
 log = logging.getLogger("fm_demo.ui")
@@ -94,8 +93,8 @@ def sampling_params(
 ) -> SamplingParams:
     """SamplingParams from UI/API values; None means the UI default, a negative seed means random."""
     d = SAMPLING_DEFAULTS
-    seed = d["seed"] if seed is None else int(seed)
     try:
+        seed = int(d["seed"] if seed is None else seed)
         return SamplingParams(
             temperature=float(d["temperature"] if temperature is None else temperature),
             top_p=float(d["top_p"] if top_p is None else top_p),
@@ -140,9 +139,11 @@ def throttle(
         yield pending
 
 
-# Exceptions whose message is written for the user; anything else is a bug, logged with its trace.
-_USER_FACING = (SettingsError, StateError, ValueError, MemoryError, SchedulerBusy, SchedulerClosed,
-                ModelLoadError, ImportRefused)
+# The domain's errors, whose message is written for the user (ConversationError covers ImportRefused
+# and ConversationBusy). Anything else, a bare ValueError included, is a bug: logged with its trace,
+# and the user is told only that something went wrong.
+USER_FACING = (SettingsError, StateError, ConversationError, ModelLoadError, SchedulerBusy, SchedulerClosed,
+               MemoryError)
 
 
 def to_user_error(e: BaseException) -> gr.Error:
@@ -150,9 +151,9 @@ def to_user_error(e: BaseException) -> gr.Error:
         return e
     if type(e).__name__ == "OutOfMemoryError":
         return gr.Error("The device ran out of memory. Try a shorter input, fewer new tokens, or 4-bit.")
-    if isinstance(e, _USER_FACING):
+    if isinstance(e, USER_FACING):
         return gr.Error(str(e))
-    log.exception("unexpected error in a handler")
+    log.error("unexpected error in a handler", exc_info=e)
     return gr.Error(
         f"Something went wrong on the server ({type(e).__name__}). "
         "The details are in the server log; try again or reload the page."

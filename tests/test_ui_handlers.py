@@ -22,7 +22,7 @@ from fm_demo.sessions import ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Settings, SettingsError
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
-from fm_demo.ui.common import AppContext, throttle, to_user_error
+from fm_demo.ui.common import AppContext, stop_reply, throttle, to_user_error
 from fm_demo.ui.readout import DEVICE_SERIES, KV_SERIES, MAMBA_SERIES, readout_html
 
 N = 12  # new tokens per reply: short replies keep the suite fast
@@ -60,10 +60,11 @@ def drain(gen):
 
 
 def test_throttle_limits_rate_and_keeps_first_and_last():
-    events = list(range(1000))
-    out = list(throttle(iter(events), hz=10, is_last=lambda e: e == 999))
-    assert out[0] == 0 and out[-1] == 999
-    assert len(out) < 20  # 1000 events in well under a second -> a handful pass
+    times = iter(i / 4 for i in range(1000))  # an event every 250 ms, by the throttle's own clock
+    out = list(throttle(range(1000), hz=1, is_last=lambda e: e == 999, clock=lambda: next(times)))
+    assert out == [*range(0, 1000, 4), 999]  # one a second, and the last
+    out = list(throttle(range(1000), hz=10, clock=lambda: 0.0))  # all at once, none marked last
+    assert out == [0, 999]  # the first, and the last still pending when the events end
 
 
 def test_empty_message_does_nothing(ctx):
@@ -122,7 +123,7 @@ def test_stop_ends_a_long_reply_and_keeps_what_was_shown(rambling_ctx):
     for out in gen:
         seen += 1
         if seen == 3:
-            chat_tab.stop(ctx, request(sid))
+            stop_reply(ctx, chat_tab.SLOT, request(sid))
     conv = ctx.store.get(sid, "chat")
     m = conv.last_metrics
     assert m.finish_reason == "cancelled" and 0 < m.new_tokens < 400
@@ -228,7 +229,7 @@ def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory):
     doc = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(900))
     gen = long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid))
     next(gen)  # the first progress tick comes while the document is still being read
-    long_tab.stop(ctx, request(sid))
+    stop_reply(ctx, long_tab.SLOT, request(sid))
     chat, _, plot, note = drain(gen)[-1]
     conv = ctx.store.get(sid, "long")
     read = plot["tokens read"].iloc[-1]

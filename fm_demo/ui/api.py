@@ -24,14 +24,15 @@ from .common import (
     bind,
     check_message,
     controlled,
+    interleave,
     open_conversation,
     reply_concurrency,
     sampling_params,
     session_id,
-    throttle,
     user_errors,
 )
-from .compare_tab import SLOTS, interleave
+from .compare_tab import SLOT as COMPARE_SLOT
+from .compare_tab import SLOTS
 
 CHAT_SLOT = "chat"
 
@@ -148,15 +149,11 @@ def compare(
     with call_session(ctx, request) as session:
         convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
         sampling = sampling_params(temperature, 1.0, 0, 1.0, seed)
-        streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
+        streams = interleave({side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS})
         texts = {side: "" for side in SLOTS}
-        try:
-            for side, ev in throttle(interleave(streams), is_last=lambda item: item[1].done):
-                texts[side] = ev.text
-                yield dict(texts)
-        finally:
-            for it in streams.values():
-                it.close()
+        for side, ev in controlled(ctx, session_id(session), COMPARE_SLOT, streams):
+            texts[side] = ev.text
+            yield dict(texts)
 
 
 @user_errors

@@ -31,6 +31,7 @@ from .common import (
     preset_choices,
     sampling_params,
     session_id,
+    stop_reply,
     user_errors,
 )
 from .plots import series_plot
@@ -209,10 +210,6 @@ def clear(ctx: AppContext, request: gr.Request) -> tuple:
     return "", [], readout_html(None), None, None, []  # None empties a plot (an empty frame would stall it)
 
 
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
-
-
 @user_errors
 def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> gr.File:
     """Write transcript + state to a file the browser downloads."""
@@ -352,7 +349,7 @@ def build_chat_tab(ctx: AppContext) -> None:
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
         trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
-    stop_btn.click(bind(stop, ctx), None, None, api_name="chat_stop", queue=False)
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
     retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None)
     chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
     chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None)

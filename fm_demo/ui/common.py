@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import gradio as gr
 
@@ -121,15 +122,20 @@ def check_message(text: str | None, limit: int) -> str | None:
     return text
 
 
+def _is_done(event: object) -> bool:
+    return bool(getattr(event, "done", False))
+
+
 def throttle(
     events: Iterable[T],
     hz: float = UPDATES_PER_S,
-    is_last: Callable[[T], bool] = lambda e: bool(getattr(e, "done", False)),
+    is_last: Callable[[T], bool] = _is_done,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[T]:
-    """Pass at most `hz` events per second, always including the first and the last."""
-    gap, last_t, pending = 1.0 / hz, 0.0, None
+    """Pass at most `hz` events per second by `clock`, always including the first and the last."""
+    gap, last_t, pending = 1.0 / hz, -math.inf, None
     for event in events:
-        now = time.perf_counter()
+        now = clock()
         if is_last(event) or now - last_t >= gap:
             yield event
             last_t, pending = now, None
@@ -288,14 +294,47 @@ def open_conversation(
     return sid, conv
 
 
+# -- replies -----------------------------------------------------------------------------------
+class Keyed(NamedTuple):
+    """An event of one of several interleaved replies, with the key of its reply."""
+
+    key: str
+    event: Any
+
+    @property
+    def done(self) -> bool:
+        return _is_done(self.event)
+
+
+def interleave(streams: dict[str, Iterator]) -> Iterator[Keyed]:
+    """(key, event) from each stream in turn until all are exhausted; closing it closes them all."""
+    live = dict(streams)
+    try:
+        while live:
+            for key, it in list(live.items()):
+                event = next(it, None)
+                if event is None:
+                    del live[key]
+                else:
+                    yield Keyed(key, event)
+    finally:
+        for it in streams.values():
+            it.close()
+
+
 def controlled(
     ctx: AppContext, sid: str, slot: str, events: Iterator[T], first: T | None = None
 ) -> Iterator[T]:
-    """Throttle a reply's events (after `first`, if given) and end it when Stop is pressed.
+    """A reply's events (after `first`, if given), throttled, ending when Stop is pressed in `slot`.
 
-    Closing `events` is what stops the reply: the conversation keeps exactly the tokens shown.
+    The one loop every streaming handler runs its reply (or interleaved replies) through. The stop
+    flag is armed now, so a Stop pressed before the first event counts too. Closing `events` is
+    what stops the reply: the conversation keeps exactly the tokens shown.
     """
-    flag = ctx.stops.arm(sid, slot)
+    return _until_stopped(ctx.stops.arm(sid, slot), events, first)
+
+
+def _until_stopped(flag: threading.Event, events: Iterator[T], first: T | None) -> Iterator[T]:
     try:
         if first is not None:
             yield first
@@ -305,3 +344,8 @@ def controlled(
                 break
     finally:
         events.close()
+
+
+def stop_reply(ctx: AppContext, slot: str, request: gr.Request) -> None:
+    """Every tab's Stop button, bound to its slot: bind(stop_reply, ctx, slot)."""
+    ctx.stops.stop(session_id(request), slot)

@@ -6,40 +6,29 @@ stream together and each pane's conversation keeps its own state across turns.
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import gradio as gr
 
 from .common import (
-    UPDATES_PER_S,
     AppContext,
     bind,
     check_message,
+    controlled,
+    interleave,
     model_pickers,
     on_preset_change,
     open_conversation,
     reply_concurrency,
     sampling_params,
     session_id,
+    stop_reply,
     user_errors,
 )
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
 SLOT = "compare"  # the stop flag both panes share
-
-
-def interleave(streams: dict[str, Iterator]) -> Iterator[tuple[str, object]]:
-    """(key, event) from each stream in turn until all are exhausted."""
-    live = dict(streams)
-    while live:
-        for key, it in list(live.items()):
-            event = next(it, None)
-            if event is None:
-                del live[key]
-            else:
-                yield key, event
 
 
 def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
@@ -79,29 +68,16 @@ def compare(
     sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
     picks = {"left": (left_preset, left_precision), "right": (right_preset, right_precision)}
     convs = {side: open_conversation(ctx, request, *picks[side], side, progress)[1] for side in SLOTS}
-    sid = session_id(request)
-    streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
-    flag = ctx.stops.arm(sid, SLOT)
-    metrics, last = {}, 0.0
+    streams = interleave({side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS})
+    replies = controlled(ctx, session_id(request), SLOT, streams)
     pending = [{"role": "user", "content": text}]
     yield "", convs["left"].messages + pending, convs["right"].messages + pending, gr.skip(), gr.skip()
-    try:
-        for side, ev in interleave(streams):
-            metrics[side] = ev.metrics
-            if time.perf_counter() - last >= 1 / UPDATES_PER_S:
-                last = time.perf_counter()
-                yield gr.skip(), *_panes(convs, metrics, streaming=True)
-            if flag.is_set():
-                break
-    finally:
-        for it in streams.values():
-            it.close()
+    metrics = {}
+    for side, ev in replies:
+        metrics[side] = ev.metrics
+        yield gr.skip(), *_panes(convs, metrics, streaming=True)
     final = {side: convs[side].last_metrics for side in SLOTS}
     yield gr.skip(), *_panes(convs, final, streaming=False)
-
-
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
 
 
 @user_errors
@@ -159,5 +135,5 @@ def build_compare_tab(ctx: AppContext) -> None:
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
         trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
-    stop_btn.click(bind(stop, ctx), None, None, api_name="compare_stop", queue=False)
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

@@ -26,7 +26,7 @@ from .common import (
     open_conversation,
     reply_concurrency,
     sampling_params,
-    session_id,
+    stop_reply,
     user_errors,
 )
 from .plots import series_plot
@@ -190,10 +190,6 @@ def ask(
         yield (gr.skip(), *out)
 
 
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
-
-
 def build_long_tab(ctx: AppContext) -> None:
     s = ctx.settings
     gr.Markdown(
@@ -254,4 +250,4 @@ def build_long_tab(ctx: AppContext) -> None:
             api_name=name,
             concurrency_limit=reply_concurrency(ctx),
         )
-    stop_btn.click(bind(stop, ctx), None, None, api_name="long_stop", queue=False)
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="long_stop", queue=False)

@@ -7,7 +7,9 @@ ModelManager / SessionStore / engine behind it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
+import typing
 
 import gradio as gr
 import pytest
@@ -23,6 +25,7 @@ from fm_demo.settings import Settings, SettingsError
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, stop_reply, throttle, to_user_error
+from fm_demo.ui.inputs import Sampling, bind
 from fm_demo.ui.readout import DEVICE_SERIES, KV_SERIES, MAMBA_SERIES, readout_html
 
 N = 12  # new tokens per reply: short replies keep the suite fast
@@ -50,9 +53,13 @@ def request(sid: str) -> gr.Request:
     return gr.Request(session_hash=sid)
 
 
-# knobs after the message: preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points
-def knobs(points=None, max_new=N, temperature=0.0):
-    return ["tiny-instruct", "fp32", "", temperature, 1.0, 0, 1.0, max_new, 0, points or []]
+def sampling(max_new=N, temperature=0.0) -> Sampling:
+    return Sampling(temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=max_new,
+                    seed=0)
+
+
+def knobs(max_new=N, temperature=0.0) -> chat_tab.Knobs:
+    return chat_tab.Knobs("tiny-instruct", "fp32", "", sampling(max_new, temperature))
 
 
 def drain(gen):
@@ -68,19 +75,19 @@ def test_throttle_limits_rate_and_keeps_first_and_last():
 
 
 def test_empty_message_does_nothing(ctx):
-    outs = drain(chat_tab.send(ctx, "   ", *knobs(), request=request("empty")))
+    outs = drain(chat_tab.send(ctx, "   ", knobs(), [], request=request("empty")))
     assert len(outs) == 1 and all(o == gr.skip() for o in outs[0])
     assert ctx.store.get("empty", "chat") is None  # no conversation created, no model touched
 
 
 def test_oversized_message_is_refused_with_a_clear_message(ctx):
     with pytest.raises(gr.Error, match="limit is 2,000"):
-        drain(chat_tab.send(ctx, "x" * 2001, *knobs(), request=request("big")))
+        drain(chat_tab.send(ctx, "x" * 2001, knobs(), [], request=request("big")))
 
 
 def test_send_streams_then_second_turn_reuses_the_state(ctx):
     sid = "two-turns"
-    outs = drain(chat_tab.send(ctx, "Hello!", *knobs(), request=request(sid)))
+    outs = drain(chat_tab.send(ctx, "Hello!", knobs(), [], request=request(sid)))
     box, chat, html, mem, speed, points = outs[-1]
     assert outs[0][0] == "" and chat[0] == {"role": "user", "content": "Hello!"}
     assert chat[-1]["role"] == "assistant" and len(points) == 1
@@ -89,7 +96,7 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     first_context = conv.context_tokens
     assert conv.last_metrics.reused_tokens == 0 and 1 <= conv.last_metrics.new_tokens <= N
 
-    outs = drain(chat_tab.send(ctx, "And one more thing?", *knobs(points), request=request(sid)))
+    outs = drain(chat_tab.send(ctx, "And one more thing?", knobs(), points, request=request(sid)))
     box, chat, html, mem, speed, points = outs[-1]
     m = conv.last_metrics
     assert m.reused_tokens == first_context  # the whole first exchange came from the cached state
@@ -118,7 +125,7 @@ def rambling_ctx(tmp_path_factory):
 
 def test_stop_ends_a_long_reply_and_keeps_what_was_shown(rambling_ctx):
     ctx, sid = rambling_ctx, "stopper"
-    gen = chat_tab.send(ctx, "Tell me a long story.", *knobs(max_new=400), request=request(sid))
+    gen = chat_tab.send(ctx, "Tell me a long story.", knobs(max_new=400), [], request=request(sid))
     seen = 0
     for out in gen:
         seen += 1
@@ -131,13 +138,43 @@ def test_stop_ends_a_long_reply_and_keeps_what_was_shown(rambling_ctx):
     assert conv.messages[-1]["content"] == conv.turns[0].reply  # the text shown is what was kept
 
 
+def test_stop_ends_both_compare_replies_and_keeps_what_each_showed(rambling_ctx):
+    ctx, sid = rambling_ctx, "compare-stopper"
+    gen = compare_tab.compare(ctx, "Tell me two long stories.", "tiny-instruct", "fp32", "tiny-instruct", "fp32",
+                              sampling(max_new=400), request=request(sid))
+    for seen, _ in enumerate(gen, start=1):
+        if seen == 3:
+            stop_reply(ctx, compare_tab.SLOT, request(sid))
+    for side in compare_tab.SLOTS:
+        conv = ctx.store.get(sid, side)
+        m = conv.last_metrics
+        assert m.finish_reason == "cancelled" and 0 < m.new_tokens < 400
+        assert conv.messages[-1]["content"] == conv.turns[0].reply
+
+
+def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_group():
+    def handler(ctx, message: str, knobs: chat_tab.Knobs, points: list, request: gr.Request, progress=gr.Progress()):
+        return ctx, message, knobs, points, request
+
+    bound = bind(handler, "the context")
+    assert list(inspect.signature(bound).parameters) == [
+        "message", "preset", "precision", "system", "temperature", "top_p", "top_k", "repetition_penalty",
+        "max_new_tokens", "seed", "points", "request", "progress"]
+    hints = typing.get_type_hints(bound)  # what Gradio reads to inject the request
+    assert hints["request"] is gr.Request and hints["top_k"] is int and hints["points"] is list
+    sent = request("bound")
+    assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, [1], sent) == (
+        "the context", "Hi", chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7)),
+        [1], sent)
+
+
 def test_retry_undo_clear(ctx):
     sid = "edits"
-    drain(chat_tab.send(ctx, "First question", *knobs(), request=request(sid)))
-    drain(chat_tab.send(ctx, "Second question", *knobs(), request=request(sid)))
+    drain(chat_tab.send(ctx, "First question", knobs(), [], request=request(sid)))
+    drain(chat_tab.send(ctx, "Second question", knobs(), [], request=request(sid)))
     conv = ctx.store.get(sid, "chat")
     before, replaced = conv.context_tokens, conv.last_metrics.new_tokens
-    outs = drain(chat_tab.retry(ctx, *knobs(temperature=1.0), request=request(sid)))
+    outs = drain(chat_tab.retry(ctx, knobs(temperature=1.0), [], request=request(sid)))
     assert len(outs[-1][1]) == 4 and conv.last_metrics.prefilled_tokens == 1  # retry reads one token
     assert conv.context_tokens == before - replaced + conv.last_metrics.new_tokens
 
@@ -150,16 +187,16 @@ def test_retry_undo_clear(ctx):
 
 def test_edit_replays_from_the_edited_message(ctx):
     sid = "editor"
-    drain(chat_tab.send(ctx, "One", *knobs(), request=request(sid)))
-    drain(chat_tab.send(ctx, "Two", *knobs(), request=request(sid)))
+    drain(chat_tab.send(ctx, "One", knobs(), [], request=request(sid)))
+    drain(chat_tab.send(ctx, "Two", knobs(), [], request=request(sid)))
     data = gr.EditData(None, {"index": 0, "value": "Uno", "previous_value": "One"})
-    outs = drain(chat_tab.edit(ctx, *knobs(), edit_data=data, request=request(sid)))
+    outs = drain(chat_tab.edit(ctx, knobs(), [], edit_data=data, request=request(sid)))
     chat = outs[-1][1]
     assert [m["content"] for m in chat if m["role"] == "user"] == ["Uno"] and len(chat) == 2
 
 
 def test_export_then_import_restores_the_conversation(ctx):
-    drain(chat_tab.send(ctx, "Remember this", *knobs(), request=request("exporter")))
+    drain(chat_tab.send(ctx, "Remember this", knobs(), [], request=request("exporter")))
     path = chat_tab.export(ctx, "tiny-instruct", "fp32", request=request("exporter")).value
     if isinstance(path, dict):
         path = path["path"]
@@ -178,7 +215,7 @@ def test_import_refuses_a_foreign_file(ctx, tmp_path):
 
 def test_compare_streams_both_panes_with_their_own_states(ctx):
     sid = "comparer"
-    args = ["tiny-base", "fp32", "tiny-instruct", "fp32", 0.0, 1.0, 0, 1.0, N, 0]
+    args = ["tiny-base", "fp32", "tiny-instruct", "fp32", sampling()]
     outs = drain(compare_tab.compare(ctx, "Hi both", *args, request=request(sid)))
     box, left, right, lhtml, rhtml = outs[-1]
     assert left[-1]["role"] == "assistant" and right[-1]["role"] == "assistant"
@@ -262,11 +299,12 @@ def test_long_context_refuses_an_oversized_document(ctx):
 @pytest.mark.parametrize("knob, message", [
     ({"top_p": 0.0}, "Invalid sampling setting: top_p must be in (0, 1], got 0.0"),
     ({"temperature": -1.0}, "Invalid sampling setting: temperature must be >= 0, got -1.0"),
-    ({"seed": "lucky"}, "Invalid sampling setting: invalid literal for int() with base 10: 'lucky'"),
+    ({"seed": "lucky"}, "Invalid sampling setting: seed must be a whole number, got 'lucky'"),
+    ({"max_new_tokens": "lots"}, "Invalid sampling setting: max_new_tokens must be a whole number, got 'lots'"),
 ])
 def test_a_sampling_setting_the_engine_refuses_is_named_to_the_user(ctx, knob, message):
     with pytest.raises(gr.Error) as refused:
-        drain(api.chat(ctx, "Hi", max_new_tokens=N, **knob, request=request("bad-knob")))
+        drain(api.chat(ctx, "Hi", **{"max_new_tokens": N, **knob}, request=request("bad-knob")))
     assert refused.value.message == message
 
 
@@ -327,7 +365,7 @@ def test_system_report_lists_versions_and_loaded_models(ctx):
 
 def test_system_tab_shows_each_models_scheduler_and_prefix_cache(tmp_path_factory):
     ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, max_batch=4), tmp_path_factory)
-    drain(chat_tab.send(ctx, "What is 2 plus 3?", *knobs(), request=request("sys")))
+    drain(chat_tab.send(ctx, "What is 2 plus 3?", knobs(), [], request=request("sys")))
     lm = ctx.manager.get("tiny-instruct", "fp32")
     conv = ctx.store.get("sys", "chat")
     serving, caches = system_tab.live_tables(ctx)

@@ -21,20 +21,20 @@ import gradio as gr
 
 from .common import (
     AppContext,
-    bind,
     check_message,
     controlled,
     interleave,
     open_conversation,
     reply_concurrency,
-    sampling_params,
     session_id,
     user_errors,
 )
 from .compare_tab import SLOT as COMPARE_SLOT
 from .compare_tab import SLOTS
+from .inputs import Sampling, bind
 
 CHAT_SLOT = "chat"
+NO_TOP_P, NO_TOP_K, NO_PENALTY = 1.0, 0, 1.0  # filters off: /compare has none (the values /chat defaults to)
 
 
 def _resolve(ctx: AppContext, preset: str | None) -> str:
@@ -102,9 +102,9 @@ def chat(
         return
     with call_session(ctx, request) as session:
         sid, conv = open_conversation(ctx, session, _resolve(ctx, preset), precision, CHAT_SLOT)
-        sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
         reply = ""
-        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, sampling, int(max_new_tokens))):
+        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling.for_reply())):
             reply = ev.text
             yield reply
 
@@ -148,8 +148,8 @@ def compare(
     }
     with call_session(ctx, request) as session:
         convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
-        sampling = sampling_params(temperature, 1.0, 0, 1.0, seed)
-        streams = interleave({side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS})
+        reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
+        streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
         texts = {side: "" for side in SLOTS}
         for side, ev in controlled(ctx, session_id(session), COMPARE_SLOT, streams):
             texts[side] = ev.text

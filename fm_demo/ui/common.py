@@ -1,8 +1,9 @@
-"""What every tab shares: the app context, session ids, sampling inputs, throttling, errors.
+"""What every tab shares: the app context, session ids, the reply loop and Stop, errors, formats.
 
 Handlers are plain functions of (context, inputs, request); tests call them with a
-`gr.Request(session_hash=...)` and no browser. Per-session objects live in the SessionStore and
-in StopFlags, both keyed by the Gradio session hash and owned by the context build_demo makes.
+`gr.Request(session_hash=...)` and no browser; inputs.py binds them for Gradio. Per-session
+objects live in the SessionStore and in StopFlags, both keyed by the Gradio session hash and owned
+by the context build_demo makes.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import logging
 import math
 import threading
 import time
-import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import gradio as gr
 
-from ..engine import SamplingParams, StateError
+from ..engine import StateError
 from ..models import ModelLoadError, ModelManager
 from ..serving import SchedulerBusy, SchedulerClosed
 from ..settings import GiB, MiB, Settings, SettingsError
@@ -32,7 +32,6 @@ log = logging.getLogger("fm_demo.ui")
 T = TypeVar("T")
 
 UPDATES_PER_S = 15.0  # streaming refresh rate: smooth to the eye, cheap for the browser
-SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "seed": -1}
 
 
 @dataclass
@@ -83,30 +82,6 @@ def session_id(request: gr.Request | None) -> str:
     if not sid:
         raise gr.Error("This request has no session; reload the page.")
     return sid
-
-
-def sampling_params(
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-) -> SamplingParams:
-    """SamplingParams from UI/API values; None means the UI default, a negative seed means random."""
-    d = SAMPLING_DEFAULTS
-    try:
-        seed = int(d["seed"] if seed is None else seed)
-        return SamplingParams(
-            temperature=float(d["temperature"] if temperature is None else temperature),
-            top_p=float(d["top_p"] if top_p is None else top_p),
-            top_k=int(d["top_k"] if top_k is None else top_k),
-            repetition_penalty=float(
-                d["repetition_penalty"] if repetition_penalty is None else repetition_penalty
-            ),
-            seed=None if seed < 0 else seed,
-        )
-    except (TypeError, ValueError) as e:
-        raise gr.Error(f"Invalid sampling setting: {e}") from None
 
 
 def check_message(text: str | None, limit: int) -> str | None:
@@ -187,32 +162,6 @@ def user_errors(fn: Callable) -> Callable:
             raise to_user_error(e) from None
 
     return wrapper
-
-
-def bind(fn: Callable, *bound) -> Callable:
-    """fn with its first parameters bound, keeping the signature and type hints Gradio reads to
-    inject gr.Request, gr.Progress and event data (functools.partial hides the type hints)."""
-    sig = inspect.signature(fn)
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def bound_fn(*args, **kwargs):
-            yield from fn(*bound, *args, **kwargs)
-    else:
-
-        @functools.wraps(fn)
-        def bound_fn(*args, **kwargs):
-            return fn(*bound, *args, **kwargs)
-
-    hints = typing.get_type_hints(fn)  # resolved: Gradio reads annotations off the signature too
-    params = [
-        p.replace(annotation=hints.get(p.name, p.annotation))
-        for p in list(sig.parameters.values())[len(bound) :]
-    ]
-    bound_fn.__signature__ = sig.replace(
-        parameters=params, return_annotation=hints.get("return", sig.return_annotation)
-    )
-    return bound_fn
 
 
 def fmt_bytes(n: float | None) -> str:

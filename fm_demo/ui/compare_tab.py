@@ -12,7 +12,6 @@ import gradio as gr
 
 from .common import (
     AppContext,
-    bind,
     check_message,
     controlled,
     interleave,
@@ -20,15 +19,18 @@ from .common import (
     on_preset_change,
     open_conversation,
     reply_concurrency,
-    sampling_params,
     session_id,
     stop_reply,
     user_errors,
 )
+from .inputs import Sampling, bind, sampling_inputs
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
 SLOT = "compare"  # the stop flag both panes share
+# The sliders start at the UI's sampling defaults but greedy, so that what differs between the panes
+# is the models, and at shorter replies (never above the server's default), as two stream at once.
+TEMPERATURE, MAX_NEW_TOKENS = 0.0, 128
 
 
 def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
@@ -51,12 +53,7 @@ def compare(
     left_precision: str,
     right_preset: str,
     right_precision: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    max_new_tokens: int,
-    seed: int,
+    sampling: Sampling,
     request: gr.Request,
     progress=gr.Progress(),
 ) -> Iterator[tuple]:
@@ -65,10 +62,10 @@ def compare(
     if text is None:
         yield (gr.skip(),) * 5
         return
-    sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
+    reply = sampling.for_reply()
     picks = {"left": (left_preset, left_precision), "right": (right_preset, right_precision)}
     convs = {side: open_conversation(ctx, request, *picks[side], side, progress)[1] for side in SLOTS}
-    streams = interleave({side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS})
+    streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
     replies = controlled(ctx, session_id(request), SLOT, streams)
     pending = [{"role": "user", "content": text}]
     yield "", convs["left"].messages + pending, convs["right"].messages + pending, gr.skip(), gr.skip()
@@ -119,19 +116,12 @@ def build_compare_tab(ctx: AppContext) -> None:
     with gr.Row():
         stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="compare-stop")
         clear_btn = gr.Button("Clear both", size="sm", elem_id="compare-clear")
-    with gr.Accordion("Sampling (both panes)", open=False):
-        with gr.Row():
-            temperature = gr.Slider(0, 2, 0.0, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1, 0.9, step=0.05, label="Top-p")
-            top_k = gr.Slider(0, 200, 50, step=1, label="Top-k (0 = off)")
-            rep = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
-            max_new = gr.Slider(
-                1, s.max_new_tokens_cap, min(128, s.max_new_tokens), step=1, label="Max new tokens"
-            )
-            seed = gr.Number(0, precision=0, label="Seed (-1 = random)")
+    with gr.Accordion("Sampling (both panes)", open=False), gr.Row():
+        defaults = Sampling(temperature=TEMPERATURE, max_new_tokens=min(MAX_NEW_TOKENS, s.max_new_tokens))
+        sampling = sampling_inputs(s, defaults, elem_prefix="compare")
 
     (lp, lq, lchat, lread), (rp, rq, rchat, rread) = panes["left"], panes["right"]
-    inputs = [msg, lp, lq, rp, rq, temperature, top_p, top_k, rep, max_new, seed]
+    inputs = [msg, lp, lq, rp, rq, *sampling]
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
         trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))

@@ -17,7 +17,6 @@ from ..metrics import free_device_memory
 from ..settings import MiB
 from .common import (
     AppContext,
-    bind,
     fmt_bytes,
     load_progress,
     model_pickers,
@@ -25,6 +24,7 @@ from .common import (
     session_id,
     user_errors,
 )
+from .inputs import bind
 from .plots import series_frame, series_plot
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live

@@ -13,11 +13,11 @@ from typing import Iterator
 
 import gradio as gr
 
+from ..engine import SamplingParams
 from ..metrics import KV_REFERENCE, device_memory, kv_cache_bytes
 from ..settings import MiB
 from .common import (
     AppContext,
-    bind,
     check_message,
     controlled,
     fmt_bytes,
@@ -25,10 +25,10 @@ from .common import (
     on_preset_change,
     open_conversation,
     reply_concurrency,
-    sampling_params,
     stop_reply,
     user_errors,
 )
+from .inputs import Sampling, bind
 from .plots import series_plot
 from .readout import DEVICE_COLORS, device_memory_frame, live_metrics, readout_html
 
@@ -36,6 +36,7 @@ SLOT = "long"
 POLL_S = 0.25  # how often the progress bar and memory plot refresh while the document is read
 READ_AXIS = "tokens read"  # the memory plot's x axis
 DEFAULT_QUESTION = "Summarize the text above in a few sentences."
+MAX_NEW_TOKENS = 200  # the slider's start: room for a summary (never above the server's default)
 
 
 def document_text(pasted: str | None, file, limit_chars: int) -> str:
@@ -64,6 +65,11 @@ def _kv_note(tokens: int) -> str:
         f"A transformer's KV cache for these {tokens:,} tokens ({KV_REFERENCE.name}, "
         f"{fmt_bytes(KV_REFERENCE.bytes_per_token)}/token): **{fmt_bytes(kv_cache_bytes(tokens))}**."
     )
+
+
+def _greedy(max_new_tokens: int) -> tuple[SamplingParams, int | None]:
+    """Answers about a document are greedy (with the UI's other sampling defaults)."""
+    return Sampling(temperature=0.0, max_new_tokens=max_new_tokens).for_reply()
 
 
 class ReadStopped(Exception):
@@ -126,8 +132,7 @@ def read_document(
 
     events = conv.send(
         f"{text}\n\n{question}",
-        sampling_params(temperature=0),
-        int(max_new_tokens),
+        *_greedy(max_new_tokens),
         progress=on_chunk,
         allow_long=True,
         document_chars=len(text),
@@ -184,7 +189,7 @@ def ask(
     sid, conv = open_conversation(ctx, request, preset, precision, SLOT, progress)
     if not conv.turns:
         raise gr.Error("Read a document first.")
-    events = conv.send(text, sampling_params(temperature=0), int(max_new_tokens))
+    events = conv.send(text, *_greedy(max_new_tokens))
     yield "", conv.messages + [{"role": "user", "content": text}], gr.skip(), gr.skip(), gr.skip()
     for out in _answer(ctx, sid, conv, events, None, gr.skip(), gr.skip()):
         yield (gr.skip(), *out)
@@ -210,9 +215,8 @@ def build_long_tab(ctx: AppContext) -> None:
             question = gr.Textbox(DEFAULT_QUESTION, label="First question about it")
             with gr.Row():
                 preset, precision = model_pickers(s, s.default_preset)
-                max_new = gr.Slider(
-                    1, s.max_new_tokens_cap, min(200, s.max_new_tokens), step=1, label="Max new tokens"
-                )
+                max_new = gr.Slider(1, s.max_new_tokens_cap, min(MAX_NEW_TOKENS, s.max_new_tokens), step=1,
+                                    label="Max new tokens")
             with gr.Row():
                 read_btn = gr.Button("Read and answer", variant="primary", elem_id="long-read")
                 stop_btn = gr.Button("Stop", variant="stop")

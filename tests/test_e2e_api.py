@@ -45,6 +45,9 @@ def test_api_lists_the_documented_endpoints(url):
     chat_params = {p["parameter_name"]: p for p in endpoints["/chat"]["parameters"]}
     assert not chat_params["message"]["parameter_has_default"]
     assert all(chat_params[k]["parameter_has_default"] for k in ("temperature", "top_p", "top_k", "seed"))
+    for name in ("/chat", "/compare"):  # the server's default reply length, documented as it is
+        tokens = {p["parameter_name"]: p for p in endpoints[name]["parameters"]}["max_new_tokens"]
+        assert tokens["parameter_default"] == N and tokens["python_type"]["type"] == "int"
 
 
 def test_chat_streams_and_the_second_turn_reuses_the_state(url):

@@ -152,6 +152,17 @@ def test_stop_ends_both_compare_replies_and_keeps_what_each_showed(rambling_ctx)
         assert conv.messages[-1]["content"] == conv.turns[0].reply
 
 
+def test_the_api_replies_are_as_long_as_the_servers_default_unless_asked(rambling_ctx):
+    ctx, story = rambling_ctx, "Tell me a long story about a fox."  # greedy, it runs for 1,264 tokens
+    drain(api.chat(ctx, story, request=request("api-default")))
+    assert ctx.store.get("api-default", "chat").last_metrics.new_tokens == ctx.settings.max_new_tokens == N
+    drain(api.compare(ctx, story, left_preset="tiny-instruct", right_preset="tiny-instruct",
+                      request=request("api-default")))
+    assert [ctx.store.get("api-default", side).last_metrics.new_tokens for side in compare_tab.SLOTS] == [N, N]
+    drain(api.chat(ctx, story, max_new_tokens=5, request=request("api-asked")))
+    assert ctx.store.get("api-asked", "chat").last_metrics.new_tokens == 5
+
+
 def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_group():
     def handler(ctx, message: str, knobs: chat_tab.Knobs, points: list, request: gr.Request, progress=gr.Progress()):
         return ctx, message, knobs, points, request

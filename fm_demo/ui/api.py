@@ -13,9 +13,10 @@ do not have, so they are not tools (`mcp_tools_only` in build.py hides every oth
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -73,7 +74,7 @@ def chat(
     top_p: float = 1.0,
     top_k: int = 0,
     repetition_penalty: float = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     seed: int = -1,
     preset: str = "",
     precision: str = "",
@@ -113,7 +114,7 @@ def chat(
 def compare(
     ctx: AppContext,
     message: str,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = -1,
     left_preset: str = "",
@@ -178,9 +179,25 @@ def stats(ctx: AppContext, slot: str = CHAT_SLOT, request: gr.Request = None) ->
     }
 
 
+def server_defaults(fn: Callable, **values: object) -> Callable:
+    """A bound endpoint as the API page and the MCP tools show it: each parameter named in
+    `values`, whose None default stands for the server's value, defaults to that value and has
+    its type (so /chat documents `max_new_tokens: int = 512` on a server whose default is 512)."""
+    sig = inspect.signature(fn)
+    fn.__signature__ = sig.replace(parameters=[
+        p.replace(default=values[p.name], annotation=type(values[p.name])) if p.name in values else p
+        for p in sig.parameters.values()
+    ])
+    fn.__annotations__.update({name: type(value) for name, value in values.items()})
+    return fn
+
+
 def register_api(ctx: AppContext) -> None:
     """Inside the Blocks context: the four endpoints, typed from the signatures above."""
-    gr.api(bind(chat, ctx), api_name="chat", concurrency_limit=reply_concurrency(ctx))
-    gr.api(bind(compare, ctx), api_name="compare", concurrency_limit=reply_concurrency(ctx))
+    tokens = ctx.settings.max_new_tokens
+    gr.api(server_defaults(bind(chat, ctx), max_new_tokens=tokens), api_name="chat",
+           concurrency_limit=reply_concurrency(ctx))
+    gr.api(server_defaults(bind(compare, ctx), max_new_tokens=tokens), api_name="compare",
+           concurrency_limit=reply_concurrency(ctx))
     gr.api(bind(reset, ctx), api_name="reset", queue=False)
     gr.api(bind(stats, ctx), api_name="stats", queue=False)

@@ -405,6 +405,13 @@ def test_similar_transformer_matches_parameter_count_and_grows_its_cache(ctx):
     ]  # one K,V row per token
 
 
+def test_the_prefill_sweep_doubles_from_half_a_chunk_up_to_the_longest_prompt():
+    assert lab.sweep_lengths(256, 1024) == [128, 256, 512, 1024]
+    assert lab.sweep_lengths(16, 300) == [64, 128, 256]  # never below the sweep's shortest
+    assert lab.sweep_lengths(256, 100) == []  # the handler then asks for a longer prompt
+    assert lab.sweep_lengths(16, 1 << 30)[-1] == lab.SWEEP_LONGEST
+
+
 def test_chunked_prefill_peak_stays_below_parallel(ctx):
     engine = ctx.manager.get("tiny-instruct", "fp32").engine
     peaks = list(lab.prefill_peaks(Engine(engine.model, chunk_size=128), [2048], chunk_size=128))

@@ -1,9 +1,9 @@
 """Chat tab: a streaming chat whose recurrent state is cached between turns, with live metrics.
 
 Every reply handler (send, retry, edit) takes the tab's Knobs (model, system prompt, sampling)
-and the plot points, and yields the same outputs, REPLY_OUTPUTS: (message box, chatbot, readout
-html, memory plot, speed plot, plot points). The memory plot shows the state against a
-transformer's KV cache; the device-memory plot redraws when the points change.
+and the plot points, and yields the same six outputs: (message box, chatbot, readout html,
+memory plot, speed plot, plot points). The memory plot shows the state against a transformer's
+KV cache; the device-memory plot redraws when the points change.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ SLOT = "chat"
 # of its training data; the last prompt recalls a word from earlier turns through the state.
 EXAMPLES = ["What is 47 + 35?", "Subtract 29 from 80.", "Remember the word falcon.",
             "Spell the word river.", "What is the capital of Japan?", "Which word did I ask you to remember?"]
-REPLY_OUTPUTS = 6
-SKIP_ALL = (gr.skip(),) * REPLY_OUTPUTS
+SKIP_ALL = (gr.skip(),) * 6  # a reply handler's outputs, all left as they are
 
 
 @dataclass(frozen=True)

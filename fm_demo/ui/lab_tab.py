@@ -1,7 +1,8 @@
 """Constant-memory lab tab: the blog's figure, measured live on this machine.
 
-Runs fm_demo.lab: N greedy tokens from Falcon Mamba and from a random-weight Llama-style model of
-similar parameter count, then the prefill peak-memory sweep. Plots refresh a few times a second.
+Runs fm_demo.lab: N greedy tokens from Falcon Mamba and then from a random-weight Llama-style
+model of similar parameter count; and, on a button of its own, the prefill peak-memory sweep.
+Plots refresh a few times a second.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import gradio as gr
 from ..engine import StateError
 from ..models import ModelLoadError, ModelManager
 from ..serving import SchedulerBusy, SchedulerClosed
-from ..settings import GiB, MiB, Settings, SettingsError
+from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
 from ..turns import ConversationError
 
 if TYPE_CHECKING:
@@ -189,8 +189,6 @@ def preset_choices(settings: Settings) -> list[tuple[str, str]]:
 
 
 def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, str]]:
-    from ..settings import PRECISION_LABELS
-
     return [(PRECISION_LABELS.get(p, p), p) for p in settings.preset(preset_key).precisions]
 
 

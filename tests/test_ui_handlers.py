@@ -7,13 +7,20 @@ ModelManager / SessionStore / engine behind it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
-import time
+import platform
+import re
+import threading
 import typing
+import weakref
 
 import gradio as gr
 import pytest
+import torch
 from tiny_fixtures import bundled_checkpoint, random_checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from fm_demo import lab
 from fm_demo.engine import Engine, StateError
@@ -24,7 +31,7 @@ from fm_demo.sessions import ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Settings, SettingsError
 from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
-from fm_demo.ui.common import AppContext, stop_reply, throttle, to_user_error
+from fm_demo.ui.common import AppContext, fmt_bytes, stop_reply, throttle, to_user_error
 from fm_demo.ui.inputs import Sampling, bind
 from fm_demo.ui.readout import DEVICE_SERIES, KV_SERIES, MAMBA_SERIES, readout_html
 
@@ -54,8 +61,8 @@ def request(sid: str) -> gr.Request:
 
 
 def sampling(max_new=N, temperature=0.0) -> Sampling:
-    return Sampling(temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=max_new,
-                    seed=0)
+    return Sampling(temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                    max_new_tokens=max_new, seed=0)
 
 
 def knobs(max_new=N, temperature=0.0) -> chat_tab.Knobs:
@@ -140,8 +147,8 @@ def test_stop_ends_a_long_reply_and_keeps_what_was_shown(rambling_ctx):
 
 def test_stop_ends_both_compare_replies_and_keeps_what_each_showed(rambling_ctx):
     ctx, sid = rambling_ctx, "compare-stopper"
-    gen = compare_tab.compare(ctx, "Tell me two long stories.", "tiny-instruct", "fp32", "tiny-instruct", "fp32",
-                              sampling(max_new=400), request=request(sid))
+    panes = ("tiny-instruct", "fp32") * 2
+    gen = compare_tab.compare(ctx, "Tell me a story.", *panes, sampling(max_new=400), request=request(sid))
     for seen, _ in enumerate(gen, start=1):
         if seen == 3:
             stop_reply(ctx, compare_tab.SLOT, request(sid))
@@ -158,13 +165,15 @@ def test_the_api_replies_are_as_long_as_the_servers_default_unless_asked(ramblin
     assert ctx.store.get("api-default", "chat").last_metrics.new_tokens == ctx.settings.max_new_tokens == N
     drain(api.compare(ctx, story, left_preset="tiny-instruct", right_preset="tiny-instruct",
                       request=request("api-default")))
-    assert [ctx.store.get("api-default", side).last_metrics.new_tokens for side in compare_tab.SLOTS] == [N, N]
+    replies = [ctx.store.get("api-default", side).last_metrics for side in compare_tab.SLOTS]
+    assert [m.new_tokens for m in replies] == [N, N]
     drain(api.chat(ctx, story, max_new_tokens=5, request=request("api-asked")))
     assert ctx.store.get("api-asked", "chat").last_metrics.new_tokens == 5
 
 
 def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_group():
-    def handler(ctx, message: str, knobs: chat_tab.Knobs, points: list, request: gr.Request, progress=gr.Progress()):
+    def handler(ctx, message: str, knobs: chat_tab.Knobs, points: list, request: gr.Request,
+                progress=gr.Progress()):
         return ctx, message, knobs, points, request
 
     bound = bind(handler, "the context")
@@ -174,9 +183,9 @@ def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_g
     hints = typing.get_type_hints(bound)  # what Gradio reads to inject the request
     assert hints["request"] is gr.Request and hints["top_k"] is int and hints["points"] is list
     sent = request("bound")
+    knobs = chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7))
     assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, [1], sent) == (
-        "the context", "Hi", chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7)),
-        [1], sent)
+        "the context", "Hi", knobs, [1], sent)
 
 
 def test_retry_undo_clear(ctx):
@@ -269,28 +278,53 @@ def test_a_document_read_by_one_session_is_not_read_again_when_sharing_is_on(tmp
         assert "Already read" not in second[3] and b.last_metrics.reused_tokens == 0
 
 
-def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory):
-    # small chunks: the read takes many chunks (seconds), so Stop lands mid-way on any machine
+class ReadProbe:
+    """long_tab's memory probe, called once before a read and then after each piece of it is
+    read: runs the action set for a call, so a test stops or holds a read after a given piece."""
+
+    def __init__(self, probe):
+        self.probe, self.calls, self.actions = probe, 0, {}
+
+    def __call__(self, device):
+        self.calls += 1
+        action = self.actions.pop(self.calls, None)
+        if action is not None:
+            action()
+        return self.probe(device)
+
+
+def test_stop_while_reading_ends_the_read_and_keeps_nothing(tmp_path_factory, monkeypatch):
     ctx = tiny_context(Settings(device="cpu", max_new_tokens=N, chunk_size=16, max_upload_chars=50_000),
                        tmp_path_factory)
+    probe = ReadProbe(long_tab.device_memory)
+    monkeypatch.setattr(long_tab, "device_memory", probe)
     sid = "stop-reader"
     doc = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(900))
-    gen = long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid))
-    next(gen)  # the first progress tick comes while the document is still being read
-    stop_reply(ctx, long_tab.SLOT, request(sid))
-    chat, _, plot, note = drain(gen)[-1]
+    probe.actions[1 + 3] = lambda: stop_reply(ctx, long_tab.SLOT, request(sid))  # Stop after piece 3
+    chat, _, plot, note = drain(long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N,
+                                                       request=request(sid)))[-1]
     conv = ctx.store.get(sid, "long")
-    read = plot["tokens read"].iloc[-1]
-    assert note.startswith(f"Stopped after reading {read:,} of ") and 0 < read < int(
-        note.split(" of ")[1].split()[0].replace(",", ""))
+    read, total = (int(n.replace(",", "")) for n in re.fullmatch(
+        r"Stopped after reading ([\d,]+) of ([\d,]+) tokens; nothing was kept\. "
+        r"Press Read and answer to start again\.", note).groups())
+    assert len(plot) == 4 and plot["tokens read"].tolist()[-1] == read  # before the read, 3 pieces
+    assert 0 < read < total
     assert chat == [] and conv.turns == [] and conv.context_tokens == 0 and not conv.busy
     # a page closed mid-read ends the read as well (the handler is closed, not stopped)
+    probe.calls, arrived, release, reader = 0, threading.Event(), threading.Event(), []
+
+    def hold():  # the read waits after its first piece until the page has gone
+        reader.append(threading.current_thread())
+        arrived.set()
+        release.wait()
+
+    probe.actions[1 + 1] = hold
     gen = long_tab.read_document(ctx, doc, None, "", "tiny-instruct", "fp32", N, request=request(sid))
-    next(gen)
+    assert next(gen)[3].startswith("A transformer's KV cache")  # a progress tick while it reads
+    assert arrived.wait(60)
     gen.close()
-    deadline = time.monotonic() + 5
-    while conv.busy and time.monotonic() < deadline:
-        time.sleep(0.05)
+    release.set()
+    reader[0].join()
     assert not conv.busy and conv.turns == [] and conv.context_tokens == 0
     # the conversation is usable at once: a document is read to the end and answered
     chat, _, _, note = drain(long_tab.read_document(ctx, doc[:2000], None, "", "tiny-instruct", "fp32", N,
@@ -311,7 +345,7 @@ def test_long_context_refuses_an_oversized_document(ctx):
     ({"top_p": 0.0}, "Invalid sampling setting: top_p must be in (0, 1], got 0.0"),
     ({"temperature": -1.0}, "Invalid sampling setting: temperature must be >= 0, got -1.0"),
     ({"seed": "lucky"}, "Invalid sampling setting: seed must be a whole number, got 'lucky'"),
-    ({"max_new_tokens": "lots"}, "Invalid sampling setting: max_new_tokens must be a whole number, got 'lots'"),
+    ({"max_new_tokens": "9e"}, "Invalid sampling setting: max_new_tokens must be a whole number, got '9e'"),
 ])
 def test_a_sampling_setting_the_engine_refuses_is_named_to_the_user(ctx, knob, message):
     with pytest.raises(gr.Error) as refused:
@@ -367,11 +401,20 @@ def test_readout_names_the_kv_reference_and_formula():
 
 
 def test_system_report_lists_versions_and_loaded_models(ctx):
-    ctx.manager.get("tiny-instruct", "fp32")
+    lm = ctx.manager.get("tiny-instruct", "fp32")
     text, rows, stats = system_tab.system_report(ctx)
-    assert "torch" in text and "gradio" in text
-    assert any("scan: reference" in r[4] for r in rows)
-    assert "sessions" in stats
+    assert f"| python | {platform.python_version()} |" in text
+    for name in ("torch", "transformers", "gradio", "gradio_client", "tokenizers"):
+        assert f"| {name} | {importlib.metadata.version(name)} |" in text
+    assert "(process RSS) |" in text  # the memory line says what it measures on CPU
+    [row] = [r for r in rows if r[0] == "Falcon Mamba tiny (instruct, bundled) · fp32 (CPU)"]
+    assert row[1:] == [
+        "cpu", fmt_bytes(lm.nbytes), f"{lm.load_s:.1f} s",
+        "conv: reference, conv_update: reference, scan: reference, state_update: reference, "
+        "decode_graph: off (not on CUDA, or FM_DEMO_CUDA_GRAPHS=0)",
+        "no fused kernels for device 'cpu'", "kernels: no fused kernels for device 'cpu'",
+    ]
+    assert len(rows) == len(ctx.manager.loaded()) and stats == ctx.store.stats()
 
 
 def test_system_tab_shows_each_models_scheduler_and_prefix_cache(tmp_path_factory):
@@ -412,17 +455,67 @@ def test_the_prefill_sweep_doubles_from_half_a_chunk_up_to_the_longest_prompt():
     assert lab.sweep_lengths(16, 1 << 30)[-1] == lab.SWEEP_LONGEST
 
 
-def test_chunked_prefill_peak_stays_below_parallel(ctx):
-    engine = ctx.manager.get("tiny-instruct", "fp32").engine
-    peaks = list(lab.prefill_peaks(Engine(engine.model, chunk_size=128), [2048], chunk_size=128))
-    assert peaks[0].parallel_bytes > 2 * peaks[0].chunked_bytes
+class LivePeak(TorchDispatchMode):
+    """lab.PeakMemory's stand-in: the peak of the bytes held by tensors that ops create while it
+    is active, counted exactly from every op (what CUDA's allocator reports; RSS is noisy)."""
+
+    def __init__(self, device=None):
+        super().__init__()
+        self.held: dict[int, list[int]] = {}  # storage address -> [tensors alive on it, its bytes]
+        self.live = self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr not in self.held:
+                    self.held[ptr] = [0, storage.nbytes()]
+                    self.live += storage.nbytes()
+                    self.peak_bytes = max(self.peak_bytes, self.live)
+                self.held[ptr][0] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+    def _release(self, ptr: int) -> None:
+        entry = self.held[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.held[ptr]
+            self.live -= entry[1]
 
 
-def test_time_limit_stops_a_decode_run(ctx):
+def test_chunked_prefill_peak_stays_flat_while_the_parallel_pass_grows(ctx, monkeypatch):
+    monkeypatch.setattr(lab, "PeakMemory", LivePeak)
     engine = ctx.manager.get("tiny-instruct", "fp32").engine
-    t0 = time.perf_counter()
-    samples = list(lab.mamba_decode(engine, 100_000, every=8, time_limit_s=0.5))
-    assert samples[-1].tokens < 100_000 and time.perf_counter() - t0 < 10
+    short, long = lab.prefill_peaks(Engine(engine.model, chunk_size=8), [64, 32], chunk_size=8)
+    assert (short.prompt_tokens, long.prompt_tokens, long.chunk_size) == (32, 64, 8)
+    assert long.parallel_bytes > 1.9 * short.parallel_bytes  # activations for every position at once
+    assert abs(long.chunked_bytes - short.chunked_bytes) < 0.01 * short.chunked_bytes  # one chunk's
+    assert long.parallel_bytes > 4 * long.chunked_bytes
+
+
+def test_peak_memory_is_the_highest_level_above_the_one_at_entry(monkeypatch):
+    level, sampled = [100], threading.Event()
+
+    def memory_now(device):
+        if level[0] == 500:
+            sampled.set()
+        return level[0]
+
+    monkeypatch.setattr(lab, "memory_now", memory_now)
+    with lab.PeakMemory(torch.device("cpu")) as peak:
+        level[0] = 500
+        assert sampled.wait(30)  # the sampling thread has seen the high point
+        level[0] = 150
+    assert peak.peak_bytes == 400
+
+
+def test_time_limit_stops_a_decode_run_at_its_next_sample(ctx):
+    engine = ctx.manager.get("tiny-instruct", "fp32").engine
+    samples = list(lab.mamba_decode(engine, 100_000, every=8, time_limit_s=0))  # past it at once
+    assert [s.tokens for s in samples] == [8]
 
 
 def test_lab_handlers_stream_both_series_and_the_prefill_sweep(ctx):

@@ -7,6 +7,7 @@ of context; Falcon Mamba keeps a fixed-size state instead (`fm_demo.engine.state
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import asdict, dataclass
 
@@ -95,3 +96,10 @@ def _max_rss() -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def free_device_memory(device: str | torch.device) -> None:
+    """Hand memory no tensor holds any more back: collect garbage, then empty CUDA's cache."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

@@ -13,27 +13,29 @@ do not have, so they are not tools (`mcp_tools_only` in build.py hides every oth
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 
 from .common import (
     AppContext,
-    bind,
     check_message,
     controlled,
+    interleave,
     open_conversation,
     reply_concurrency,
-    sampling_params,
     session_id,
-    throttle,
     user_errors,
 )
-from .compare_tab import SLOTS, interleave
+from .compare_tab import SLOT as COMPARE_SLOT
+from .compare_tab import SLOTS
+from .inputs import Sampling, bind
 
 CHAT_SLOT = "chat"
+NO_TOP_P, NO_TOP_K, NO_PENALTY = 1.0, 0, 1.0  # filters off: /compare has none (the values /chat defaults to)
 
 
 def _resolve(ctx: AppContext, preset: str | None) -> str:
@@ -72,7 +74,7 @@ def chat(
     top_p: float = 1.0,
     top_k: int = 0,
     repetition_penalty: float = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     seed: int = -1,
     preset: str = "",
     precision: str = "",
@@ -101,9 +103,9 @@ def chat(
         return
     with call_session(ctx, request) as session:
         sid, conv = open_conversation(ctx, session, _resolve(ctx, preset), precision, CHAT_SLOT)
-        sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
         reply = ""
-        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, sampling, int(max_new_tokens))):
+        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling.for_reply())):
             reply = ev.text
             yield reply
 
@@ -112,7 +114,7 @@ def chat(
 def compare(
     ctx: AppContext,
     message: str,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = -1,
     left_preset: str = "",
@@ -147,16 +149,12 @@ def compare(
     }
     with call_session(ctx, request) as session:
         convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
-        sampling = sampling_params(temperature, 1.0, 0, 1.0, seed)
-        streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
+        reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
+        streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
         texts = {side: "" for side in SLOTS}
-        try:
-            for side, ev in throttle(interleave(streams), is_last=lambda item: item[1].done):
-                texts[side] = ev.text
-                yield dict(texts)
-        finally:
-            for it in streams.values():
-                it.close()
+        for side, ev in controlled(ctx, session_id(session), COMPARE_SLOT, streams):
+            texts[side] = ev.text
+            yield dict(texts)
 
 
 @user_errors
@@ -181,9 +179,25 @@ def stats(ctx: AppContext, slot: str = CHAT_SLOT, request: gr.Request = None) ->
     }
 
 
+def server_defaults(fn: Callable, **values: object) -> Callable:
+    """A bound endpoint as the API page and the MCP tools show it: each parameter named in
+    `values`, whose None default stands for the server's value, defaults to that value and has
+    its type (so /chat documents `max_new_tokens: int = 512` on a server whose default is 512)."""
+    sig = inspect.signature(fn)
+    fn.__signature__ = sig.replace(parameters=[
+        p.replace(default=values[p.name], annotation=type(values[p.name])) if p.name in values else p
+        for p in sig.parameters.values()
+    ])
+    fn.__annotations__.update({name: type(value) for name, value in values.items()})
+    return fn
+
+
 def register_api(ctx: AppContext) -> None:
     """Inside the Blocks context: the four endpoints, typed from the signatures above."""
-    gr.api(bind(chat, ctx), api_name="chat", concurrency_limit=reply_concurrency(ctx))
-    gr.api(bind(compare, ctx), api_name="compare", concurrency_limit=reply_concurrency(ctx))
+    tokens = ctx.settings.max_new_tokens
+    gr.api(server_defaults(bind(chat, ctx), max_new_tokens=tokens), api_name="chat",
+           concurrency_limit=reply_concurrency(ctx))
+    gr.api(server_defaults(bind(compare, ctx), max_new_tokens=tokens), api_name="compare",
+           concurrency_limit=reply_concurrency(ctx))
     gr.api(bind(reset, ctx), api_name="reset", queue=False)
     gr.api(bind(stats, ctx), api_name="stats", queue=False)

@@ -15,10 +15,11 @@ from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
 from .common import AppContext, session_id
 from .compare_tab import build_compare_tab
+from .inputs import bind
 from .lab_tab import build_lab_tab
 from .long_tab import build_long_tab
 from .readout import CSS
-from .system_tab import build_system_tab
+from .system_tab import build_system_tab, system_report
 
 TITLE = "Falcon Mamba: attention-free chat"
 INTRO = (
@@ -83,9 +84,6 @@ def mcp_tools_only(demo: gr.Blocks, names: tuple[str, ...]) -> None:
 
 
 def _system_loader(ctx: AppContext):
-    from .common import bind
-    from .system_tab import system_report
-
     return bind(system_report, ctx)
 
 

@@ -13,11 +13,9 @@ from dataclasses import replace
 import pandas as pd
 
 from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
+from ..settings import MiB
 from .common import fmt_bytes, fmt_rate, fmt_seconds
 from .plots import series_frame
-
-MiB = 1 << 20
-
 
 # Legend labels are cut at about 25 characters: the KV series names its reference in the readout
 MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "whole-process memory"
@@ -121,7 +119,7 @@ def turn_point(m: ReplyMetrics) -> dict:
     }
 
 
-def memory_frame(points: list[dict]) -> pd.DataFrame:
+def state_kv_frame(points: list[dict]) -> pd.DataFrame:
     """The recurrent state against the reference transformer's KV cache, per turn."""
     rows = []
     for p in points:
@@ -135,8 +133,13 @@ def memory_frame(points: list[dict]) -> pd.DataFrame:
 
 def device_frame(points: list[dict]) -> pd.DataFrame:
     """Device memory (CUDA allocated, or the process's RSS on CPU) at the end of each turn."""
-    rows = [{"context tokens": p["context"], "series": DEVICE_SERIES, "MiB": p["device"] / MiB} for p in points]
-    return series_frame(rows, _MIB_COLUMNS, "context tokens", DEVICE_COLORS)
+    return device_memory_frame([(p["context"], p["device"]) for p in points], "context tokens")
+
+
+def device_memory_frame(samples: list[tuple[int, int]], x: str) -> pd.DataFrame:
+    """Device memory samples (x value, bytes) as the DEVICE_SERIES line over the axis `x`."""
+    rows = [{x: n, "series": DEVICE_SERIES, "MiB": b / MiB} for n, b in samples]
+    return series_frame(rows, {x: "int64", "series": "object", "MiB": "float64"}, x, DEVICE_COLORS)
 
 
 def speed_frame(points: list[dict]) -> pd.DataFrame:

@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..metrics import device_memory
-from .common import AppContext, bind, fmt_bytes, user_errors
+from .common import AppContext, fmt_bytes, user_errors
+from .inputs import bind
 
 log = logging.getLogger("fm_demo.ui")
 LIBRARIES = (

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..settings import Settings
+from ..settings import ENV_PREFIX, Settings
 from .config import ClusterSettings, IngressSettings, resolved_fields, settings_env
 
 MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT = "FalconMamba", "Ingress"
+CLUSTER_PREFIX = ENV_PREFIX + "CLUSTER_"
 INGRESS_MAX_ONGOING = 1000  # open HTTP requests per ingress replica: each browser tab holds a stream
 
 
@@ -47,17 +48,11 @@ def resolve_on_replicas(env: Mapping[str, str], device: str) -> dict[str, Any]:
 
 def replica_options(cluster: ClusterSettings, settings: Settings, device: str) -> dict[str, Any]:
     """Serve options of the model deployment: resources, replica counts, routing, concurrency."""
-    import ray
     from ray.serve.config import RequestRouterConfig
 
-    if device == "cuda":
-        actor = {"num_gpus": 1, "num_cpus": 1}
-        room = int(ray.cluster_resources().get("GPU", 1))
-    else:
-        actor = {"num_cpus": cluster.cluster_replica_cpus}
-        room = int(ray.cluster_resources().get("CPU", 1)) // cluster.cluster_replica_cpus
+    actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": cluster.cluster_replica_cpus}
     lo = cluster.cluster_min_replicas
-    hi = cluster.cluster_max_replicas or max(lo, room)
+    hi = cluster.cluster_max_replicas or max(lo, replica_room(device, cluster))
     scaling: dict[str, Any] = {"num_replicas": lo}
     if hi > lo:
         scaling = {"autoscaling_config": {
@@ -70,9 +65,21 @@ def replica_options(cluster: ClusterSettings, settings: Settings, device: str) -
             "request_router_config": router, **scaling}
 
 
-def max_replicas(options: Mapping[str, Any]) -> int:
-    scaling = options.get("autoscaling_config")
-    return scaling["max_replicas"] if scaling else options["num_replicas"]
+def replica_room(device: str, cluster: ClusterSettings) -> int:
+    """Replicas the cluster's resources hold now (GPUs, or CPU groups): sizes the ingress's concurrency
+    without tying it to the replica counts, so scaling them is a light update that restarts nothing."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if device == "cuda":
+        return max(1, int(resources.get("GPU", 1)))
+    return max(1, int(resources.get("CPU", 1)) // cluster.cluster_replica_cpus)
+
+
+def replica_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a replica is started with: the server settings, not the cluster's (changing
+    replica counts must not restart the replicas or the ingress)."""
+    return {k: v for k, v in env.items() if not k.startswith(CLUSTER_PREFIX)}
 
 
 def ingress_options(cluster: ClusterSettings) -> dict[str, Any]:
@@ -99,6 +106,7 @@ def build_app(args: Mapping[str, Any] | None = None):
     resolved = resolve_on_replicas(env, device)
     per_replica = IngressSettings.for_replicas(env, resolved, 1)  # batch sizes on the replicas' device
     options = replica_options(cluster, per_replica, device)
-    models = serve.deployment(ModelReplica).options(**options).bind(env, resolved)
-    return serve.deployment(Ingress).options(**ingress_options(cluster)).bind(env, resolved, max_replicas(options),
-                                                                               models)
+    server_env = replica_env(env)
+    models = serve.deployment(ModelReplica).options(**options).bind(server_env, resolved)
+    return serve.deployment(Ingress).options(**ingress_options(cluster)).bind(
+        server_env, resolved, replica_room(device, cluster), cluster.cluster_copy_state_bytes, models)

@@ -16,7 +16,7 @@ from ray import serve
 
 from ..store import SessionStore
 from ..ui.common import AppContext
-from .config import ClusterSettings, IngressSettings
+from .config import IngressSettings
 from .remote import RemoteModelManager
 from .router import SESSION_COOKIE
 
@@ -52,10 +52,10 @@ def asgi_app(settings: IngressSettings, ctx: AppContext):
 class Ingress:
     """The Serve deployment of the UI and APIs (fm_demo/cluster/app.py sets its options)."""
 
-    def __init__(self, env: Mapping[str, str], resolved: Mapping[str, Any], replicas: int, models):
+    def __init__(self, env: Mapping[str, str], resolved: Mapping[str, Any], replicas: int, copy_state_bytes: int,
+                 models):
         self.settings = IngressSettings.for_replicas(env, resolved, replicas)
-        cluster = ClusterSettings.from_env(env)
-        self.ctx = make_context(self.settings, models, cluster.cluster_copy_state_bytes)
+        self.ctx = make_context(self.settings, models, copy_state_bytes)
 
     def __serve_build_asgi_app__(self):
         return asgi_app(self.settings, self.ctx)

@@ -174,7 +174,10 @@ def cluster(tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +193,11 @@ def ingress(cluster):
     return settings, RemoteModelManager(settings, handle, 64 << 20)
 
 
-def _running() -> list[str]:
+def _running() -> int:
+    """Model replicas running now."""
     from ray import serve
 
-    deployment = serve.status().applications[APP].deployments["FalconMamba"]
-    return [r for r, n in deployment.replica_states.items() for _ in range(n) if r == "RUNNING"]
+    return serve.status().applications[APP].deployments["FalconMamba"].replica_states.get("RUNNING", 0)
 
 
 def _kill(replica: str) -> None:
@@ -217,7 +220,7 @@ def test_a_replica_added_under_load_takes_new_conversations(cluster, ingress):
     settings, manager = ingress
     lm = manager.get(cluster["rambler"])
     first = _ramble(lm, settings, "warm-up", 8)
-    assert len(_running()) == 1
+    assert _running() == 1
     stop = threading.Event()
 
     def load(i: int) -> None:
@@ -230,7 +233,7 @@ def test_a_replica_added_under_load_takes_new_conversations(cluster, ingress):
         for i in range(6):
             pool.submit(load, i)
         try:
-            _wait(lambda: len(_running()) == 2, 120, "the autoscaler to add a second replica under load")
+            _wait(lambda: _running() == 2, 120, "the autoscaler to add a second replica under load")
             with ThreadPoolExecutor(4) as new:
                 served = list(new.map(lambda i: _ramble(lm, settings, f"new-{i}", 16), range(4)))
         finally:
@@ -241,7 +244,7 @@ def test_a_replica_added_under_load_takes_new_conversations(cluster, ingress):
 def test_the_http_api_is_the_apps_and_conversations_stay_on_their_replica(cluster):
     from gradio_client import Client
 
-    _wait(lambda: len(_running()) == 2, 60, "two model replicas")
+    _wait(lambda: _running() == 2, 60, "two model replicas")
     endpoints = Client(cluster["url"], verbose=False).view_api(print_info=False, return_format="dict")
     assert {"/chat", "/compare", "/reset", "/stats"} <= set(endpoints["named_endpoints"])
 
@@ -263,6 +266,25 @@ def test_the_http_api_is_the_apps_and_conversations_stay_on_their_replica(cluste
         assert reply["reused_tokens"] == one["context_tokens"] > 0 and reply["state_source"].startswith("its own")
 
 
+def test_without_a_kept_state_another_replica_rebuilds_it_from_the_transcript(cluster, ingress, local):
+    """Copying states off is off (budget 0): a replica that lacks the state reads the tokens again."""
+    from fm_demo.cluster.remote import RemoteModelManager
+
+    settings, manager = ingress
+    settings_local, lm_local = local
+    control = Conversation(lm_local, settings_local, namespace="control-2")
+    expected = [_turn(control, TURN1)[0], _turn(control, TURN2)[0]]
+    nocopy = RemoteModelManager(settings, manager.handle, 0).get("tiny-instruct")
+    conv = Conversation(nocopy, settings, namespace="no-copy")
+    assert _turn(conv, TURN1)[0] == expected[0] and conv.cache.at(conv.context_tokens) is None
+    holder = conv.last_metrics.served_by.removeprefix("replica ")
+    other = _wait(lambda: next((r for r in _replica_ids(nocopy) if r != holder), None), 30, "the other replica")
+    nocopy.runner.index.record(conv.namespace, conv.token_ids(), other)  # route the next turn away from its state
+    text, m = _turn(conv, TURN2)
+    assert text == expected[1] and m.served_by == f"replica {other}" and m.state_source.startswith("no state")
+    assert m.rebuilt_tokens == len(control.turns[0].prompt_ids) + len(control.turns[0].reply_ids) and not m.cache_hit
+
+
 def test_killing_a_replica_mid_conversation_loses_nothing(cluster, local):
     from gradio_client import Client
 
@@ -270,7 +292,7 @@ def test_killing_a_replica_mid_conversation_loses_nothing(cluster, local):
     control = Conversation(lm, settings, namespace="control")
     expected = [_turn(control, TURN1)[0], _turn(control, TURN2)[0]]
 
-    _wait(lambda: len(_running()) == 2, 60, "two model replicas")
+    _wait(lambda: _running() == 2, 60, "two model replicas")
     client = Client(cluster["url"], verbose=False)
     assert client.predict(TURN1, max_new_tokens=32, api_name="/chat") == expected[0]
     first = client.predict(api_name="/stats")["last_reply"]
@@ -284,13 +306,12 @@ def test_killing_a_replica_mid_conversation_loses_nothing(cluster, local):
     assert reply["served_by"] != first["served_by"] and reply["state_source"].startswith("state copied")
     assert reply["reused_tokens"] == first["context_tokens"] and after["turns"] == 2
     assert recovered_s < 30
-    _wait(lambda: len(_running()) == 2, 90, "Serve to replace the lost replica")
 
 
 def test_a_reply_continues_on_another_replica_when_its_replica_is_lost_mid_reply(cluster, ingress):
     settings, manager = ingress
     lm = manager.get(cluster["rambler"])
-    _wait(lambda: len(_running()) == 2, 90, "two model replicas")
+    _wait(lambda: _running() == 2, 120, "Serve to replace the replica lost before")
     prompt = [3, 4, 5, 6, 7, 8, 9, 10]
 
     def reply(namespace: str, kill_after: int | None) -> tuple[list[int], object]:
@@ -309,26 +330,6 @@ def test_a_reply_continues_on_another_replica_when_its_replica_is_lost_mid_reply
     got, stream = reply("mid-lost", 5)
     assert stream.lost, "the replica was not lost before the reply ended: nothing was tested"
     assert got == expected and len(got) == 400
-    _wait(lambda: len(_running()) == 2, 90, "Serve to replace the lost replica")
-
-
-def test_without_a_kept_state_another_replica_rebuilds_it_from_the_transcript(cluster, ingress, local):
-    """Copying states off is off (budget 0): a replica that lacks the state reads the tokens again."""
-    from fm_demo.cluster.remote import RemoteModelManager
-
-    settings, manager = ingress
-    settings_local, lm_local = local
-    control = Conversation(lm_local, settings_local, namespace="control-2")
-    expected = [_turn(control, TURN1)[0], _turn(control, TURN2)[0]]
-    nocopy = RemoteModelManager(settings, manager.handle, 0).get("tiny-instruct")
-    conv = Conversation(nocopy, settings, namespace="no-copy")
-    assert _turn(conv, TURN1)[0] == expected[0] and conv.cache.at(conv.context_tokens) is None
-    holder = conv.last_metrics.served_by.removeprefix("replica ")
-    other = _wait(lambda: next((r for r in _replica_ids(nocopy) if r != holder), None), 30, "the other replica")
-    nocopy.runner.index.record(conv.namespace, conv.token_ids(), other)  # route the next turn away from its state
-    text, m = _turn(conv, TURN2)
-    assert text == expected[1] and m.served_by == f"replica {other}" and m.state_source.startswith("no state")
-    assert m.rebuilt_tokens == len(control.turns[0].prompt_ids) + len(control.turns[0].reply_ids) and not m.cache_hit
 
 
 def _replica_ids(lm) -> set[str]:

@@ -30,6 +30,7 @@ from ..engine import SamplingParams, State, StreamMetrics, TokenEvent
 from ..engine.engine import _Detok
 from ..engine.state import state_bytes
 from ..models import Key, LoadedModel, ModelLoadError, ModelManager
+from ..serving import SchedulerBusy
 from ..serving.prefix_cache import PrefixCache
 from ..settings import Preset, Settings
 from .placement import ReplicaIndex
@@ -38,8 +39,9 @@ from .protocol import COPIED, NEW, OWN_CACHE, REBUILT, ModelInfo, ReplyEnd, Repl
 MAX_ATTEMPTS = 3  # a reply is sent to at most this many replicas before its error reaches the user
 
 
-class ReplicaLost(RuntimeError):
-    """Every replica tried for a reply was lost; the message is for the user."""
+class ReplicaLost(SchedulerBusy):
+    """Every replica tried for a reply was lost. Counts as busy: the UI shows its message, the
+    OpenAI-compatible API answers 503 with Retry-After."""
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:

@@ -266,6 +266,22 @@ def test_the_http_api_is_the_apps_and_conversations_stay_on_their_replica(cluste
         assert reply["reused_tokens"] == one["context_tokens"] > 0 and reply["state_source"].startswith("its own")
 
 
+def test_the_openai_compatible_api_is_served_too_and_a_resent_history_is_cached(cluster):
+    import httpx
+
+    url = cluster["url"] + "v1"
+    assert "tiny-instruct" in {m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]}
+    messages = [{"role": "user", "content": TURN1}]
+    body = {"model": "tiny-instruct", "max_tokens": 32, "temperature": 0, "cache_salt": "v1-test"}
+    first = httpx.post(f"{url}/chat/completions", json={**body, "messages": messages}, timeout=60).json()
+    answer = first["choices"][0]["message"]["content"]
+    assert answer and first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": TURN2}]
+    second = httpx.post(f"{url}/chat/completions", json={**body, "messages": messages}, timeout=60).json()
+    assert second["choices"][0]["message"]["content"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"]
+
+
 def test_without_a_kept_state_another_replica_rebuilds_it_from_the_transcript(cluster, ingress, local):
     """Copying states off is off (budget 0): a replica that lacks the state reads the tokens again."""
     from fm_demo.cluster.remote import RemoteModelManager

@@ -19,6 +19,7 @@ from .config import ClusterSettings, IngressSettings, resolved_fields, settings_
 
 MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT = "FalconMamba", "Ingress"
 CLUSTER_PREFIX = ENV_PREFIX + "CLUSTER_"
+API_KEY_VAR = ENV_PREFIX + "API_KEY"
 INGRESS_MAX_ONGOING = 1000  # open HTTP requests per ingress replica: each browser tab holds a stream
 
 
@@ -76,10 +77,15 @@ def replica_room(device: str, cluster: ClusterSettings) -> int:
     return max(1, int(resources.get("CPU", 1)) // cluster.cluster_replica_cpus)
 
 
-def replica_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The variables a replica is started with: the server settings, not the cluster's (changing
+def server_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables the ingress starts from: the server settings, not the cluster's (changing
     replica counts must not restart the replicas or the ingress)."""
     return {k: v for k, v in env.items() if not k.startswith(CLUSTER_PREFIX)}
+
+
+def replica_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a model replica starts from: no API key (it serves no HTTP)."""
+    return {k: v for k, v in server_env(env).items() if k != API_KEY_VAR}
 
 
 def ingress_options(cluster: ClusterSettings) -> dict[str, Any]:
@@ -106,7 +112,6 @@ def build_app(args: Mapping[str, Any] | None = None):
     resolved = resolve_on_replicas(env, device)
     per_replica = IngressSettings.for_replicas(env, resolved, 1)  # batch sizes on the replicas' device
     options = replica_options(cluster, per_replica, device)
-    server_env = replica_env(env)
-    models = serve.deployment(ModelReplica).options(**options).bind(server_env, resolved)
+    models = serve.deployment(ModelReplica).options(**options).bind(replica_env(env), resolved)
     return serve.deployment(Ingress).options(**ingress_options(cluster)).bind(
-        server_env, resolved, replica_room(device, cluster), cluster.cluster_copy_state_bytes, models)
+        server_env(env), resolved, replica_room(device, cluster), cluster.cluster_copy_state_bytes, models)

@@ -139,7 +139,7 @@ class RemoteReply:
             OWN_CACHE: "its own state cache: only new tokens read",
             COPIED: f"state copied from the ingress, {_fmt_bytes(s.moved_bytes)}",
             REBUILT: f"rebuilt from the transcript, {len(req.tokens) - s.start:,} tokens read",
-            NEW: f"no state kept: read from the start, {len(req.tokens):,} tokens",
+            NEW: f"read from the start, {len(req.tokens):,} tokens",
         }.get(s.source, s.source) + after
         self._runner.count(f"start_{s.source.replace(' ', '_')}")
         self._runner.count("moved_bytes", s.moved_bytes)

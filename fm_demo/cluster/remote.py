@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -93,7 +94,7 @@ class RemoteReply:
             except _lost_errors() as e:
                 if self._closed:
                     return
-                self.lost.append(self.served_by or "a replica")
+                self.lost.append(self.served_by.removeprefix("replica ") or "?")
                 self._runner.count("replicas_lost")
                 if attempt == MAX_ATTEMPTS:
                     raise ReplicaLost("The model replicas serving this reply were lost; try again in a moment.") from e
@@ -106,11 +107,12 @@ class RemoteReply:
         req, done = self._req, self._emitted
         if not self.lost:
             return req
+        if not req.max_new_tokens:  # a read: the same again, anywhere
+            return replace(req, prefer=None)
         left = req.max_new_tokens - len(done)
         if left <= 0:
             return None
-        return ReplyRequest(req.key, req.namespace, req.prefix, [*req.ids, *done], req.sampling, left,
-                            req.stop_token_ids, req.state, None, req.copy_state_bytes)
+        return replace(req, ids=[*req.ids, *done], max_new_tokens=left, prefer=None)
 
     def _take(self, item: object) -> TokenEvent | None:
         if isinstance(item, ReplyStart):
@@ -210,9 +212,8 @@ class RemoteRunner:
         if before is not None:
             _, prefer = self.index.find(namespace, [*before, *new[:-1]] if max_new else [*before, *new])
         ref = ray.put(state) if state.seqlen else None  # fetched only by a replica without its own copy
-        copy = self.copy_state_bytes if max_new else max(self.copy_state_bytes, state.nbytes)
         return ReplyRequest(self.key, namespace, before, new, sampling, max_new, tuple(int(t) for t in stops),
-                            ref, prefer, copy)
+                            ref, prefer, self.copy_state_bytes)  # a read (max_new 0) returns its state anyway
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

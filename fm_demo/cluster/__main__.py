@@ -23,7 +23,8 @@ def parse(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m fm_demo.cluster", description=__doc__.splitlines()[0])
     Settings.add_cli_args(parser)
     ClusterSettings.add_cli_args(parser)
-    parser.add_argument("--detach", action="store_true", help="deploy and return (`serve shutdown` stops it)")
+    parser.add_argument("--detach", action="store_true",
+                        help="deploy to the running cluster (`ray start`) and return; `serve shutdown` stops it")
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "detach"}
     return given, args

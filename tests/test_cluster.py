@@ -297,7 +297,7 @@ def test_without_a_kept_state_another_replica_rebuilds_it_from_the_transcript(cl
     other = _wait(lambda: next((r for r in _replica_ids(nocopy) if r != holder), None), 30, "the other replica")
     nocopy.runner.index.record(conv.namespace, conv.token_ids(), other)  # route the next turn away from its state
     text, m = _turn(conv, TURN2)
-    assert text == expected[1] and m.served_by == f"replica {other}" and m.state_source.startswith("no state")
+    assert text == expected[1] and m.served_by == f"replica {other}" and m.state_source.startswith("read from the start")
     assert m.rebuilt_tokens == len(control.turns[0].prompt_ids) + len(control.turns[0].reply_ids) and not m.cache_hit
 
 

@@ -78,7 +78,8 @@ def free_port() -> int:
 def replica_states() -> dict[str, int]:
     from ray import serve
 
-    return {k: v for k, v in serve.status().applications[APP].deployments["FalconMamba"].replica_states.items() if v}
+    states = serve.status().applications[APP].deployments["FalconMamba"].replica_states
+    return {k: v for k, v in states.items() if v}
 
 
 def deploy(args: dict, replicas: int, timeout_s: float = 300.0):
@@ -123,8 +124,8 @@ def throughput(lm, settings, users: int, turns: int, new_tokens: int, limit_s: f
     with ThreadPoolExecutor(users) as pool:  # warm-up: every replica has read and written once
         list(pool.map(lambda i: conversation(lm, settings, f"warm-{i}", 1, 8, deadline), range(users)))
         t0 = time.perf_counter()
-        done = list(pool.map(lambda i: conversation(lm, settings, f"user-{i}-{t0}", turns, new_tokens, deadline),
-                             range(users)))
+        done = list(pool.map(lambda i: conversation(lm, settings, f"user-{i}-{t0}", turns, new_tokens,
+                                                    deadline), range(users)))
         elapsed = time.perf_counter() - t0
     return sum(n for n, _ in done) / elapsed
 
@@ -179,7 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model shape (random weights)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="model shape (random weights)")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -200,13 +202,15 @@ def main() -> None:
         say(f"a decode step of {opts.users} rows costs {bound:.2f}x one of {opts.users // 2}")
         args = {"extra_models": f"{ckpt}:instruct", "default_preset": ckpt.name, "cpu_threads": 1,
                 "cluster_replica_cpus": 1, "max_new_tokens": opts.new_tokens}
-        ray.init(num_cpus=opts.cpus, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=opts.cpus, object_store_memory=200 << 20, include_dashboard=False,
+                 log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
             rates = {}
             for replicas in (1, 2):
                 settings, lm = deploy(args, replicas)
-                rates[str(replicas)] = throughput(lm, settings, opts.users, opts.turns, opts.new_tokens, opts.limit_s)
+                rates[str(replicas)] = throughput(lm, settings, opts.users, opts.turns, opts.new_tokens,
+                                                  opts.limit_s)
                 say(f"{replicas} replica(s): {rates[str(replicas)]:,.0f} tok/s")
             rec = recovery(lm, settings, opts.turns, opts.new_tokens)
             say(f"recovered on {rec['served_by']} ({rec['state_source']}) in {rec['recover_s']:.3f} s")
@@ -215,7 +219,8 @@ def main() -> None:
             ray.shutdown()
     result = {"agg_tok_s": rates, "recover_s": rec["recover_s"], "moved_bytes": rec["moved_bytes"],
               "kv_bytes_same_length": kv_cache_bytes(rec["context_tokens"]),
-              "context_tokens": rec["context_tokens"], "speedup": rates["2"] / rates["1"], "users": opts.users,
+              "context_tokens": rec["context_tokens"], "speedup": rates["2"] / rates["1"],
+              "users": opts.users,
               "batching_bound": bound, "shape": opts.shape, "state_bytes": lm.engine.state_nbytes()}
     print(json.dumps(result, indent=None if opts.json else 2))
 

@@ -24,7 +24,8 @@ def parse(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
     Settings.add_cli_args(parser)
     ClusterSettings.add_cli_args(parser)
     parser.add_argument("--detach", action="store_true",
-                        help="deploy to the running cluster (`ray start`) and return; `serve shutdown` stops it")
+                        help="deploy to the running cluster (`ray start`) and return; `serve shutdown` "
+                             "stops it")
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "detach"}
     return given, args

@@ -54,16 +54,17 @@ def replica_options(cluster: ClusterSettings, settings: Settings, device: str) -
     actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": cluster.cluster_replica_cpus}
     lo = cluster.cluster_min_replicas
     hi = cluster.cluster_max_replicas or max(lo, replica_room(device, cluster))
+    target = cluster.cluster_target_requests or max(1, settings.batch_size_limit() // 2)
     scaling: dict[str, Any] = {"num_replicas": lo}
     if hi > lo:
         scaling = {"autoscaling_config": {
             "min_replicas": lo, "max_replicas": hi, "initial_replicas": lo,
-            "target_ongoing_requests": cluster.cluster_target_requests or max(1, settings.batch_size_limit() // 2),
+            "target_ongoing_requests": target,
             "upscale_delay_s": cluster.cluster_upscale_delay_s,
             "downscale_delay_s": cluster.cluster_downscale_delay_s}}
     router = RequestRouterConfig(request_router_class="fm_demo.cluster.router:AffinityRouter")
-    return {"name": MODEL_DEPLOYMENT, "ray_actor_options": actor, "max_ongoing_requests": settings.event_concurrency(),
-            "request_router_config": router, **scaling}
+    return {"name": MODEL_DEPLOYMENT, "ray_actor_options": actor,
+            "max_ongoing_requests": settings.event_concurrency(), "request_router_config": router, **scaling}
 
 
 def replica_room(device: str, cluster: ClusterSettings) -> int:
@@ -90,7 +91,8 @@ def replica_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def ingress_options(cluster: ClusterSettings) -> dict[str, Any]:
     options: dict[str, Any] = {"name": INGRESS_DEPLOYMENT, "num_replicas": cluster.cluster_ingress_replicas,
-                               "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": INGRESS_MAX_ONGOING}
+                               "ray_actor_options": {"num_cpus": 0},
+                               "max_ongoing_requests": INGRESS_MAX_ONGOING}
     if cluster.cluster_ingress_replicas > 1:  # a browser session's requests must reach one replica
         from ray.serve.config import RequestRouterConfig
 

@@ -32,12 +32,14 @@ class ClusterSettings:
     cluster_target_requests: int = _help("replies in progress per replica the autoscaler aims at; 0: half a "
                                          "replica's batch", 0)
     cluster_upscale_delay_s: float = _help("seconds of load above target before a replica is added", 30.0)
-    cluster_downscale_delay_s: float = _help("seconds of load below target before a replica is removed", 600.0)
-    cluster_ingress_replicas: int = _help("replicas of the ingress (UI and APIs, no model); with more than one, "
-                                          "each browser session sticks to one of them", 1)
-    cluster_copy_state_bytes: int = _help("largest recurrent state copied off its replica at a turn's end and "
-                                          "kept with the transcript on the ingress; 0: none (a lost replica's "
-                                          "conversations are then rebuilt from their transcripts)", 64 * MiB)
+    cluster_downscale_delay_s: float = _help("seconds of load below target before a replica is removed",
+                                             600.0)
+    cluster_ingress_replicas: int = _help("replicas of the ingress (UI and APIs, no model); with more than "
+                                          "one, each browser session sticks to one of them", 1)
+    cluster_copy_state_bytes: int = _help("largest recurrent state copied off its replica at a turn's end "
+                                          "and kept with the transcript on the ingress; 0: none (a lost "
+                                          "replica's conversations are then rebuilt from their transcripts)",
+                                          64 * MiB)
 
     def __post_init__(self) -> None:
         for name in ("cluster_min_replicas", "cluster_replica_cpus", "cluster_ingress_replicas"):
@@ -65,7 +67,8 @@ class ClusterSettings:
         return parser
 
 
-def settings_env(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def settings_env(args: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> dict[str, str]:
     """FM_DEMO_* variables of this process, overridden by `args` (Settings or ClusterSettings field
     names, as a Serve config's application args give them); lists become comma separated."""
     known = {f.name for f in fields(Settings)} | {f.name for f in fields(ClusterSettings)}
@@ -94,9 +97,12 @@ class IngressSettings(Settings):
     replica_count: int = _help("most model replicas (the cluster app sets it)", 1)
 
     @classmethod
-    def for_replicas(cls, env: Mapping[str, str], resolved: Mapping[str, Any], replicas: int) -> IngressSettings:
-        given = {"default_preset": resolved["default_preset"], "compare_presets": tuple(resolved["compare_presets"])}
-        return cls.from_env(env, device="cpu", replica_device=resolved["device"], replica_count=replicas, **given)
+    def for_replicas(cls, env: Mapping[str, str], resolved: Mapping[str, Any],
+                     replicas: int) -> IngressSettings:
+        given = {"default_preset": resolved["default_preset"],
+                 "compare_presets": tuple(resolved["compare_presets"])}
+        return cls.from_env(env, device="cpu", replica_device=resolved["device"], replica_count=replicas,
+                            **given)
 
     def precision_for(self, preset: Preset | str) -> str:
         """Settings.precision_for on the replicas' device."""

@@ -35,7 +35,7 @@ def asgi_app(settings: IngressSettings, ctx: AppContext):
     from ..ui import build_demo, launch_kwargs, queue_kwargs
 
     demo = build_demo(settings, ctx).queue(**queue_kwargs(settings))
-    demo.max_threads = max(demo.max_threads, settings.event_concurrency() + 16)  # a thread per streaming reply
+    demo.max_threads = max(demo.max_threads, settings.event_concurrency() + 16)  # a thread per reply
     server = FastAPI()
 
     @server.middleware("http")
@@ -52,8 +52,8 @@ def asgi_app(settings: IngressSettings, ctx: AppContext):
 class Ingress:
     """The Serve deployment of the UI and APIs (fm_demo/cluster/app.py sets its options)."""
 
-    def __init__(self, env: Mapping[str, str], resolved: Mapping[str, Any], replicas: int, copy_state_bytes: int,
-                 models):
+    def __init__(self, env: Mapping[str, str], resolved: Mapping[str, Any], replicas: int,
+                 copy_state_bytes: int, models):
         self.settings = IngressSettings.for_replicas(env, resolved, replicas)
         self.ctx = make_context(self.settings, models, copy_state_bytes)
 

@@ -97,7 +97,8 @@ class RemoteReply:
                 self.lost.append(self.served_by.removeprefix("replica ") or "?")
                 self._runner.count("replicas_lost")
                 if attempt == MAX_ATTEMPTS:
-                    raise ReplicaLost("The model replicas serving this reply were lost; try again in a moment.") from e
+                    raise ReplicaLost("The model replicas serving this reply were lost; try again in a "
+                                      "moment.") from e
             except Exception as e:
                 raise _unwrap(e) from None
 
@@ -222,8 +223,8 @@ class RemoteRunner:
     def stats(self) -> dict:
         with self._lock:
             counts = dict(self._counts)
-        return {"runner": "cluster (a model replica per reply, routed by prefix)", "index_entries": len(self.index),
-                **counts}
+        return {"runner": "cluster (a model replica per reply, routed by prefix)",
+                "index_entries": len(self.index), **counts}
 
     def close(self) -> None:
         return None
@@ -271,8 +272,8 @@ class RemoteEngine:
 def _not_here(name: str) -> BaseException:
     if name.startswith("__"):
         return AttributeError(name)
-    return ModelLoadError("This needs the model in the app's own process, as the constant-memory lab does; on a "
-                          "cluster the models run on the model replicas. Run `python app.py` for it.",
+    return ModelLoadError("This needs the model in the app's own process, as the constant-memory lab does; "
+                          "on a cluster the models run on the model replicas. Run `python app.py` for it.",
                           "incompatible")
 
 
@@ -309,11 +310,12 @@ class RemoteModelManager(ModelManager):
             raise ModelLoadError(f"The model replicas could not load {preset.label}: {type(cause).__name__}: "
                                  f"{cause}", "error") from None
         key = (preset.key, precision)
-        notes = (*info.notes, f"runs on the cluster's model replicas ({info.device}); this process holds "
-                              f"its tokenizer and the conversations' transcripts and states")
+        here = (f"runs on the cluster's model replicas ({info.device}); this process holds its tokenizer "
+                "and the conversations' transcripts and states")
+        notes = (*info.notes, here)
         runner = RemoteRunner(self.handle, key, self.index, self.copy_state_bytes)
-        lm = LoadedModel(key, preset, precision, RemoteModel(info), info.tokenizer, RemoteEngine(info), info.nbytes,
-                         time.perf_counter() - t0, notes, None, runner,
-                         PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache))
+        cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
+        lm = LoadedModel(key, preset, precision, RemoteModel(info), info.tokenizer, RemoteEngine(info),
+                         info.nbytes, time.perf_counter() - t0, notes, None, runner, cache)
         progress(1.0, f"{preset.label} ready on the model replicas")
         return lm

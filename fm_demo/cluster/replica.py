@@ -37,7 +37,8 @@ class Cancelled(Exception):
     """The ingress went away (a stopped reply): stop reading between prompt pieces."""
 
 
-def _resume(lm: LoadedModel, req: ReplyRequest, upto: int, fetch: Callable) -> tuple[int, State, object, str, int]:
+def _resume(lm: LoadedModel, req: ReplyRequest, upto: int,
+            fetch: Callable) -> tuple[int, State, object, str, int]:
     """(start, a private state holding req.tokens[:start] after whatever it held before, its cache
     node, source, bytes fetched). Without a prefix the sent state is all there is (start 0)."""
     runner, cache = lm.runner, lm.prefix_cache
@@ -134,9 +135,9 @@ class ModelReplica:
         """Load (preset, precision) here if needed; what the ingress needs to serve it."""
         lm = await asyncio.to_thread(self.manager.get, preset, precision)
         eng = lm.engine
-        return ModelInfo(lm.key, lm.tokenizer, eng.config, lm.model.generation_config, eng.signature, eng.dtype,
-                         eng.chunk_size, lm.nbytes, lm.load_s, lm.notes, eng.kernel_report(), lm.device,
-                         self.replica)
+        return ModelInfo(lm.key, lm.tokenizer, eng.config, lm.model.generation_config, eng.signature,
+                         eng.dtype, eng.chunk_size, lm.nbytes, lm.load_s, lm.notes, eng.kernel_report(),
+                         lm.device, self.replica)
 
     async def reply(self, req: ReplyRequest) -> AsyncIterator[list]:
         """Stream lists of ReplyStart / Token / ReplyEnd items for one request."""
@@ -166,7 +167,8 @@ class ModelReplica:
     def stats(self) -> dict:
         """This replica's schedulers and prefix caches, per loaded model."""
         return {"replica": self.replica, "models": {
-            f"{lm.key[0]} ({lm.key[1]})": {"scheduler": lm.runner.stats(), "prefix_cache": lm.prefix_cache.stats()}
+            f"{lm.key[0]} ({lm.key[1]})": {"scheduler": lm.runner.stats(),
+                                           "prefix_cache": lm.prefix_cache.stats()}
             for lm in self.manager.loaded()}}
 
 
@@ -181,9 +183,9 @@ async def _batches(items: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> Asy
     gap, last = 1.0 / STREAM_HZ, 0.0
     while True:
         batch = [await items.get()]
-        if batch[0] is not _DONE and not isinstance(batch[0], BaseException):
-            if (wait := last + gap - loop.time()) > 0:
-                await asyncio.sleep(wait)
+        ending = batch[0] is _DONE or isinstance(batch[0], BaseException)
+        if not ending and (wait := last + gap - loop.time()) > 0:
+            await asyncio.sleep(wait)
         while not items.empty():
             batch.append(items.get_nowait())
         last = loop.time()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import random
 from http.cookies import SimpleCookie
-from typing import List, Optional
 from urllib.parse import parse_qs
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -31,7 +30,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 SESSION_COOKIE = "fm_session"
 
 
-def preferred_replica(pending: Optional[PendingRequest]) -> str | None:
+def preferred_replica(pending: PendingRequest | None) -> str | None:
     """The replica id a request asks for (the `prefer` of its ReplyRequest argument), if any."""
     if pending is None or not pending.args:
         return None
@@ -39,8 +38,8 @@ def preferred_replica(pending: Optional[PendingRequest]) -> str | None:
 
 
 class AffinityRouter(RequestRouter):
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         prefer = preferred_replica(pending_request)
         first = [r for r in candidate_replicas if prefer is not None and r.replica_id.unique_id == prefer]
         rest = [r for r in candidate_replicas if r not in first]
@@ -70,8 +69,8 @@ def rendezvous(key: str, replica_ids: list[str]) -> str:
 
 
 class SessionRouter(RequestRouter):
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         key = None
         if pending_request is not None:
             request = pending_request.args[0] if pending_request.args else None

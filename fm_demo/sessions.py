@@ -64,6 +64,15 @@ def _note_reuse(m: ReplyMetrics, start: int, pos: int, base: int) -> None:
     m.prefilled_tokens, m.cache_hit = pos - start + 1, base <= start
 
 
+def _note_runner(m: ReplyMetrics, stream: ReplyStream, pos: int, base: int) -> None:
+    """What a runner with states of its own (a cluster replica) says about the reply: where its
+    state really started (a longer prefix it still had), which replica served it and how."""
+    if (start := getattr(stream, "start", None)) is not None:
+        _note_reuse(m, start, pos, base)
+    m.served_by = getattr(stream, "served_by", "") or m.served_by
+    m.state_source = getattr(stream, "state_source", "") or m.state_source
+
+
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
     """Fold a token event into the reply's timing (t0: when the request came in)."""
     now = time.perf_counter()
@@ -209,6 +218,7 @@ class Conversation:
         finally:
             if stream is not None:
                 state = self._close_stream(stream, finish)
+                _note_runner(m, stream, pre, base)
             if finish == "stop_string":
                 state = self._cut_at_stop(turn, raw, base)
             elif finish == "cancelled" and state is not None and state.seqlen != base + len(turn.prompt_ids) + len(
@@ -239,7 +249,8 @@ class Conversation:
         ids = torch.tensor([tokens[start:pre + 1]])  # [1, T]
         ctx = torch.tensor([tokens[:start]]) if sampling.repetition_penalty != 1.0 and start else None
         stops = chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)
-        return runner.stream(state, ids, sampling, max_new, stops, lm.tokenizer, ctx)
+        return runner.stream(state, ids, sampling, max_new, stops, lm.tokenizer, ctx,
+                             prefix=(self.namespace, tokens[:start]))
 
     def _close_stream(self, stream: ReplyStream, finish: str | None) -> State | None:
         """End the reply's stream; the state after it, or None when it must be rebuilt."""

@@ -36,6 +36,11 @@ LAYERS = {
     "fm_demo.cluster": 5,
     "fm_demo.ui": 6,
     "fm_demo": 6,  # the package's own __init__
+    # the cluster's entry points put the UI (build_demo) on models served by the replicas, as app.py
+    # does on local ones: the Serve ingress, the application builder and `python -m fm_demo.cluster`
+    "fm_demo.cluster.ingress": 7,
+    "fm_demo.cluster.app": 7,
+    "fm_demo.cluster.__main__": 7,
 }
 OUTSIDE = ("deploy", "kernels_check", "bench", "tests", "app")  # never imported by the runtime
 

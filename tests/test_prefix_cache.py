@@ -150,9 +150,9 @@ def test_the_repetition_penalty_sees_the_cached_part_of_the_prompt_too(lms):
     texts, seen = [], []
     real = lm.runner.stream
 
-    def recording(state, ids_, sampling, max_new, stops, tokenizer, context_ids):
+    def recording(state, ids_, sampling, max_new, stops, tokenizer, context_ids, prefix=None):
         seen.append((context_ids[0].tolist() if context_ids is not None else []) + ids_[0].tolist())
-        return real(state, ids_, sampling, max_new, stops, tokenizer, context_ids)
+        return real(state, ids_, sampling, max_new, stops, tokenizer, context_ids, prefix)
 
     lm.runner.stream = recording
     try:

@@ -82,7 +82,7 @@ def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChun
         # the repetition penalty sees the whole prompt, cached part included (as the chat does)
         ctx = torch.tensor([prompt[:start]]) if req.sampling.repetition_penalty != 1.0 and start else None
         stream = runner.stream(state, torch.tensor([prompt[start:]]), req.sampling, req.max_new_tokens,
-                               req.stop_token_ids, lm.tokenizer, ctx)
+                               req.stop_token_ids, lm.tokenizer, ctx, prefix=(req.namespace, prompt[:start]))
         sent = 0
         try:
             for ev in stream:
@@ -102,6 +102,7 @@ def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChun
         finally:
             fed = ids + [ev.token_id for ev in stream.close()]  # a cancelled row may be a token ahead
             end = stream.state
+            usage.cached_tokens = max(usage.cached_tokens, getattr(stream, "start", None) or 0)  # a replica's own
             if end is not None and end.seqlen == len(prompt) + len(fed):  # the state after prompt and reply:
                 cache.insert(prompt + fed, end, req.namespace)  # a client that resends the history resumes here
     usage.completion_tokens = len(ids)

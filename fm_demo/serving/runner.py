@@ -13,6 +13,12 @@ reply (`stream`); it never asks which kind of runner it has, only what the runne
 A reply is a ReplyStream: iterate its TokenEvents; `close()` ends it and returns the events that
 were already fed into the state but not taken (so the transcript can match the state); `state`
 is the state after the reply (None when the runner cannot say, e.g. a stopped GPU call).
+
+`stream(..., prefix=(namespace, tokens))` says what the state sent holds. A runner that keeps
+states of its own (a cluster's model replica, fm_demo/cluster) may resume from a longer prefix
+of those tokens it still has instead of the state sent; its stream then says so after the reply:
+`start` (the position it resumed from) and `served_by` / `state_source` (for the readout).
+The runners here have one state per reply and ignore `prefix`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class Runner(Protocol):
     def prefill(self, state: State, ids: Tensor, progress: ProgressFn | None = None) -> State: ...
 
     def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None) -> ReplyStream: ...
+               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
+               prefix: tuple[str, list[int]] | None = None) -> ReplyStream: ...
 
     def stats(self) -> dict: ...
 
@@ -86,7 +93,8 @@ class BatchedRunner:
         return self.scheduler.prefill(state, ids, progress)
 
     def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None) -> ReplyStream:
+               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
+               prefix: tuple[str, list[int]] | None = None) -> ReplyStream:
         return _TokensOnly(self.scheduler.stream(state, ids, sampling, max_new_tokens, stop_token_ids,
                                                  tokenizer, context_ids))
 
@@ -133,7 +141,8 @@ class ZeroGpuRunner:
         return self.gpu.prefill(self.key, state, ids).own()  # one GPU call; it cannot report progress
 
     def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None) -> ReplyStream:
+               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
+               prefix: tuple[str, list[int]] | None = None) -> ReplyStream:
         self._replies += 1
         events = self.gpu.stream(self.key, state, ids, sampling=sampling, max_new_tokens=max_new_tokens,
                                  stop_token_ids=stop_token_ids, context_ids=context_ids)

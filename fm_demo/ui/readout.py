@@ -73,6 +73,8 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         ),
         _card("Transformer KV cache", fmt_bytes(kv), ratio),
     ]
+    if m.served_by:  # a cluster: which model replica, and how it had this conversation's state
+        cards.append(_card("Served by", m.served_by, m.state_source))
     return (
         f"<div class='fm-readout'><div class='fm-status'>{html.escape(m.model)} · {html.escape(status)}</div>"
         f"<div class='fm-grid'>{''.join(cards)}</div>"

@@ -71,8 +71,8 @@ def launch(settings: Settings, checkpoint: str):
 
 def clients(url: str, n: int) -> list[Client]:
     """n fresh sessions, connected in parallel (each Client reads the API description first)."""
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda _: Client(url, verbose=False), range(n)))
+    with ThreadPoolExecutor(min(n, 4)) as pool:  # connecting reads the whole API page: a few at a time
+        return list(pool.map(lambda _: Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT}), range(n)))
 
 
 def message(i: int) -> str:

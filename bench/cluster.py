@@ -104,7 +104,7 @@ def deploy(args: dict, replicas: int, timeout_s: float = 300.0):
 
 
 def conversation(lm, settings, name: str, turns: int, new_tokens: int, deadline: float) -> tuple[int, object]:
-    from fm_demo.sessions import Conversation
+    from fm_demo.conversations.sessions import Conversation
 
     conv = Conversation(lm, settings, namespace=name)
     tokens = 0

@@ -60,10 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from fm_demo.conversations.sessions import Conversation  # noqa: E402
 from fm_demo.engine import Engine, SamplingParams, TokenEvent  # noqa: E402
 from fm_demo.models import ModelManager  # noqa: E402
 from fm_demo.serving import Scheduler  # noqa: E402
-from fm_demo.sessions import Conversation  # noqa: E402
 from fm_demo.settings import Preset, Settings, tiny_checkpoint  # noqa: E402
 from fm_demo.tiny.config import TinyDims  # noqa: E402
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from tiny_fixtures import bundled_checkpoint
 
+from fm_demo.conversations.sessions import Conversation
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelLoadError, ModelManager
-from fm_demo.sessions import Conversation
 from fm_demo.settings import Settings, SettingsError
 
 N = 8  # reply tokens: enough to compare with transformers' own greedy decoding

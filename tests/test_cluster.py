@@ -35,9 +35,9 @@ from fm_demo.cluster.protocol import (
     ReplyStart,
     Token,
 )
+from fm_demo.conversations.sessions import Conversation
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelManager
-from fm_demo.sessions import Conversation
 from fm_demo.settings import Settings, SettingsError
 
 ROOT = str(Path(__file__).resolve().parents[1])

@@ -23,9 +23,9 @@ from gradio_client import Client
 from test_e2e_api import free_port
 from tiny_fixtures import random_checkpoint
 
+from fm_demo.conversations.store import SessionStore
 from fm_demo.models import ModelManager
 from fm_demo.settings import Settings
-from fm_demo.store import SessionStore
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
 from fm_demo.ui.common import AppContext
 

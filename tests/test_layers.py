@@ -28,11 +28,7 @@ LAYERS = {
     "fm_demo.chat": 2,
     "fm_demo.models": 3,
     "fm_demo.lab": 3,
-    "fm_demo.turns": 4,
-    "fm_demo.transfer": 4,
-    "fm_demo.state_cache": 4,
-    "fm_demo.sessions": 4,
-    "fm_demo.store": 4,
+    "fm_demo.conversations": 4,
     "fm_demo.cluster": 5,
     "fm_demo.ui": 6,
     "fm_demo": 6,  # the package's own __init__

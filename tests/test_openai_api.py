@@ -24,9 +24,9 @@ from test_e2e_api import free_port
 from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
+from fm_demo.conversations.store import SessionStore
 from fm_demo.models import ModelManager
 from fm_demo.settings import Preset, Settings
-from fm_demo.store import SessionStore
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
 from fm_demo.ui.common import AppContext
 from fm_demo.ui.openai_api import namespace

@@ -13,11 +13,11 @@ import torch
 from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
+from fm_demo.conversations.sessions import Conversation
 from fm_demo.engine import Engine, SamplingParams, tiny_model
 from fm_demo.models import ModelManager
 from fm_demo.serving.completion import CompletionRequest, complete
 from fm_demo.serving.prefix_cache import PrefixCache
-from fm_demo.sessions import Conversation
 from fm_demo.settings import Preset, Settings
 
 ATOL = 1e-4

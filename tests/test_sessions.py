@@ -15,11 +15,11 @@ import torch
 from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
+from fm_demo.conversations.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
+from fm_demo.conversations.store import SessionStore
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelManager
-from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Preset, Settings
-from fm_demo.store import SessionStore
 
 GREEDY = SamplingParams()
 N = 16  # new tokens per reply: enough to see divergence, short enough for a fast suite
@@ -200,7 +200,7 @@ def _tamper_payload(data: bytes, edit) -> bytes:
 
     from safetensors.torch import load, save
 
-    from fm_demo.transfer import _digest
+    from fm_demo.conversations.transfer import _digest
 
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n])["__metadata__"]
@@ -251,7 +251,7 @@ def test_wrong_state_shape_is_refused(lm, settings):
 
     from safetensors.torch import save
 
-    from fm_demo.transfer import _digest
+    from fm_demo.conversations.transfer import _digest
 
     n = int.from_bytes(blob[:8], "little")
     meta = json.loads(blob[8:8 + n])["__metadata__"]

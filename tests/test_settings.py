@@ -72,7 +72,7 @@ def test_app_start_up_sets_torch_threads():
     import sys
     from pathlib import Path
 
-    probe = ("import torch; import fm_demo.sessions, fm_demo.store, fm_demo.models; before = torch.get_num_threads(); "
+    probe = ("import torch; import fm_demo.conversations.sessions, fm_demo.conversations.store, fm_demo.models; before = torch.get_num_threads(); "
              "import app; print(before, torch.get_num_threads())")
     root = Path(__file__).resolve().parents[1]
     env = {"PATH": "/usr/bin:/bin", "FM_DEMO_DEVICE": "cpu", "FM_DEMO_CPU_THREADS": "3", "OMP_NUM_THREADS": "2",

@@ -23,13 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fm_demo import lab
+from fm_demo.conversations.sessions import ConversationBusy, ConversationError, ImportRefused
+from fm_demo.conversations.store import SessionStore
 from fm_demo.engine import Engine, StateError
 from fm_demo.metrics import KVReference
 from fm_demo.models import ModelLoadError, ModelManager
 from fm_demo.serving import SchedulerBusy, SchedulerClosed
-from fm_demo.sessions import ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Settings, SettingsError
-from fm_demo.store import SessionStore
 from fm_demo.ui import api, chat_tab, compare_tab, long_tab, system_tab
 from fm_demo.ui.common import AppContext, fmt_bytes, stop_reply, throttle, to_user_error
 from fm_demo.ui.inputs import Sampling, bind

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ray import serve
 
-from ..store import SessionStore
+from ..conversations.store import SessionStore
 from ..ui.common import AppContext
 from .config import IngressSettings
 from .remote import RemoteModelManager

@@ -37,8 +37,8 @@ def offline_environment() -> None:
 
 
 def make_context(settings: Settings) -> AppContext:
+    from ..conversations.store import SessionStore
     from ..models import ModelManager
-    from ..store import SessionStore
 
     manager = ModelManager(settings)
     return AppContext(settings, manager, SessionStore(settings, manager))

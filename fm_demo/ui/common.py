@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple,
 
 import gradio as gr
 
+from ..conversations.turns import ConversationError
 from ..engine import StateError
 from ..models import ModelLoadError, ModelManager
 from ..serving import SchedulerBusy, SchedulerClosed
 from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
-from ..turns import ConversationError
 
 if TYPE_CHECKING:
-    from ..store import SessionStore
+    from ..conversations.store import SessionStore
 
 log = logging.getLogger("fm_demo.ui")
 T = TypeVar("T")
@@ -69,12 +69,13 @@ class AppContext:
     stops: StopFlags = field(default_factory=StopFlags)
 
 
-def reply_concurrency(ctx: AppContext) -> int:
-    """How many reply events Gradio runs at once: every batch row and waiting place of a model's
-    scheduler (it decides who waits and who hears "busy"); on ZeroGPU each holds a GPU slice."""
+def reply_concurrency(ctx: AppContext) -> int | None:
+    """How many reply events Gradio runs at once. Unbounded: each model's scheduler decides who
+    decodes, who waits and who hears at once that the server is busy (a cap here would queue the
+    rest in Gradio instead); on ZeroGPU each event holds a GPU slice, so the setting bounds them."""
     from ..zerogpu import on_zerogpu
 
-    return ctx.settings.concurrency_limit if on_zerogpu() else ctx.settings.event_concurrency()
+    return ctx.settings.concurrency_limit if on_zerogpu() else None
 
 
 def session_id(request: gr.Request | None) -> str:

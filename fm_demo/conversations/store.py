@@ -13,10 +13,10 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .metrics import ReplyMetrics
-from .models import LoadedModel, ModelManager
+from ..metrics import ReplyMetrics
+from ..models import LoadedModel, ModelManager
+from ..settings import Settings
 from .sessions import Conversation, ConversationError, ImportRefused
-from .settings import Settings
 from .transfer import peek_model
 
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .engine import Engine, State
-from .serving.prefix_cache import Node, PrefixCache
+from ..engine import Engine, State
+from ..serving.prefix_cache import Node, PrefixCache
 
 if TYPE_CHECKING:
-    from .models import LoadedModel
+    from ..models import LoadedModel
 
 ProgressFn = Callable[[int, int], None]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .metrics import ReplyMetrics
+from ..metrics import ReplyMetrics
 
 
 class ConversationError(ValueError):

@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from . import chat
-from .engine import State, StateError
-from .models import LoadedModel
+from .. import chat
+from ..engine import State, StateError
+from ..models import LoadedModel
 from .turns import ImportRefused, Turn
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1

@@ -35,14 +35,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import chat
-from .engine import SamplingParams, State, TokenEvent
-from .metrics import ReplyMetrics, device_memory
-from .models import LoadedModel
-from .serving import ReplyStream
-from .settings import Settings
+from .. import chat
+from ..engine import SamplingParams, State, TokenEvent
+from ..metrics import ReplyMetrics, device_memory
+from ..models import LoadedModel
+from ..serving import ReplyStream
+from ..settings import Settings
+from ..stops import first_stop
 from .state_cache import ProgressFn, StateCache
-from .stops import first_stop
 from .transfer import export_bytes, import_parts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 

@@ -147,8 +147,8 @@ def run(args: argparse.Namespace) -> dict:
     out = {"shared_doc": shared_doc(manager, settings, args.doc_tokens),
            "shared_doc_memory": shared_doc_memory(ModelManager(settings), settings, args.memory_doc_tokens,
                                                   args.conversations)}
-    if not args.skip_api:
-        out["api_chat"] = api_chat(settings, args.turns, args.max_new_tokens)
+    if not args.skip_api:  # sharing off: the no-cache contrast uses namespaces with nothing in them
+        out["api_chat"] = api_chat(settings.replace(share_prefix_cache=False), args.turns, args.max_new_tokens)
     sd, mem = out["shared_doc"], out["shared_doc_memory"]
     out["targets"] = {
         "shared_doc_ttft_ratio_ge_20": sd["ratio"] >= 20,

@@ -170,10 +170,14 @@ class ModelManager:
         if precision not in preset.precisions:
             raise ModelLoadError(f"{preset.label} comes in {', '.join(preset.precisions)}, not {precision}.",
                                  "bad_precision")
+        self._check_packages(precision)
+        return preset, precision
+
+    def _check_packages(self, precision: str) -> None:
+        """Refuse a precision whose library this process lacks (it loads the weights itself)."""
         if precision == "4bit" and not _bitsandbytes_available():
             raise ModelLoadError("4-bit models need the bitsandbytes package (pip install bitsandbytes).",
                                  "missing_dependency")
-        return preset, precision
 
     def get(self, preset_key: str, precision: str | None = None,
             progress: ProgressFn | None = None) -> LoadedModel:

@@ -188,6 +188,8 @@ class Settings:
     host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
     port: int = _help("port to listen on; 0: GRADIO_SERVER_PORT, else the first free port from 7860", 0)
 
+    CLI_GROUP = "server settings (each also read from FM_DEMO_<NAME>)"  # not a field: no annotation
+
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
         self.offered_presets = tuple(self.offered_presets)
@@ -318,7 +320,7 @@ class Settings:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        group = parser.add_argument_group("server settings (each also read from FM_DEMO_<NAME>)")
+        group = parser.add_argument_group(cls.CLI_GROUP)
         for f in fields(cls):
             # argparse %-formats help texts, so a literal % is written %%
             text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")

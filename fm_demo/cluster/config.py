@@ -12,7 +12,6 @@ the replicas' resolved device, presets and precision rule (IngressSettings) and 
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -56,15 +55,8 @@ class ClusterSettings:
     # Parsed by Settings' own code: same variables, same flags, same error messages.
     from_env = classmethod(Settings.from_env.__func__)
     from_cli = classmethod(Settings.from_cli.__func__)
-
-    @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        group = parser.add_argument_group("cluster settings (each also read from FM_DEMO_<NAME>)")
-        for f in fields(cls):
-            text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                               metavar=f.name.upper(), help=text)
-        return parser
+    add_cli_args = classmethod(Settings.add_cli_args.__func__)
+    CLI_GROUP = "cluster settings (each also read from FM_DEMO_<NAME>)"
 
 
 def settings_env(args: Mapping[str, Any] | None = None,

@@ -285,18 +285,9 @@ class RemoteModelManager(ModelManager):
         self.handle, self.copy_state_bytes = handle, copy_state_bytes
         self.index = ReplicaIndex(shared=settings.share_prefix_cache)
 
-    def resolve(self, preset_key: str, precision: str | None = None) -> tuple[Preset, str]:
-        """As ModelManager.resolve, with the replicas' packages: a missing 4-bit library is their
-        error to report, not this process's."""
-        preset = self._presets.get(preset_key)
-        if preset is None:
-            raise ModelLoadError(f"Unknown model '{preset_key}'. Available: {', '.join(self._presets)}.",
-                                 "unknown_model")
-        precision = precision or self.settings.precision_for(preset)
-        if precision not in preset.precisions:
-            raise ModelLoadError(f"{preset.label} comes in {', '.join(preset.precisions)}, not {precision}.",
-                                 "bad_precision")
-        return preset, precision
+    def _check_packages(self, precision: str) -> None:
+        """The replicas load the weights: a missing 4-bit library is their error to report, not
+        this process's."""
 
     def _load(self, preset: Preset, precision: str, progress) -> LoadedModel:
         t0 = time.perf_counter()

@@ -305,8 +305,8 @@ class Settings:
         return self.max_waiting or self.batch_size_limit()
 
     def event_concurrency(self) -> int:
-        """Reply events Gradio runs at once: every batch row and waiting place, so the scheduler,
-        not Gradio's queue, decides who waits and who is told the server is busy."""
+        """Requests one model's scheduler holds at once (every batch row and waiting place): what
+        the /v1 API's worker threads are sized for."""
         return self.batch_size_limit() + self.batch_waiting_limit()
 
     def clamp_new_tokens(self, n: int | None) -> int:

@@ -49,7 +49,7 @@ def test_longest_prefix_with_a_state_wins_at_any_token(engine):
         cache.insert(doc[:cut], read(engine, doc[:cut]), "a")
     other = doc[:200] + [1, 2, 3]  # shares 200 tokens with the document, then goes its own way
     for tokens, want in ((doc, 300), (doc[:250], 121), (other, 121), (doc[:121], 121), (doc[:6], 0), ([], 0)):
-        n, state, node = cache.lookup(tokens, "a", "cpu", engine.new_state())
+        n, state, node = cache.lookup(tokens, "a", "cpu", engine.new_state)
         assert n == want and state.seqlen == want
         assert close(state, read(engine, tokens[:n]))
         if node is not None:
@@ -65,7 +65,7 @@ def test_hits_from_any_writer_are_exact(engine):
     state = read(engine, prompt)
     ids = [ev.token_id for ev in engine.stream(torch.tensor([[7]]), state, SamplingParams(), 12)]
     cache.insert(prompt + [7] + ids, state, "writer")
-    n, got, _ = cache.lookup(prompt + [7] + ids + [99, 98], "reader", "cpu", engine.new_state())
+    n, got, _ = cache.lookup(prompt + [7] + ids + [99, 98], "reader", "cpu", engine.new_state)
     assert n == len(prompt) + 1 + len(ids) and close(got, read(engine, prompt + [7] + ids))
 
 
@@ -101,9 +101,9 @@ def test_namespaces_isolate_unless_sharing_is_on(engine):
     for shared in (False, True):
         cache = PrefixCache(budget_bytes=10 ** 9, shared=shared)
         cache.insert(tokens, read(engine, tokens), "alice")
-        n, _, _ = cache.lookup(tokens + [1], "bob", "cpu", engine.new_state())
+        n, _, _ = cache.lookup(tokens + [1], "bob", "cpu", engine.new_state)
         assert n == (40 if shared else 0)
-        assert cache.lookup(tokens + [1], "alice", "cpu", engine.new_state())[0] == 40
+        assert cache.lookup(tokens + [1], "alice", "cpu", engine.new_state)[0] == 40
 
 
 # -- through the serving layer: a real checkpoint, the batched runner ----------------------------

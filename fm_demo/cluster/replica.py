@@ -18,6 +18,7 @@ queue. The coroutine sends what has arrived a few times a second per reply.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from typing import AsyncIterator, Callable, Mapping
@@ -42,10 +43,10 @@ def _resume(lm: LoadedModel, req: ReplyRequest, upto: int,
     """(start, a private state holding req.tokens[:start] after whatever it held before, its cache
     node, source, bytes fetched). Without a prefix the sent state is all there is (start 0)."""
     runner, cache = lm.runner, lm.prefix_cache
-    fresh = lm.engine.new_state(device=runner.state_device)
+    fresh = functools.partial(lm.engine.new_state, device=runner.state_device)  # made only on a miss
     if req.prefix is None:
         return (0, _fetched(lm, fetch(req.state), None), None, COPIED, 0) if req.state is not None else (
-            0, fresh, None, NEW, 0)
+            0, fresh(), None, NEW, 0)
     held = len(req.prefix)
     n, state, node = cache.lookup(req.tokens[:upto], req.namespace, runner.state_device, fresh)
     if n >= held and n:

@@ -454,7 +454,6 @@ class Conversation:
             state = self.cache.at(end)
             if state is None:
                 state = self._provide(end, end, ReplyMetrics(), None) if end else lm.engine.new_state()
-                self.cache.settle()
             return export_bytes(self.system, self.turns, lm, state)
 
     @classmethod

@@ -131,13 +131,18 @@ class StateCache:
         The live state is taken over (the caller advances it); tree states are copied (shared,
         never modified in place); with nothing cached, a fresh state (start 0).
         """
-        start, state = 0, None
+        start, state, _ = self._resume(pos, device, engine)
+        return start, state
+
+    def _resume(self, pos: int, device: torch.device | str, engine: Engine) -> tuple[int, State, Node | None]:
+        """nearest(), plus the tree node the state was copied from (None: live or fresh)."""
+        start, state, found = 0, None, None
         if self.live is not None and self.live.seqlen <= pos:
             start, state, self.live = self.live.seqlen, self.live.to(device), None
         n, node = self.tree.find(self._tokens()[:pos], self.namespace, count=True)
         if n > start:
-            start, state = n, _clone_to(node.state, device)
-        return start, state if state is not None else engine.new_state(device=device)
+            start, state, found = n, _clone_to(node.state, device), node
+        return start, state if state is not None else engine.new_state(device=device), found
 
     def provide(self, lm: LoadedModel, tokens: list[int], boundaries: list[int], pos: int,
                 progress: ProgressFn | None) -> tuple[int, State]:
@@ -147,11 +152,9 @@ class StateCache:
         (ZeroGPU) reads everything in one call and only the state at `pos` is kept.
         """
         runner = lm.runner
-        start, state = self.nearest(pos, runner.state_device, lm.engine)
-        if start in boundaries and self.tree.get(self.refs.get(start)) is None:  # resumed from a state
-            n, node = self.tree.find(tokens[:start], self.namespace)  # another request left: hold it too
-            if n == start:
-                self._ref(start, node)
+        start, state, node = self._resume(pos, runner.state_device, lm.engine)
+        if node is not None and start in boundaries:  # resumed from a state another request left:
+            self._ref(start, node)  # hold it too (a no-op when it is already this conversation's)
         cuts = {pos} if runner.one_call else {b for b in boundaries if start < b < pos} | {pos}
         done = start
         for cut in sorted(cuts):
@@ -176,9 +179,6 @@ class StateCache:
             self.add(state)
             self.live = state
         self._keep_only(lambda p: p in keep and p <= end)
-
-    def settle(self) -> None:
-        """Snapshots wait in the tree (on CPU) between replies; kept for callers of the old API."""
 
     def offload(self) -> int:
         """Move the hot state off the GPU (its copy at the end of the transcript is in the tree)."""

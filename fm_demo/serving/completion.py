@@ -11,6 +11,7 @@ until it is clear, so a client never sees part of a stop string.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
@@ -70,7 +71,7 @@ def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChun
     prompt = req.prompt_ids
     usage = Usage(prompt_tokens=len(prompt))
     cache, runner = lm.prefix_cache, lm.runner
-    fresh = lm.engine.new_state(device=runner.state_device)
+    fresh = functools.partial(lm.engine.new_state, device=runner.state_device)  # made only on a miss
     start, state, node = cache.lookup(prompt[:-1], req.namespace, runner.state_device, fresh)  # a private copy
     usage.cached_tokens = start
     text, ids, finish = "", [], None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -118,13 +118,13 @@ class PrefixCache:
             return (n, best) if best is not None else (0, None)
 
     def lookup(self, tokens: list[int], namespace: str, device: torch.device | str,
-               fresh: State) -> tuple[int, State, Node | None]:
+               fresh: Callable[[], State]) -> tuple[int, State, Node | None]:
         """(n, a private copy on `device` of the state after tokens[:n], its node) for the longest
-        cached prefix; (0, fresh, None) when none. Counts towards the hit rate."""
+        cached prefix; (0, fresh(), None) when none. Counts towards the hit rate."""
         with self._lock:
             n, node = self.find(tokens, namespace, count=True)
             if node is None:
-                return 0, fresh, None
+                return 0, fresh(), None
             state = node.state
             copy = state.clone() if state.device == torch.device(device) else state.to(device)
         return n, copy, node

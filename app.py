@@ -2,6 +2,9 @@
 
 Settings come from FM_DEMO_* environment variables, and under `python app.py` also from flags
 (`python app.py --help`). `demo` is module-level so `gradio app.py` and Hugging Face Spaces find it.
+It listens where Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say (a Space sets them) unless
+FM_DEMO_HOST / FM_DEMO_PORT or --host / --port name an address. The same server answers the
+OpenAI-compatible API at /v1 and, with FM_DEMO_MCP_SERVER, Gradio's MCP server (launch_kwargs).
 """
 
 from fm_demo.zerogpu import on_zerogpu, prepare
@@ -9,7 +12,7 @@ from fm_demo.zerogpu import on_zerogpu, prepare
 prepare()  # on ZeroGPU, `spaces` must patch torch before anything touches CUDA
 
 from fm_demo.settings import Settings  # noqa: E402
-from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs  # noqa: E402
+from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs, server_kwargs  # noqa: E402
 
 
 def build(settings: Settings):
@@ -35,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     cli = Settings.from_cli(args)
     app = demo if cli == settings else build(cli)
-    app.launch(server_name=cli.host, server_port=cli.port, **launch_kwargs(cli))
+    app.launch(**server_kwargs(cli), **launch_kwargs(cli))
 
 
 if __name__ == "__main__":

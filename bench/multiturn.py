@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fm_demo import chat  # noqa: E402
+from fm_demo.conversations.sessions import Conversation  # noqa: E402
 from fm_demo.engine import SamplingParams  # noqa: E402
 from fm_demo.models import ModelManager  # noqa: E402
-from fm_demo.sessions import Conversation  # noqa: E402
 from fm_demo.settings import Preset, Settings  # noqa: E402
 
 TOPICS = ["falcons", "deserts", "the sea", "mountains", "rivers", "cities", "forests", "the moon",

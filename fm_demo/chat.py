@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .stops import first_stop, partial_stop
+
 Message = dict[str, str]
 
 
@@ -145,11 +147,11 @@ def visible_reply(fmt: ChatFormat, text: str, final: bool) -> tuple[str, bool]:
 
     While streaming, a tail that could still become a stop string is held back.
     """
-    cut = min((i for s in fmt.stop_strings if (i := text.find(s)) >= 0), default=-1)
+    cut = first_stop(text, fmt.stop_strings)
     if cut >= 0:
         return _tidy(fmt, text[:cut]), True
     if not final:
-        text = text[:len(text) - _partial_stop(text, fmt.stop_strings)]
+        text = text[:len(text) - partial_stop(text, fmt.stop_strings)]
     return _tidy(fmt, text), False
 
 
@@ -163,17 +165,6 @@ def tokens_within(tokenizer, ids: Sequence[int], n_chars: int) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _partial_stop(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def _tidy(fmt: ChatFormat, text: str) -> str:

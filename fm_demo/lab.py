@@ -27,8 +27,11 @@ from torch import nn
 from .engine import Engine
 from .metrics import device_memory
 
-MAMBA = "Falcon Mamba (recurrent state)"
-TRANSFORMER = "Llama-style transformer (KV cache)"
+# Series names, short enough for a plot legend (it cuts labels at about 25 characters)
+MAMBA = "Falcon Mamba (state)"
+TRANSFORMER = "Transformer (KV cache)"
+# The prefill sweep's prompt lengths: powers of two within these bounds, from half a chunk on
+SWEEP_SHORTEST, SWEEP_LONGEST = 64, 1 << 21
 
 
 @dataclass
@@ -196,6 +199,19 @@ class PrefillPeak:
     parallel_bytes: int | None  # None: the parallel pass ran out of memory
     chunked_bytes: int
     chunk_size: int
+
+
+def sweep_lengths(chunk_size: int, longest: int) -> list[int]:
+    """Prompt lengths for prefill_peaks: doubling from the first power of two in the sweep's bounds
+    that is at least half a chunk (shorter prompts read the same either way) up to `longest`."""
+    n = SWEEP_SHORTEST
+    while n < chunk_size // 2:
+        n *= 2
+    out = []
+    while n <= min(longest, SWEEP_LONGEST):
+        out.append(n)
+        n *= 2
+    return out
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ of context; Falcon Mamba keeps a fixed-size state instead (`fm_demo.engine.state
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,10 @@ class ReplyMetrics:
     cache_hit: bool = True  # False when evicted history had to be read again
     finish_reason: str | None = None  # stop | length | stop_string | cancelled | error
     model: str = ""
+    batch_size: int = 1  # rows decoded together in the reply's last step (continuous batching)
+    batch_mean: float = 1.0  # mean rows per decode step over the reply
+    served_by: str = ""  # on a cluster: the model replica that served the reply
+    state_source: str = ""  # on a cluster: where that replica's starting state came from
 
     @property
     def prefill_tok_s(self) -> float:
@@ -93,3 +98,10 @@ def _max_rss() -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def free_device_memory(device: str | torch.device) -> None:
+    """Hand memory no tensor holds any more back: collect garbage, then empty CUDA's cache."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

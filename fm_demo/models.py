@@ -19,15 +19,24 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import zerogpu
 from .engine import Engine, State
+from .metrics import free_device_memory
+from .serving.prefix_cache import PrefixCache
 from .settings import PRECISION_LABELS, Preset, Settings
+
+if TYPE_CHECKING:
+    from .serving import Runner
 
 ProgressFn = Callable[[float, str], None]
 Key = tuple[str, str]  # (preset key, precision)
 LINEAR_BYTES_4BIT = 0.5 + 4 / 64  # NF4 nibble + one fp32 absmax per 64-value block
+# Where a load's progress bar stands at each step; the download (files fetched of the snapshot's
+# files) fills its range, and most of a load's time is the download or reading the weights.
+PROGRESS_PREPARING, PROGRESS_DOWNLOAD, PROGRESS_WEIGHTS, PROGRESS_TOKENIZER, PROGRESS_READY = (
+    0.0, (0.05, 0.7), 0.75, 0.9, 1.0)
 
 
 class ModelLoadError(Exception):
@@ -54,6 +63,8 @@ class LoadedModel:
     load_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. a chat template that differs
     gpu: GpuCalls | None = None  # on ZeroGPU: replies run through these, not engine.stream
+    runner: Runner | None = None  # how replies run (serving/runner.py); made by the manager
+    prefix_cache: PrefixCache | None = None  # states by token prefix, shared by its requests; made by the manager
 
     @property
     def kind(self) -> str:
@@ -94,6 +105,16 @@ class GpuCalls:
             return zerogpu.estimate_duration(int(input_ids.shape[-1]), 0)
 
         return cls(zerogpu.make_gpu_stream(resolve), zerogpu.gpu_task(prefill, duration=duration))
+
+
+def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings) -> Runner:
+    """The ZeroGPU runner on ZeroGPU, else a batched scheduler sized by `settings`."""
+    from .serving import BatchedRunner, ZeroGpuRunner
+
+    if gpu is not None:
+        return ZeroGpuRunner(gpu, key)
+    return BatchedRunner(engine, settings.batch_size_limit(), settings.prefill_budget_tokens(),
+                         settings.batch_waiting_limit(), name=f"{key[0]}-{key[1]}")
 
 
 def estimate_model_bytes(config, precision: str) -> int:
@@ -149,10 +170,14 @@ class ModelManager:
         if precision not in preset.precisions:
             raise ModelLoadError(f"{preset.label} comes in {', '.join(preset.precisions)}, not {precision}.",
                                  "bad_precision")
+        self._check_packages(precision)
+        return preset, precision
+
+    def _check_packages(self, precision: str) -> None:
+        """Refuse a precision whose library this process lacks (it loads the weights itself)."""
         if precision == "4bit" and not _bitsandbytes_available():
             raise ModelLoadError("4-bit models need the bitsandbytes package (pip install bitsandbytes).",
                                  "missing_dependency")
-        return preset, precision
 
     def get(self, preset_key: str, precision: str | None = None,
             progress: ProgressFn | None = None) -> LoadedModel:
@@ -190,9 +215,10 @@ class ModelManager:
             lm = self._models.pop(tuple(key), None)
         if lm is None:
             return False
+        lm.runner.close()  # replies still running end with a clear message
         for fn in list(self._unload_listeners):
             fn(lm)
-        _free_device_memory(lm.device)
+        free_device_memory(lm.device)
         return True
 
     def on_unload(self, fn: Callable[[LoadedModel], None]) -> None:
@@ -218,7 +244,7 @@ class ModelManager:
     def _load(self, preset: Preset, precision: str, progress: ProgressFn) -> LoadedModel:
         t0 = time.perf_counter()
         try:
-            progress(0.0, f"Preparing {preset.label}")
+            progress(PROGRESS_PREPARING, f"Preparing {preset.label}")
             path = _fetch(preset, progress)
             config = _read_config(path)
             if getattr(config, "model_type", None) not in ("falcon_mamba", "mamba"):
@@ -226,17 +252,19 @@ class ModelManager:
                                      "incompatible")
             need = estimate_model_bytes(config, precision)
             self._make_room(need, preset, precision)
-            progress(0.75, f"Loading {preset.label} weights in {precision}")
+            progress(PROGRESS_WEIGHTS, f"Loading {preset.label} weights in {precision}")
             model = _from_pretrained(path, precision, self.settings.device, preset.prequantized)
-            progress(0.9, "Loading tokenizer")
+            progress(PROGRESS_TOKENIZER, "Loading tokenizer")
             tokenizer = _tokenizer(path)
             engine = Engine(model, chunk_size=self.settings.chunk_size)
         except Exception as e:
             raise _explain(e, preset, precision) from e
         notes = _notes(preset, tokenizer, engine)
-        lm = LoadedModel((preset.key, precision), preset, precision, model, tokenizer, engine,
-                         int(model.get_memory_footprint()), time.perf_counter() - t0, notes, self.gpu)
-        progress(1.0, f"{preset.label} ready in {lm.load_s:.1f} s")
+        key = (preset.key, precision)
+        lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
+                         time.perf_counter() - t0, notes, self.gpu, make_runner(engine, self.gpu, key, self.settings),
+                         PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache))
+        progress(PROGRESS_READY, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 
     def _make_room(self, need: int, preset: Preset, precision: str) -> None:
@@ -280,14 +308,15 @@ def _fetch(preset: Preset, progress: ProgressFn) -> Path:
 
 
 def _progress_bar(progress: ProgressFn, label: str):
-    """A tqdm class that forwards the hub's file-count progress to `progress` (0.05 .. 0.7)."""
+    """A tqdm class that forwards the hub's file-count progress to `progress` (PROGRESS_DOWNLOAD)."""
     from tqdm.auto import tqdm
 
     class _Bar(tqdm):
         def update(self, n=1):
             self.done = getattr(self, "done", 0) + (n or 0)
             if self.total:
-                progress(0.05 + 0.65 * min(1.0, self.done / self.total),
+                lo, hi = PROGRESS_DOWNLOAD
+                progress(lo + (hi - lo) * min(1.0, self.done / self.total),
                          f"Downloading {label}: {self.done}/{self.total} files")
             return super().update(n)
 
@@ -333,16 +362,6 @@ def _notes(preset: Preset, tokenizer, engine: Engine) -> tuple[str, ...]:
     if preset.kind == "instruct" and (diff := template_mismatch(format_for("instruct"), tokenizer)):
         notes.append(diff)
     return tuple(notes)
-
-
-def _free_device_memory(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def _explain(e: Exception, preset: Preset, precision: str) -> ModelLoadError:

@@ -3,7 +3,8 @@
 Every Settings field can be set by an FM_DEMO_<FIELD> environment variable (`Settings.from_env`)
 or a --field-name flag (`Settings.add_cli_args` / `Settings.from_cli`, parsed only under
 `__main__` in app.py). Model ids reach the server only from here: the presets below and
-FM_DEMO_EXTRA_MODELS; the browser only ever picks among preset keys.
+FM_DEMO_EXTRA_MODELS (hub ids or local checkpoint directories, checked at start-up); the browser
+only ever picks among preset keys.
 
 Defaults: the bundled tiny checkpoints on CPU, Falcon Mamba 7B where CUDA exists.
 """
@@ -16,6 +17,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
+
+from .checkpoints import CheckpointError, check_checkpoint, is_local_source, local_path, prequantized
 
 PRECISIONS = ("bf16", "fp32", "4bit")
 PRECISION_LABELS = {"bf16": "bf16 (GPU)", "fp32": "fp32 (CPU)", "4bit": "4-bit NF4 (bitsandbytes)"}
@@ -73,16 +76,46 @@ PRESETS: dict[str, Preset] = _presets()
 
 
 def extra_preset(spec: str) -> Preset:
-    """A server-configured hub model: "org/name" or "org/name:instruct" / "org/name:base"."""
-    repo, _, kind = spec.strip().partition(":")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo) or ".." in repo:
-        raise SettingsError(f"'{spec}' is not a hub model id of the form org/name[:base|:instruct]")
-    kind = kind or ("instruct" if re.search(r"instruct|chat", repo, re.I) else "base")
+    """A server-configured model: a hub id "org/name" or a local checkpoint directory (a path or a
+    file:// URL, checked here), either one optionally followed by ":base" or ":instruct"."""
+    source, kind = _split_kind(spec.strip())
+    if is_local_source(source):
+        return _local_preset(spec, source, kind)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", source) or ".." in source:
+        raise SettingsError(f"'{spec}' is neither a checkpoint directory nor a hub model id of the form "
+                            "org/name[:base|:instruct]")
+    kind = _kind(spec, source, kind)
+    quant = bool(re.search(r"4bit|bnb|nf4", source, re.I))
+    precisions = ("4bit",) if quant else ("bf16", "4bit", "fp32")
+    return Preset(source, source, source, kind, precisions, precisions[0], prequantized=quant)
+
+
+def _split_kind(spec: str) -> tuple[str, str]:
+    """(source, kind) of "source[:kind]". The last colon: a file: URL or a path has colons of its own."""
+    source, sep, kind = spec.rpartition(":")
+    return (source, kind) if sep and re.fullmatch(r"[A-Za-z]+", kind) else (spec, "")
+
+
+def _kind(spec: str, name: str, kind: str) -> str:
+    """The kind given, else instruct when the model's name says instruct or chat, else base."""
+    kind = kind or ("instruct" if re.search(r"instruct|chat", name, re.I) else "base")
     if kind not in KINDS:
         raise SettingsError(f"'{spec}': kind must be base or instruct, got '{kind}'")
-    quant = bool(re.search(r"4bit|bnb|nf4", repo, re.I))
+    return kind
+
+
+def _local_preset(spec: str, source: str, kind: str) -> Preset:
+    """A local checkpoint directory as a preset keyed by the directory's name."""
+    try:
+        path = local_path(source)
+        kind = _kind(spec, path.name, kind)
+        config = check_checkpoint(path)
+    except CheckpointError as e:
+        raise SettingsError(f"'{spec}': {e}") from None
+    quant = prequantized(config)
     precisions = ("4bit",) if quant else ("bf16", "4bit", "fp32")
-    return Preset(repo, repo, repo, kind, precisions, precisions[0], prequantized=quant)
+    return Preset(path.name, f"{path.name} ({kind}, local checkpoint)", str(path), kind, precisions,
+                  precisions[0], prequantized=quant)
 
 
 def parse_bytes(text: str) -> int:
@@ -115,6 +148,12 @@ class Settings:
     cpu_threads: int = _help("torch CPU threads, set at start-up; 0: auto (1 when the models run on the CPU, "
                              "torch's default on CUDA)", 0)
     chunk_size: int = _help("tokens per prefill chunk (bounds prefill memory)", 256)
+    max_batch: int = _help("replies decoded together in one batched step per model; 0: auto (32 on CPU, "
+                           "64 on CUDA)", 0)
+    prefill_budget: int = _help("prompt tokens read per scheduler step while other replies decode, so a long "
+                                "read does not stall them; 0: auto (16 on CPU, 2048 on CUDA)", 0)
+    max_waiting: int = _help("requests waiting for a batch row before new ones are told the server is busy; "
+                             "0: auto (as many as max_batch)", 0)
     max_new_tokens: int = _help("default reply length in tokens", 256)
     max_new_tokens_cap: int = _help("hard cap on reply length a browser may ask for", 2048)
     max_input_chars: int = _help("longest chat message accepted", 16_000)
@@ -125,22 +164,38 @@ class Settings:
                                       4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
+    share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
+                                     "document demo): a hit reveals that someone sent the same text", False)
+    # repr=False: the key never shows up where settings are printed or logged
+    api_key: str = field(default="", repr=False, metadata={"help": (
+        "bearer key the OpenAI-compatible API (/v1) requires; empty: the API is open, as on a public Space")})
+    mcp_server: bool = _help("serve Gradio's MCP server at /gradio_api/mcp/ (the chat and compare tools)",
+                             False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
     offload_after_s: float = _help("seconds of idleness after which a GPU state moves to CPU", 60.0)
     model_memory_budget_bytes: int = _help("bytes of model weights kept loaded; 0: 90% of the device", 0)
-    extra_models: tuple[str, ...] = _help("extra hub models, comma separated org/name[:base|:instruct]", ())
+    extra_models: tuple[str, ...] = _help("extra models, comma separated, each a hub id org/name or a local "
+                                          "checkpoint directory (path or file:// URL), then :base or "
+                                          ":instruct (default: instruct if the name says instruct or "
+                                          "chat)", ())
     queue_max_size: int = _help("most requests waiting in the queue (set explicitly: ZeroGPU's default is 1)",
                                 64)
     # Chat replies are exempt (each conversation serialises its own replies); this bounds the
     # heavier shared events: compare, long-context reads and lab measurements.
     concurrency_limit: int = _help("events of one kind run at once (on ZeroGPU each holds a GPU slice)", 1)
-    host: str = _help("address to listen on", "127.0.0.1")
-    port: int = _help("port to listen on", 7860)
+    # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+    # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
+    host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
+    port: int = _help("port to listen on; 0: GRADIO_SERVER_PORT, else the first free port from 7860", 0)
+
+    CLI_GROUP = "server settings (each also read from FM_DEMO_<NAME>)"  # not a field: no annotation
 
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
         self.offered_presets = tuple(self.offered_presets)
         self.extra_models = tuple(self.extra_models)
+        # Not a field: derived from extra_models once, so a directory is read at start-up only.
+        self._extras = self._extra_presets()
         self._check()
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
@@ -159,13 +214,16 @@ class Settings:
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_input_chars",
                     "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
-                    "max_sessions", "port", "queue_max_size", "concurrency_limit")
+                    "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes"):
+        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
+                     "prefill_budget", "max_waiting"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port: must be 0 (Gradio's choice) to 65535, got {self.port!r}")
         if self.max_new_tokens > self.max_new_tokens_cap:
             raise SettingsError(f"max_new_tokens: {self.max_new_tokens} exceeds max_new_tokens_cap "
                                 f"{self.max_new_tokens_cap}")
@@ -175,21 +233,30 @@ class Settings:
             raise SettingsError(f"precision: must be auto, {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.compare_presets and len(self.compare_presets) != 2:
             raise SettingsError(f"compare_presets: needs exactly two presets, got {list(self.compare_presets)}")
-        for spec in self.extra_models:
-            try:
-                extra_preset(spec)
-            except SettingsError as e:
-                raise SettingsError(f"extra_models: {e}") from None
-        every = {**PRESETS, **{p.key: p for p in map(extra_preset, self.extra_models)}}
+        every = {**PRESETS, **self._extras}
         for key in self.offered_presets:
             if key not in every:
                 raise SettingsError(f"offered_presets: unknown preset '{key}'; known: {', '.join(every)}")
 
+    def _extra_presets(self) -> dict[str, Preset]:
+        """extra_models as presets by key; two different models may not share a key."""
+        out: dict[str, Preset] = {}
+        for spec in self.extra_models:
+            try:
+                p = extra_preset(spec)
+            except SettingsError as e:
+                raise SettingsError(f"extra_models: {e}") from None
+            other = PRESETS.get(p.key) or out.get(p.key)
+            if other is not None and other.source != p.source:
+                raise SettingsError(f"extra_models: '{p.key}' would name both {other.source} and {p.source}; "
+                                    "a local checkpoint is known by its directory's name, so rename one")
+            out[p.key] = p
+        return out
+
     # -- presets -----------------------------------------------------------------------------
     def presets(self) -> dict[str, Preset]:
         """The built-in presets plus the server's extra models, by key."""
-        extras = (extra_preset(s) for s in self.extra_models)
-        every = {**PRESETS, **{p.key: p for p in extras}}
+        every = {**PRESETS, **self._extras}
         return {k: p for k, p in every.items() if not self.offered_presets or k in self.offered_presets}
 
     def preset(self, key: str) -> Preset:
@@ -221,6 +288,27 @@ class Settings:
             return self.cpu_threads
         return 1 if self.device == "cpu" else None
 
+    def batch_size_limit(self) -> int:
+        """Rows of one model's batched decode step (continuous batching, serving/scheduler.py)."""
+        return self.max_batch or (64 if self.device == "cuda" else 32)
+
+    def prefill_budget_tokens(self) -> int:
+        """Prompt tokens a scheduler step reads while rows decode (also the size of every prompt
+        piece): a step's decode then waits for one piece. On the CPU (one thread) a 16-token piece
+        costs about two decode steps of 8 rows (CPU time, tiny shape 16 vs 8 ms, a 22M model 81 vs
+        43 ms), so a document read leaves the other streams about 3x their inter-token latency.
+        64-token pieces (48 and 234 ms) cost them 6-7x for a read alone ~30% faster; 8-token pieces
+        2.3-2.6x for one ~25% slower (bench/serve.py --budgets). A bigger model on the CPU may want 8."""
+        return self.prefill_budget or (2048 if self.device == "cuda" else 16)
+
+    def batch_waiting_limit(self) -> int:
+        return self.max_waiting or self.batch_size_limit()
+
+    def event_concurrency(self) -> int:
+        """Requests one model's scheduler holds at once (every batch row and waiting place): what
+        the /v1 API's worker threads are sized for."""
+        return self.batch_size_limit() + self.batch_waiting_limit()
+
     def clamp_new_tokens(self, n: int | None) -> int:
         return self.max_new_tokens if n is None else max(1, min(int(n), self.max_new_tokens_cap))
 
@@ -232,10 +320,12 @@ class Settings:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        group = parser.add_argument_group("server settings (each also read from FM_DEMO_<NAME>)")
+        group = parser.add_argument_group(cls.CLI_GROUP)
         for f in fields(cls):
+            # argparse %-formats help texts, so a literal % is written %%
+            text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                               metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+                               metavar=f.name.upper(), help=text)
         return parser
 
     @classmethod
@@ -282,6 +372,11 @@ def _env_values(cls, env: Mapping[str, str] | None) -> dict:
 def _parse_field(f, text: str, source: str):
     kind, text = type(f.default), str(text).strip()
     try:
+        if kind is bool:
+            low = text.lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("use true or false")
+            return low in ("1", "true", "yes", "on")
         if kind is tuple:
             return tuple(s.strip() for s in text.split(",") if s.strip())
         if kind is int:

@@ -114,7 +114,7 @@ def queue_options(max_size: int | None, concurrency: int | None) -> dict[str, An
 
 def hardware_info(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """What the System tab shows about the machine: the Space, its hardware flavor, the device."""
-    from .space_manifest import HARDWARE
+    from .hardware import HARDWARE
 
     flavor = env.get("SPACE_HARDWARE", "")
     declared = f"{flavor} ({HARDWARE[flavor].label})" if flavor in HARDWARE else (flavor or "not a Space")

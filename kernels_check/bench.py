@@ -79,10 +79,7 @@ def decode_rate(engine: Engine, n_tokens: int) -> dict:
 
 
 def _engine(model, ops: OpSet | None, graphs: bool) -> Engine:
-    engine = Engine(model, ops=ops)
-    if not graphs:
-        engine.graphs = None
-    return engine
+    return Engine(model, ops=ops, cuda_graphs=graphs)
 
 
 def _decode_rows(model, label: str, opsets: dict[str, OpSet | None], bound_tok_s: float | None) -> list[dict]:

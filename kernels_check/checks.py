@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fm_demo.engine import ops
-from fm_demo.engine.kernels import OP_NAMES, OpSet
+from fm_demo.engine.opset import OP_NAMES, REFERENCE, OpSet
 
 # (atol, rtol) per dtype; bf16 outputs are rounded to bf16 (eps 2^-8) on both sides
 OP_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 1e-2)}
@@ -29,8 +28,7 @@ STEP_SHAPES = ({"B": 1, "D": 8192, "N": 16, "K": 4}, {"B": 3, "D": 512, "N": 16,
                {"B": 1, "D": 256, "N": 16, "K": 2})
 REF_SHAPES = ({"B": 2, "D": 64, "T": 9, "N": 16, "K": 4}, {"B": 1, "D": 128, "T": 33, "N": 8, "K": 4})
 
-REF_OPS = {"conv": ops.causal_conv1d_ref, "conv_update": ops.causal_conv1d_update_ref,
-           "scan": ops.selective_scan_ref, "state_update": ops.selective_state_update_ref}
+REF_OPS = {name: REFERENCE.op(name) for name in OP_NAMES}  # each fused op's `_ref` twin
 
 Case = Callable[[Callable], dict[str, Tensor | None]]  # runs an op implementation -> its outputs
 

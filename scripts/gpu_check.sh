@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The prepared GPU check: `python -m kernels_check --json --bench` on a CUDA machine with no network.
+# The prepared GPU check: `python -m kernels_check --json --bench` on a CUDA machine with no network,
+# then the serving sweep: bench/serve.py --rows on the 7B shape in bf16 (random weights built in
+# place, no download), 1..64 concurrent greedy requests of 128 tokens through the batched scheduler.
 #
-#   bash scripts/gpu_check.sh [cap_seconds]        (from anywhere; default cap 280 s)
+#   bash scripts/gpu_check.sh [cap_seconds [serve_cap_seconds]]   (from anywhere; default caps 280 s, 200 s;
+#                                                                   a serve cap of 0 skips the sweep)
 #
 # Packages the machine lacks (mamba-ssm, causal-conv1d, bitsandbytes), as wheels built for its
 # Python/torch/CUDA, travel in .whl/ at the repository root; they are installed offline into a
 # private folder first. Without them the check still runs: the reference-path checks, the CUDA
 # graph check, and the 7B-shaped bf16 decode bench on the reference ops, and the report says
 # which ops run where and why. Output: the JSON report on stdout (and in $OUT, or /tmp, with its
-# text form); exit status that of kernels_check (1 = a check failed), 124 if the cap was hit.
+# text form), then the sweep's JSON (also in serve_7b.json there); exit status that of
+# kernels_check (1 = a check failed, 124 = its cap was hit), else that of the sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CAP=${1:-280}
+SERVE_CAP=${2:-200}
 DEST=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1
 
@@ -40,4 +45,16 @@ PYEOF
 echo "----- summary -----" >&2
 cat "$DEST/kernels_check.txt" >&2
 echo "kernels_check exit status: $rc" >&2
-exit $rc
+
+serve_rc=0
+if [ "$SERVE_CAP" -gt 0 ]; then
+  # new N stop at 60% of the cap, so the document-read figures and the JSON still come out
+  timeout --signal=INT --kill-after=15 "$SERVE_CAP" "$PY" bench/serve.py --rows --device cuda --dtype bf16 \
+    --config kernels_check/falcon-mamba-7b.config.json --streams 1,2,4,8,16,32,64 --solo-check 8 \
+    --deadline-s $((SERVE_CAP * 6 / 10)) --json >"$DEST/serve_7b.json"
+  serve_rc=$?
+  cat "$DEST/serve_7b.json"
+  echo "serving sweep exit status: $serve_rc" >&2
+fi
+[ "$rc" -ne 0 ] && exit $rc
+exit $serve_rc

@@ -1,7 +1,9 @@
-"""The app in a real browser (Debian's chromium through Playwright): chat, stop, retry, compare.
+"""The app in a real browser (Debian's chromium through Playwright): chat, stop, retry, compare,
+the constant-memory lab, and the series each plot draws.
 
-Saves screenshots of the chat and compare tabs to a temporary folder, or to FM_DEMO_SCREENSHOT_DIR:
-`FM_DEMO_SCREENSHOT_DIR=docs python -m pytest tests/test_browser.py` refreshes the README's.
+Saves screenshots of the chat, compare and lab tabs to a temporary folder, or to
+FM_DEMO_SCREENSHOT_DIR: `FM_DEMO_SCREENSHOT_DIR=docs python -m pytest tests/test_browser.py`
+refreshes the README's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import pytest
 from test_ui_handlers import tiny_context
 from tiny_fixtures import random_checkpoint
 
+from fm_demo import lab
 from fm_demo.settings import Preset, Settings
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
+from fm_demo.ui.lab_tab import CHUNKED, PARALLEL
+from fm_demo.ui.readout import DEVICE_SERIES, KV_SERIES, MAMBA_SERIES
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -147,7 +152,48 @@ def save_shot(page, name: str, width: int = 960) -> None:
     img = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(SHOTS / name, optimize=True)
+    # MAXCOVERAGE keeps a palette entry for each plot line's colour; MEDIANCUT merged the thin red
+    # and blue lines into grey (they cover too few pixels)
+    img.quantize(colors=128, method=Image.Quantize.MAXCOVERAGE).save(SHOTS / name, optimize=True)
+
+
+_PLOT_JS = """(id) => {
+    const root = document.getElementById(id);
+    const legend = root && root.querySelector("g[aria-roledescription='legend']");
+    const lines = {};
+    (root ? root.querySelectorAll("g.mark-line path[aria-roledescription='line mark']") : []).forEach(p => {
+        const m = /series: ([^;]*)/.exec(p.getAttribute("aria-label") || "");
+        if (m) lines[m[1]] = {stroke: p.getAttribute("stroke"), d: p.getAttribute("d") || ""};
+    });
+    return {legend: legend ? legend.getAttribute("aria-label") : "", lines};
+}"""
+
+
+def plot_state(page, elem_id: str) -> dict:
+    """What a plot's chart shows: the series its legend lists, and series -> (stroke, y values in
+    pixels) of each line drawn. Vega's SVG names both in aria-labels: the legend as "... with 2
+    values: A, B", each line by its first point ("x: 1; y: 2; series: A")."""
+    raw = page.evaluate(_PLOT_JS, elem_id)
+    listed = re.search(r"values?: (.*)$", raw["legend"])
+    lines = {
+        name: (line["stroke"], [float(y) for y in re.findall(r"[ML][-\d.e]+,([-\d.e]+)", line["d"])])
+        for name, line in raw["lines"].items()
+    }
+    return {"legend": listed.group(1).split(", ") if listed else [], "lines": lines}
+
+
+def wait_plot(page, elem_id: str, series: set[str], drawn: set[str] | None = None) -> dict:
+    """Until the plot's legend lists exactly `series` and a coloured line is drawn for each of
+    `drawn` (default: all of them) and for no other series."""
+    drawn = series if drawn is None else drawn
+
+    def shows() -> bool:
+        state = plot_state(page, elem_id)
+        coloured = {name for name, (stroke, ys) in state["lines"].items() if stroke and ys}
+        return sorted(state["legend"]) == sorted(series) and coloured == drawn
+
+    wait_for(shows, lambda: f"{elem_id} to draw {sorted(drawn)}: {plot_state(page, elem_id)}", timeout_s=20)
+    return plot_state(page, elem_id)
 
 
 def toggle_sampling(page) -> None:
@@ -162,7 +208,7 @@ def set_number(page, elem_id: str, value) -> None:
 def test_reply_streams_and_stop_ends_it(page, app):
     pick(page, "#chat-model", RANDOM_LABEL)
     toggle_sampling(page)
-    set_number(page, "#chat-temperature", 0)  # greedy: this model's reply then runs 1,264 tokens
+    set_number(page, "#chat-temperature", 0)  # greedy: this model never ends a reply by itself
     toggle_sampling(page)
     page.fill("#chat-input textarea", "Tell me a long story about a fox.")
     page.keyboard.press("Enter")
@@ -196,6 +242,10 @@ def test_retry_writes_a_new_reply_from_one_token(page, app):
 
 
 def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
+    # a fresh page: its plots start from their first value (no data yet, every series named)
+    page.reload(wait_until="load")
+    page.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
+    wait_plot(page, "chat-memory", {MAMBA_SERIES, KV_SERIES}, drawn=set())  # placeholders draw nothing
     pick(page, "#chat-model", app[1].settings.preset("tiny-instruct").label)
     toggle_sampling(page)
     set_number(page, "#chat-temperature", 0)
@@ -214,7 +264,13 @@ def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
     assert reused > 0 and reused == conv.last_metrics.reused_tokens
     assert conv.last_metrics.new_tokens <= SHORT
     assert conv.turns[-1].reply == "You asked me to remember the word falcon."  # carried by the state
-    time.sleep(2)
+    memory = wait_plot(page, "chat-memory", {MAMBA_SERIES, KV_SERIES})
+    state_ys, kv_ys = memory["lines"][MAMBA_SERIES][1], memory["lines"][KV_SERIES][1]
+    assert len(set(state_ys)) == 1 and len(kv_ys) == 3  # a point per turn; the state's line is flat
+    assert state_ys[0] > kv_ys[0] > kv_ys[1] > kv_ys[2]  # the KV line rises above it (SVG y grows down)
+    wait_plot(page, "chat-device-memory", {DEVICE_SERIES})
+    wait_plot(page, "chat-speed", {"decode", "prefill"})
+    time.sleep(1)
     save_shot(page, "chat.png")
 
 
@@ -237,3 +293,27 @@ def test_compare_streams_into_both_panes(page, app):
         assert session_conv(app[1], side).last_metrics.new_tokens > 0
     save_shot(page, "compare.png")
     assert page.outside_requests == []  # the page never reaches beyond the app's own server
+
+
+def test_lab_draws_falcon_mamba_and_the_transformer(page, app):
+    """Falcon Mamba's samples stream before the transformer's: every plot still draws both."""
+    page.get_by_role("tab", name="Constant-memory lab").click()
+    page.wait_for_selector("#lab-run", timeout=WAIT_MS)
+    set_number(page, "#lab-tokens", 512)  # 64 samples of each; the KV cache outgrows the tiny state
+    page.click("#lab-run")
+    wait_for(lambda: "Done." in page.inner_text("#lab-note"), "the decode benchmark to finish")
+    note = page.inner_text("#lab-note")
+    assert lab.MAMBA in note and lab.TRANSFORMER in note
+    both = {lab.MAMBA, lab.TRANSFORMER}
+    for plot in ("lab-speed", "lab-memory"):
+        wait_plot(page, plot, both)
+    cache = wait_plot(page, "lab-cache", both)
+    state_ys, kv_ys = cache["lines"][lab.MAMBA][1], cache["lines"][lab.TRANSFORMER][1]
+    assert len(set(state_ys)) == 1 and kv_ys[0] > state_ys[0] > kv_ys[-1]  # flat state; the KV cache
+    # starts below it and ends above it (SVG y grows downwards)
+    set_number(page, "#lab-max-prompt", 4096)
+    page.click("#lab-prefill-run")
+    wait_for(lambda: "Done." in page.inner_text("#lab-prefill-note"), "the prefill sweep to finish")
+    wait_plot(page, "lab-prefill", {PARALLEL, CHUNKED})
+    time.sleep(1)
+    save_shot(page, "lab.png")

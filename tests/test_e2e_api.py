@@ -45,6 +45,9 @@ def test_api_lists_the_documented_endpoints(url):
     chat_params = {p["parameter_name"]: p for p in endpoints["/chat"]["parameters"]}
     assert not chat_params["message"]["parameter_has_default"]
     assert all(chat_params[k]["parameter_has_default"] for k in ("temperature", "top_p", "top_k", "seed"))
+    for name in ("/chat", "/compare"):  # the server's default reply length, documented as it is
+        tokens = {p["parameter_name"]: p for p in endpoints[name]["parameters"]}["max_new_tokens"]
+        assert tokens["parameter_default"] == N and tokens["python_type"]["type"] == "int"
 
 
 def test_chat_streams_and_the_second_turn_reuses_the_state(url):
@@ -59,14 +62,18 @@ def test_chat_streams_and_the_second_turn_reuses_the_state(url):
     assert stats["turns"] == 1 and stats["last_reply"]["reused_tokens"] == 0
     context = stats["context_tokens"]
 
-    second = client.predict("Tell me more", temperature=0.8, seed=3, max_new_tokens=N, api_name="/chat")
-    assert isinstance(second, str)
+    sampled = {"temperature": 0.8, "seed": 3, "max_new_tokens": N}
+    second = client.predict("Tell me more", **sampled, api_name="/chat")
     stats = client.predict(api_name="/stats")
     reply = stats["last_reply"]
     assert stats["turns"] == 2 and reply["reused_tokens"] == context > 0 and reply["cache_hit"]
     assert reply["new_tokens"] <= N and reply["kv_cache_equiv_bytes"] == stats["context_tokens"] * 128 * 1024
+    # greedy and seeded replies reproduce: another session with the same turns gets the same text
+    again = Client(url, verbose=False)
+    assert again.predict("Hello there", max_new_tokens=N, api_name="/chat") == first
+    assert again.predict("Tell me more", **sampled, api_name="/chat") == second
 
-    assert client.predict(api_name="/reset").startswith("reset")
+    assert client.predict(api_name="/reset") == "reset all conversations"
     assert client.predict(api_name="/stats")["turns"] == 0
 
 

@@ -109,8 +109,41 @@ def test_state_save_load_round_trips_exactly(tmp_path):
     loaded = State.load(path, like=engine.new_state())
     assert torch.equal(loaded.conv, state.conv) and torch.equal(loaded.ssm, state.ssm)
     assert loaded.seqlen == state.seqlen and loaded.signature == state.signature
+    assert loaded.owned  # fresh, aligned storage: safetensors' own buffers need not be
     nxt = torch.tensor([7])
     torch.testing.assert_close(engine.step(nxt, loaded), engine.step(nxt, state.clone()), atol=0, rtol=0)
+
+
+def _misaligned(t: torch.Tensor, offset_bytes: int = 8) -> torch.Tensor:
+    """A copy of `t` whose data starts `offset_bytes` past a 64-byte boundary (like a file buffer)."""
+    pad = offset_bytes // t.element_size()
+    flat = torch.empty(t.numel() + 64, dtype=t.dtype)
+    start = next(i for i in range(64) if (flat.data_ptr() + i * t.element_size()) % 64 == offset_bytes)
+    out = flat[start:start + t.numel()].view(t.shape).copy_(t)
+    assert out.data_ptr() % 64 == offset_bytes and pad > 0
+    return out
+
+
+def test_states_from_unaligned_bytes_continue_bit_for_bit():
+    """Every state made from foreign buffers continues exactly like the original on any CPU.
+
+    The step from an unaligned buffer may take another vectorised path; whether it rounds
+    differently depends on the CPU, so the check is on the layout the engine computes from.
+    """
+    engine = Engine(tiny_model(seed=0))
+    state = engine.new_state()
+    engine.prefill(torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1)), state)
+    tensors = {"conv": _misaligned(state.conv), "ssm": _misaligned(state.ssm)}
+    restored = State.from_parts(tensors, state.metadata(), like=engine.new_state())
+    assert restored.owned and restored.conv.data_ptr() % 64 == 0 and restored.ssm.data_ptr() % 64 == 0
+    # a state handed to the engine in foreign storage (e.g. unpickled from a GPU worker) is owned first
+    foreign = State(_misaligned(state.conv), _misaligned(state.ssm), state.signature, state.seqlen)
+    assert not foreign.owned
+    nxt = torch.tensor([7])
+    ref = engine.step(nxt, state.clone())
+    torch.testing.assert_close(engine.step(nxt, foreign), ref, atol=0, rtol=0)
+    assert foreign.owned
+    torch.testing.assert_close(engine.step(nxt, restored), ref, atol=0, rtol=0)
 
 
 def test_state_load_refuses_other_model_and_garbage(tmp_path):

@@ -15,24 +15,18 @@ import torch
 from tiny_fixtures import bundled_checkpoint
 
 from fm_demo import chat
+from fm_demo.conversations.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
+from fm_demo.conversations.store import SessionStore
 from fm_demo.engine import SamplingParams
 from fm_demo.models import ModelManager
-from fm_demo.sessions import Conversation, ConversationBusy, ConversationError, ImportRefused
 from fm_demo.settings import Preset, Settings
-from fm_demo.store import SessionStore
 
 GREEDY = SamplingParams()
 N = 16  # new tokens per reply: enough to see divergence, short enough for a fast suite
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices run fastest on one thread, and far faster than two on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -127,27 +121,37 @@ def test_eviction_rebuilds_identical_reply_and_reports_miss(lm, settings):
     conv = Conversation(lm, settings)
     run(conv.send("Hello!"))
     run(conv.send("What is 2 plus 2?"))
-    twin = conv.fork()
+    history = conv.context_tokens
+    tree_bytes = lm.prefix_cache.nbytes
     assert conv.trim(2) > 0 and conv.cache_bytes() == 0
-    a, b = run(conv.send("And 3 plus 3?")), run(twin.send("And 3 plus 3?"))
-    assert conv.turns[-1].reply_ids == twin.turns[-1].reply_ids
+    assert lm.prefix_cache.nbytes < tree_bytes  # nobody else held them: freed in the model's prefix cache
+    assert lm.prefix_cache.find(conv.token_ids(), conv.namespace) == (0, None)
+    a = run(conv.send("And 3 plus 3?"))
     check_last_reply(conv)
-    assert not a.metrics.cache_hit and a.metrics.rebuilt_tokens == a.metrics.reused_tokens + len(
-        conv.token_ids()) - len(conv.turns[-1].reply_ids) - len(conv.turns[-1].prompt_ids)
-    assert b.metrics.cache_hit and b.metrics.rebuilt_tokens == 0
+    assert not a.metrics.cache_hit and a.metrics.reused_tokens == 0 and a.metrics.rebuilt_tokens == history
+    first = list(conv.turns[-1].reply_ids)
     # the rebuild restored the turn snapshots: undo + send is a cache hit again
     conv.undo()
     run(conv.send("And 3 plus 3?"))
-    assert conv.last_metrics.cache_hit and conv.turns[-1].reply_ids == twin.turns[-1].reply_ids
+    assert conv.last_metrics.cache_hit and conv.turns[-1].reply_ids == first
+
+
+def test_a_fork_keeps_shared_snapshots_alive(lm, settings):
+    conv = Conversation(lm, settings)
+    run(conv.send("Hello!"))
+    twin = conv.fork()
+    assert conv.trim(2) > 0 and conv.cache_bytes() == 0
+    b = run(twin.send("What is 2 plus 2?"))
+    assert b.metrics.cache_hit and b.metrics.rebuilt_tokens == 0  # the twin still holds its snapshots
 
 
 def test_store_budget_evicts_least_recent_and_rebuilds(manager, settings):
     one_state = manager.get("instruct").engine.state_nbytes()
     store = SessionStore(settings.replace(session_budget_bytes=6 * one_state), manager)
     a = store.conversation("A", "instruct")
+    ref = Conversation(manager.get("instruct"), settings)  # the same chat, outside the store
     for q in ("Hi!", "What is 1 plus 1?", "And 2 plus 2?"):
-        run(a.send(q))
-    ref = a.fork()
+        run(a.send(q)), run(ref.send(q))
     b = store.conversation("B", "instruct")
     for q in ("Hello!", "What is 4 plus 4?", "And 5 plus 5?", "Bye."):
         run(b.send(q))
@@ -196,7 +200,7 @@ def _tamper_payload(data: bytes, edit) -> bytes:
 
     from safetensors.torch import load, save
 
-    from fm_demo.transfer import _digest
+    from fm_demo.conversations.transfer import _digest
 
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n])["__metadata__"]
@@ -247,7 +251,7 @@ def test_wrong_state_shape_is_refused(lm, settings):
 
     from safetensors.torch import save
 
-    from fm_demo.transfer import _digest
+    from fm_demo.conversations.transfer import _digest
 
     n = int.from_bytes(blob[:8], "little")
     meta = json.loads(blob[8:8 + n])["__metadata__"]
@@ -438,12 +442,13 @@ def test_zerogpu_path_stopped_reply_rebuilds_from_the_snapshot(zero_lm, lm, sett
         assert end not in there.cache.snapshots and there.cache.live is None
     else:  # in-process the CPU copy was advanced in place, exactly like the local path
         assert same_state(there.cache.snapshots[end], here.cache.snapshots[end])
-    copy = there.fork()
-    back = Conversation.import_bytes(copy.export(), lm, settings)  # export reads the rest on the GPU
-    assert same_state(copy.cache.snapshots[end], here.cache.snapshots[end])
-    for conv in (here, there, back):
+    copy = there.fork()  # before the next reply: a fork shares the session's prefix-cache namespace
+    for conv in (here, there):
         run(conv.send("Go on."))
-    assert there.turns[-1].reply_ids == here.turns[-1].reply_ids == back.turns[-1].reply_ids
-    check_last_reply(there)
     reread = len(cut.prompt_ids) + len(cut.reply_ids) if forked else 0
     assert there.last_metrics.rebuilt_tokens == reread and there.last_metrics.cache_hit == (not forked)
+    back = Conversation.import_bytes(copy.export(), lm, settings)  # export reads what it lacks on the GPU
+    assert same_state(copy.cache.snapshots[end], here.cache.snapshots[end])
+    run(back.send("Go on."))
+    assert there.turns[-1].reply_ids == here.turns[-1].reply_ids == back.turns[-1].reply_ids
+    check_last_reply(there)

@@ -72,7 +72,7 @@ def test_app_start_up_sets_torch_threads():
     import sys
     from pathlib import Path
 
-    probe = ("import torch; import fm_demo.sessions, fm_demo.store, fm_demo.models; before = torch.get_num_threads(); "
+    probe = ("import torch; import fm_demo.conversations.sessions, fm_demo.conversations.store, fm_demo.models; before = torch.get_num_threads(); "
              "import app; print(before, torch.get_num_threads())")
     root = Path(__file__).resolve().parents[1]
     env = {"PATH": "/usr/bin:/bin", "FM_DEMO_DEVICE": "cpu", "FM_DEMO_CPU_THREADS": "3", "OMP_NUM_THREADS": "2",
@@ -89,6 +89,11 @@ def test_cli_overrides_env_and_names_flags():
     assert (s.chunk_size, s.port, s.max_sessions) == (32, 8000, 3)
     with pytest.raises(SettingsError, match="--max-new-tokens"):
         Settings.from_cli(parser.parse_args(["--max-new-tokens", "-1"]), env={"FM_DEMO_DEVICE": "cpu"})
+
+
+def test_help_lists_every_setting():
+    text = " ".join(Settings.add_cli_args(argparse.ArgumentParser()).format_help().split())  # unwrapped
+    assert "--extra-models" in text and "90% of the device" in text and "--port" in text
 
 
 def test_cuda_request_without_cuda_is_an_error():
@@ -108,3 +113,74 @@ def test_browser_cannot_name_arbitrary_models():
     with pytest.raises(SettingsError):
         extra_preset("not a repo id")
     assert s.clamp_new_tokens(10 ** 9) == s.max_new_tokens_cap and s.clamp_new_tokens(None) == s.max_new_tokens
+
+
+def test_listen_address_is_gradios_unless_given():
+    """FM_DEMO_HOST/PORT and --host/--port are passed to launch(); nothing else is (Gradio decides)."""
+    from fm_demo.ui import server_kwargs
+
+    space = {"FM_DEMO_DEVICE": "cpu", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    assert server_kwargs(Settings.from_env(space)) == {"server_name": None, "server_port": None}
+    ours = {**space, "FM_DEMO_HOST": "127.0.0.1", "FM_DEMO_PORT": "8001"}
+    assert server_kwargs(Settings.from_env(ours)) == {"server_name": "127.0.0.1", "server_port": 8001}
+    parser = Settings.add_cli_args(argparse.ArgumentParser())
+    cli = Settings.from_cli(parser.parse_args(["--port", "8002"]), env=ours)
+    assert server_kwargs(cli) == {"server_name": "127.0.0.1", "server_port": 8002}
+    for bad in ("-1", "65536"):
+        with pytest.raises(SettingsError, match="FM_DEMO_PORT: must be 0"):
+            Settings.from_env({**space, "FM_DEMO_PORT": bad})
+
+
+LAUNCH_PROBE = """
+import argparse, json, os, sys
+import gradio as gr, psutil
+from fm_demo.settings import Settings
+from fm_demo.ui import server_kwargs
+
+parser = Settings.add_cli_args(argparse.ArgumentParser())
+seen = []
+for env, flags in json.loads(sys.argv[1]):
+    settings = Settings.from_cli(parser.parse_args(flags), env={**os.environ, **env})
+    with gr.Blocks() as demo:
+        gr.Markdown("probe")
+    demo.launch(prevent_thread_lock=True, quiet=True, **server_kwargs(settings))
+    listening = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN})
+    seen.append([listening, demo.root_path])
+    demo.close()
+print(json.dumps(seen))
+"""
+
+
+def test_gradio_variables_apply_under_fm_demo_variables_and_flags():
+    """Real launches in a process started with a Space's GRADIO_* variables (Gradio reads them at import)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    gradio_port, ours, flag = ports
+    cases = [
+        ({}, [], [["0.0.0.0", gradio_port]]),
+        ({"FM_DEMO_PORT": str(ours)}, [], [["0.0.0.0", ours]]),
+        ({"FM_DEMO_HOST": "127.0.0.1", "FM_DEMO_PORT": str(ours)}, [], [["127.0.0.1", ours]]),
+        ({"FM_DEMO_HOST": "localhost", "FM_DEMO_PORT": str(ours)},
+         ["--host", "127.0.0.1", "--port", str(flag)], [["127.0.0.1", flag]]),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FM_DEMO_", "GRADIO_", "PYTHONPATH"))}
+    env.update(FM_DEMO_DEVICE="cpu", GRADIO_SERVER_NAME="0.0.0.0", GRADIO_SERVER_PORT=str(gradio_port),
+               GRADIO_ROOT_PATH="/fm", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    probe = json.dumps([[case_env, flags] for case_env, flags, _ in cases])
+    out = subprocess.run([sys.executable, "-c", LAUNCH_PROBE, probe], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [listening for listening, _ in seen] == [expected for *_, expected in cases]
+    assert [root for _, root in seen] == ["/fm"] * len(cases)

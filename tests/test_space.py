@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,9 +23,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 
+from deploy.manifest import REPO_ROOT, SpacefileError, load_spacefile, parse_spacefile
+from deploy.space import BundleError, bundle, deploy, gradio_version, main, space_variables
 from fm_demo import zerogpu
-from fm_demo.space import BundleError, bundle, deploy, gradio_version, main, space_variables
-from fm_demo.space_manifest import REPO_ROOT, SpacefileError, load_spacefile, parse_spacefile
 
 EXAMPLES = REPO_ROOT / "spaces" / "examples"
 TOKEN = "hf_standinwritetoken0123456789abcdef"
@@ -193,6 +194,9 @@ def test_project_spacefile_is_valid():
     (lambda r: r["variables"].update(FM_DEMO_DEFAULT_PRESET="7b-base"), r"set by \[models\]; remove it"),
     (lambda r: r["variables"].update(FM_DEMO_COMPARE_PRESETS="tiny-base,7b-instruct"),
      r"'tiny-base' is not among models\.presets"),
+    (lambda r: r["variables"].update(FM_DEMO_EXTRA_MODELS=str(REPO_ROOT / "fm_demo/tiny/checkpoints/"
+                                                              "falcon-mamba-tiny-base")),
+     r"falcon-mamba-tiny-base is a local checkpoint, which the Space does not get"),
     (lambda r: r["secrets"].update(HF_TOKEN=SECRET), r"secrets\.HF_TOKEN: looks like a secret value"),
     (lambda r: r.update(extras={}), r"extras: unknown table"),
     (lambda r: r["space"].update(python_version="3.11"), r"ZeroGPU runs Python 3\.10 or 3\.12, not 3\.11"),
@@ -277,32 +281,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cpu_bundle_app_starts_and_answers_chat(tmp_path):
-    if not (REPO_ROOT / "app.py").is_file():
-        pytest.skip("app.py has not landed yet: the bundle has no app to start")
-    sf = load_spacefile(EXAMPLES / "cpu.Spacefile")
+GRADIO_CLI = Path(sys.executable).with_name("gradio")  # the console script installed with gradio
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "app.py"], [str(GRADIO_CLI), "app.py"]],
+                         ids=["python app.py", "gradio app.py (reload mode)"])
+def test_cpu_bundle_app_listens_where_the_space_says_and_answers_chat(tmp_path, command):
+    """The bundle's own app.py, started the way a Space starts it: GRADIO_SERVER_NAME/PORT set, no
+    FM_DEMO_HOST/PORT. It must listen on 0.0.0.0 and that port (a Space cannot reach 127.0.0.1)."""
     out = tmp_path / "space"
-    bundle(sf, out)
+    spacefile = EXAMPLES / "cpu.Spacefile"
+    made = subprocess.run([sys.executable, "-m", "deploy.space", "bundle", str(out), "--spacefile",
+                           str(spacefile)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FM_DEMO_", "PYTHONPATH", "GRADIO_"))}
-    env.update(space_variables(sf), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               FM_DEMO_HOST="127.0.0.1", FM_DEMO_PORT=str(port), HF_HUB_OFFLINE="1",
+    env.update(space_variables(load_spacefile(spacefile)), SYSTEM="spaces", SPACE_ID="me/fm-tiny",
+               GRADIO_SERVER_NAME="0.0.0.0", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False")
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=out, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    # A session of its own: reload mode's watcher leaves its app process behind when terminated.
+    proc = subprocess.Popen(command, cwd=out, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        listening = _wait_listening(proc, tmp_path / "app.log")
+        assert listening == {("0.0.0.0", port)}, f"listens on {sorted(listening)}, not 0.0.0.0:{port}"
         client = _wait_for(f"http://127.0.0.1:{port}/", proc, tmp_path / "app.log")
         reply = client.predict("Hello there", api_name="/chat")
         stats = client.predict(api_name="/stats")
         # Any text counts: the bundled tiny models are small, the point is the Space's app serving them.
         assert isinstance(reply, str) and reply, f"no reply from /chat: {reply!r}"
         assert stats["turns"] == 1 and stats["last_reply"]["new_tokens"] >= 1, stats
+        _check_openai_routes(f"http://127.0.0.1:{port}")
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
         log.close()
     assert (out / "fm_demo").is_dir() and not (out / "tests").exists()
+
+
+def _check_openai_routes(url: str) -> None:
+    """The OpenAI-compatible routes are served by the same server, however the app was started."""
+    import httpx
+
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert {m["id"] for m in models} == {"tiny-instruct", "tiny-base"}, models
+    body = {"model": "tiny-instruct", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] >= 1, reply
+
+
+def _wait_listening(proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> set[tuple[str, int]]:
+    """The TCP addresses the app (or a process it started) listens on, once it listens at all."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the bundled app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        found = set()
+        try:
+            root = psutil.Process(proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # a child came or went while we looked; look again
+            found = set()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"the bundled app did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0):
@@ -365,7 +413,7 @@ def test_redeploy_removes_files_the_bundle_no_longer_has(hub):
 def test_deploy_cli_and_dry_run(hub, tmp_path):
     spacefile = str(EXAMPLES / "zerogpu.Spacefile")
     env = {**os.environ, "SPACE_SECRET_HF_TOKEN": SECRET, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    dry = subprocess.run([sys.executable, "-m", "fm_demo.space", "deploy", "--dry-run",
+    dry = subprocess.run([sys.executable, "-m", "deploy.space", "deploy", "--dry-run",
                           "--spacefile", spacefile],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
@@ -373,7 +421,7 @@ def test_deploy_cli_and_dry_run(hub, tmp_path):
     assert "would call add_space_secret(" in dry.stdout and "value='***'" in dry.stdout
     assert SECRET not in dry.stdout and hub.requests == []
 
-    real = subprocess.run([sys.executable, "-m", "fm_demo.space", "deploy", "--spacefile", spacefile,
+    real = subprocess.run([sys.executable, "-m", "deploy.space", "deploy", "--spacefile", spacefile,
                            "--space-id", "me/zero", "--endpoint", hub.url, "--token", TOKEN],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert real.returncode == 0, real.stderr

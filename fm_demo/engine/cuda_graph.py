@@ -5,9 +5,10 @@ not the weight reads, would set the pace. As in mamba-ssm's generation utilities
 captured once per batch size into a CUDA graph over static input/state/output buffers and
 replayed for every token.
 
-The engine's states belong to conversations, so a replay copies the caller's state into the
-static buffers and back out (about 2 x 37 MB for the 7B, ~1% of the weight traffic of a step);
-capturing one graph per state would be faster by that 1% and cost a capture per conversation.
+The batching scheduler's slot buffers are long-lived, so its graphs (one per batch bucket 1, 2,
+4, ... 64) are captured on those buffers themselves and a replay moves no state. A State passed to
+Engine.step belongs to a conversation, so that replay copies it into the graph's own buffers and
+back out (about 2 x 37 MB per row for the 7B, ~1% of the weight traffic of a step).
 
 Exactness is checked, not assumed: the first replay for each batch size is compared with an
 eager step from the same state, and the graph is used only if they agree. Any failure (capture
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from .kernels import OpSet
 from .mixer import LayerConsts, forward_step
 
-MAX_GRAPH_BATCH = 8  # larger batches are compute-heavier and run eagerly
+MAX_GRAPH_BATCH = 64  # buckets 1, 2, 4, ..., 64 (the scheduler pads to them); larger run eagerly
 EXACT_RTOL = 1e-3  # replay vs eager, relative to the largest magnitude; identical kernels give 0
 
 
@@ -55,7 +56,7 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, consts: list[LayerConsts], ops: OpSet, n_warmup: int = 2):
         self.model, self.consts, self.ops, self.n_warmup = model, consts, ops, n_warmup
-        self._graphs: dict[int, _Captured] = {}
+        self._graphs: dict[tuple, _Captured] = {}  # (batch, buffers or None) -> graph
         self._refused: dict[int, str] = {}
         self._pool = None
         self._lock = threading.Lock()  # replays share the static buffers
@@ -69,39 +70,49 @@ class DecodeGraphs:
         return cls(model, consts, ops)
 
     def captured(self, batch: int) -> bool:
-        return batch in self._graphs
+        return any(b == batch for b, _ in self._graphs)
 
     @property
     def status(self) -> str:
-        parts = [f"batch {b}: captured, exact" for b in sorted(self._graphs)]
+        parts = [f"batch {b}{' (static buffers)' if bound else ''}: captured, exact" for b, bound in sorted(
+            self._graphs, key=lambda k: (k[0], k[1] is not None))]
         parts += [f"batch {b}: eager ({why})" for b, why in sorted(self._refused.items())]
         return "; ".join(parts) or "CUDA graphs enabled, none captured yet"
 
-    def step(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
-        """Logits [B, V] of ids [B] with conv/ssm advanced in place, or None to step eagerly."""
+    def step(self, ids: Tensor, conv: Tensor, ssm: Tensor, static: bool = False) -> Tensor | None:
+        """Logits [B, V] of ids [B] with conv/ssm advanced in place, or None to step eagerly.
+
+        static=True: conv/ssm are long-lived buffers (a scheduler's slots, views included) and the
+        graph is captured on them, so a replay copies no state; other callers' states are copied
+        into the graph's own buffers and back.
+        """
         batch = ids.shape[0]
         if batch in self._refused:
             return None
         if batch > MAX_GRAPH_BATCH:
             self._refused[batch] = f"batch above {MAX_GRAPH_BATCH}"
             return None
+        key = (batch, _where(conv, ssm) if static else None)
         with self._lock:
-            if batch not in self._graphs:
-                return self._capture_and_verify(ids, conv, ssm)
-            return self._replay(self._graphs[batch], ids, conv, ssm)
+            if key not in self._graphs:
+                return self._capture_and_verify(key, ids, conv, ssm)
+            return self._replay(self._graphs[key], ids, conv, ssm)
 
     def _replay(self, g: _Captured, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor:
         g.ids.copy_(ids)
-        g.conv.copy_(conv)
-        g.ssm.copy_(ssm)
+        bound = _where(g.conv, g.ssm) == _where(conv, ssm)
+        if not bound:
+            g.conv.copy_(conv)
+            g.ssm.copy_(ssm)
         g.graph.replay()
-        conv.copy_(g.conv)
-        ssm.copy_(g.ssm)
+        if not bound:
+            conv.copy_(g.conv)
+            ssm.copy_(g.ssm)
         return g.logits.clone()
 
-    def _capture(self, batch: int, conv: Tensor, ssm: Tensor) -> _Captured:
+    def _capture(self, batch: int, conv: Tensor, ssm: Tensor, static: bool) -> _Captured:
         ids = torch.zeros(batch, dtype=torch.long, device=conv.device)
-        s_conv, s_ssm = torch.zeros_like(conv), torch.zeros_like(ssm)
+        s_conv, s_ssm = (conv, ssm) if static else (torch.zeros_like(conv), torch.zeros_like(ssm))
         side = torch.cuda.Stream(device=conv.device)
         side.wait_stream(torch.cuda.current_stream(conv.device))
         with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compiles, cuBLAS handles
@@ -115,15 +126,24 @@ class DecodeGraphs:
             logits = forward_step(self.model, self.consts, self.ops, ids, s_conv, s_ssm)
         return _Captured(graph, ids, s_conv, s_ssm, logits)
 
-    def _capture_and_verify(self, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
-        """Capture, then replay once against an eager step from a copy of the same state."""
-        batch = ids.shape[0]
+    def _capture_and_verify(self, key, ids: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
+        """Capture, then replay once against an eager step from a copy of the same state.
+
+        A static capture warms up on the caller's buffers, so their contents are saved first and
+        put back before the check.
+        """
+        batch, static = key[0], key[1] is not None
+        saved_conv, saved_ssm = conv.clone(), ssm.clone()
         try:
-            captured = self._capture(batch, conv, ssm)
+            captured = self._capture(batch, conv, ssm, static)
         except Exception as e:  # capture refused by an op (host sync, unsupported kernel, ...)
+            conv.copy_(saved_conv)
+            ssm.copy_(saved_ssm)
             self._refused[batch] = f"capture failed: {type(e).__name__}: {e}"
             return None
-        e_conv, e_ssm = conv.clone(), ssm.clone()
+        conv.copy_(saved_conv)
+        ssm.copy_(saved_ssm)
+        e_conv, e_ssm = saved_conv.clone(), saved_ssm.clone()
         want = forward_step(self.model, self.consts, self.ops, ids, e_conv, e_ssm)
         got = self._replay(captured, ids, conv, ssm)
         diff = max(max_rel_diff(got, want), max_rel_diff(conv, e_conv), max_rel_diff(ssm, e_ssm))
@@ -132,5 +152,10 @@ class DecodeGraphs:
             ssm.copy_(e_ssm)
             self._refused[batch] = f"replay differs from the eager step by {diff:.2e} (> {EXACT_RTOL})"
             return want
-        self._graphs[batch] = captured
+        self._graphs[key] = captured
         return got
+
+
+def _where(conv: Tensor, ssm: Tensor) -> tuple:
+    """Where two state tensors live: equal for the same buffers (a view made again included)."""
+    return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (conv, ssm))

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
 from .sampling import SamplingParams, make_generator, sample
@@ -29,6 +29,8 @@ class StreamMetrics:
     ttft_s: float = 0.0  # from the call to the first token
     new_tokens: int = 0
     decode_s: float = 0.0  # time spent after the first token
+    batch_size: int = 1  # rows in the decode step that produced the latest token
+    batch_mean: float = 1.0  # mean rows per decode step over the reply
 
     @property
     def prefill_tok_s(self) -> float:
@@ -41,7 +43,8 @@ class StreamMetrics:
     def as_dict(self) -> dict[str, float]:
         return {"prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s, "ttft_s": self.ttft_s,
                 "new_tokens": self.new_tokens, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "batch_size": self.batch_size, "batch_mean": self.batch_mean}
 
 
 @dataclass
@@ -79,7 +82,8 @@ class _Detok:
 class Engine:
     """Wraps a transformers FalconMambaForCausalLM (fp32, bf16 or bitsandbytes 4-bit)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ops: OpSet | None = None):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ops: OpSet | None = None,
+                 cuda_graphs: bool = True):
         if getattr(model.config, "model_type", None) not in ("falcon_mamba", "mamba"):
             raise TypeError(f"Engine needs a Falcon Mamba model, got {type(model).__name__}")
         if chunk_size < 1:
@@ -92,8 +96,9 @@ class Engine:
         self.ops = ops or select_ops(self.device)
         self.consts = [layer_consts(b.mixer) for b in model.backbone.layers]
         self.signature = model_signature(model)
-        # CUDA-graph decode (cuda_graph.py): None off CUDA; per batch size it falls back to eager
-        self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device)
+        # CUDA-graph decode (cuda_graph.py): None off CUDA or when turned off; per batch size it
+        # falls back to eager
+        self.graphs = DecodeGraphs.for_device(self.model, self.consts, self.ops, self.device) if cuda_graphs else None
 
     # -- state -------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
@@ -122,6 +127,7 @@ class Engine:
             raise StateError(f"state batch size {state.batch_size} does not match input batch {batch}")
         if state.device != self.device:
             raise StateError(f"state is on {state.device}, model on {self.device}")
+        state.own()  # a state restored from bytes may sit in unaligned storage: see State.own
 
     def _check_ids(self, ids: Tensor, ndim: int) -> Tensor:
         if not isinstance(ids, Tensor):
@@ -169,11 +175,27 @@ class Engine:
         """Feed one token per row, token_ids [B], and return the next logits [B, V]."""
         ids = self._check_ids(token_ids, 1)
         self._check_state(state, ids.shape[0])
-        logits = self.graphs.step(ids, state.conv, state.ssm) if self.graphs is not None else None
-        if logits is None:
-            logits = forward_step(self.model, self.consts, self.ops, ids, state.conv, state.ssm)
+        logits = self.decode_step(ids, state.conv, state.ssm)
         state.seqlen += 1
         return logits
+
+    @torch.inference_mode()
+    def decode_step(self, ids: Tensor, conv: Tensor, ssm: Tensor, static: bool = False) -> Tensor:
+        """One token per row on raw state tensors (no checks): ids [B] long on the device,
+        conv [L, B, D, K-1], ssm [L, B, D, N] (views of bigger buffers are fine), advanced in
+        place; returns logits [B, V]. Replays a CUDA graph for B where one is captured;
+        static=True: the tensors are long-lived buffers the graph may be captured on."""
+        logits = self.graphs.step(ids, conv, ssm, static) if self.graphs is not None else None
+        if logits is None:
+            logits = forward_step(self.model, self.consts, self.ops, ids, conv, ssm)
+        return logits
+
+    def decode_bucket(self, rows: int) -> int:
+        """The batch a decode step of `rows` rows runs at: `rows` when stepping eagerly, else the
+        next CUDA-graph size (powers of two), so a few graphs serve every batch size."""
+        if self.graphs is None or rows > MAX_GRAPH_BATCH:
+            return rows
+        return 1 << (rows - 1).bit_length()
 
     def stream(self, input_ids: Tensor, state: State, sampling: SamplingParams | None = None,
                max_new_tokens: int = 256, stop_token_ids: Iterable[int] = (),

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from .kernels import OP_NAMES, OpSet
+from .opset import OP_NAMES, REFERENCE, OpSet
 
 
 def scan_h0_correction(delta: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor,
@@ -165,9 +164,7 @@ def load() -> tuple[OpSet | None, str]:
     why = "; ".join(w for w in (conv_why, ssm_why) if w)
     if not fns:
         return None, f"no fused kernels: {why}"
-    ref = {"conv": ops.causal_conv1d_ref, "conv_update": ops.causal_conv1d_update_ref,
-           "scan": ops.selective_scan_ref, "state_update": ops.selective_state_update_ref}
-    chosen = {name: fns.get(name, ref[name]) for name in OP_NAMES}
+    chosen = {name: fns.get(name, REFERENCE.op(name)) for name in OP_NAMES}
     all_paths = {name: paths.get(name, "reference") for name in OP_NAMES}
     reason = "fused kernels" + (f" where available; reference for the rest: {why}" if why else "")
     return OpSet(**chosen, paths=all_paths, reason=reason), ""

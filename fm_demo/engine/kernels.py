@@ -1,6 +1,7 @@
 """Kernel dispatch: pure-torch reference ops always, fused CUDA ops where they import and apply.
 
-Every op has the same signature in both sets (see ops.py for shapes). The choice is never silent:
+Every op has the same signature in both sets (see ops.py for shapes; opset.py for the sets). The
+choice is never silent:
 `OpSet.paths` names the implementation of each op and `OpSet.reason` says why the reference path
 runs when it does. Set FM_DEMO_FORCE_REFERENCE=1 to force the reference path.
 """
@@ -8,39 +9,12 @@ runs when it does. Set FM_DEMO_FORCE_REFERENCE=1 to force the reference path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from . import ops
+from .opset import OP_NAMES, REFERENCE, OpSet
 
-OP_NAMES = ("conv", "conv_update", "scan", "state_update")
-
-
-@dataclass(frozen=True)
-class OpSet:
-    conv: Callable
-    conv_update: Callable
-    scan: Callable
-    state_update: Callable
-    paths: dict[str, str] = field(default_factory=dict)  # op name -> "reference" | "fused: <lib>"
-    reason: str = ""  # why this set was chosen
-
-    @property
-    def fused(self) -> bool:
-        return any(p != "reference" for p in self.paths.values())
-
-
-REFERENCE = OpSet(
-    conv=ops.causal_conv1d_ref,
-    conv_update=ops.causal_conv1d_update_ref,
-    scan=ops.selective_scan_ref,
-    state_update=ops.selective_state_update_ref,
-    paths={name: "reference" for name in OP_NAMES},
-    reason="pure-torch reference ops",
-)
-
+__all__ = ["OP_NAMES", "REFERENCE", "OpSet", "force_reference", "select_ops"]
 
 def force_reference() -> bool:
     return os.environ.get("FM_DEMO_FORCE_REFERENCE", "").strip().lower() in ("1", "true", "yes")

@@ -9,9 +9,9 @@ selective_scan_ref / selective_state_update_ref / causal_conv1d_ref, with one di
 matters here: every op takes and returns an initial state, so a sequence can be processed in
 chunks of any size and give the same result as one pass over the whole sequence.
 
-These functions are the `_ref` twins of the fused CUDA ops in `kernels.py`; they are also
-differentiable (the scan has a hand-written backward) so the bundled tiny checkpoints are trained
-through exactly the code that serves them.
+These functions are the `_ref` twins of the fused CUDA ops in `fused.py` (chosen by `kernels.py`);
+they are also differentiable (the scan has a hand-written backward) so the bundled tiny
+checkpoints are trained through exactly the code that serves them.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 FORMAT_VERSION = 1
+# CPU kernels take other vectorised paths (and so round differently) on storage that is not
+# 64-byte aligned; torch's CPU allocator aligns to 64, safetensors' and pickles' buffers need not.
+ALIGN_BYTES = 64
 
 
 class StateError(ValueError):
@@ -53,6 +56,18 @@ def state_bytes(config, conv_dtype: torch.dtype = torch.bfloat16, ssm_dtype: tor
     return config.num_hidden_layers * per_layer * batch_size
 
 
+def owned(t: Tensor) -> Tensor:
+    """`t` in storage of its own: contiguous, offset 0, freshly allocated (so aligned as the allocator
+    aligns every state the engine makes). Continuing from it gives the same bits as from the original.
+    """
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def is_owned(t: Tensor) -> bool:
+    """True when `t` lays out like a freshly allocated tensor (contiguous and aligned)."""
+    return t.is_contiguous() and t.data_ptr() % ALIGN_BYTES == 0
+
+
 @dataclass
 class State:
     conv: Tensor  # [L, B, D, K-1]
@@ -71,6 +86,22 @@ class State:
     @property
     def device(self) -> torch.device:
         return self.ssm.device
+
+    @property
+    def owned(self) -> bool:
+        return is_owned(self.conv) and is_owned(self.ssm)
+
+    def own(self) -> State:
+        """Make the tensors fresh, aligned storage if they are not (in place; returns self).
+
+        Every path that turns bytes into a State goes through here (load, import, a state back from
+        a GPU worker), so a restored conversation continues bit for bit like the original.
+        """
+        if not is_owned(self.conv):
+            self.conv = owned(self.conv)
+        if not is_owned(self.ssm):
+            self.ssm = owned(self.ssm)
+        return self
 
     def clone(self) -> State:
         return State(self.conv.clone(), self.ssm.clone(), self.signature, self.seqlen)
@@ -138,4 +169,6 @@ class State:
             raise StateError("state file holds non-finite values")
         state = cls(conv, ssm, meta.get("signature", ""), seqlen)
         like.check_like(state)
-        return state.to(device or like.device)
+        # fresh storage on the target device: safetensors' buffers are not 64-byte aligned
+        return cls(owned(conv.to(device or like.device)), owned(ssm.to(device or like.device)),
+                   state.signature, seqlen)

@@ -11,14 +11,15 @@ import os
 import gradio as gr
 
 from ..settings import Settings
-from .api import register_api
+from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
 from .common import AppContext, session_id
 from .compare_tab import build_compare_tab
+from .inputs import bind
 from .lab_tab import build_lab_tab
 from .long_tab import build_long_tab
 from .readout import CSS
-from .system_tab import build_system_tab
+from .system_tab import build_system_tab, system_report
 
 TITLE = "Falcon Mamba: attention-free chat"
 INTRO = (
@@ -36,8 +37,8 @@ def offline_environment() -> None:
 
 
 def make_context(settings: Settings) -> AppContext:
+    from ..conversations.store import SessionStore
     from ..models import ModelManager
-    from ..store import SessionStore
 
     manager = ModelManager(settings)
     return AppContext(settings, manager, SessionStore(settings, manager))
@@ -49,6 +50,9 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
     ctx = ctx or make_context(settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
+        # First: Gradio names an MCP tool after its function and numbers later namesakes (the
+        # compare tab's handler is also called compare), so the tools keep their plain names.
+        register_api(ctx)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(ctx)
@@ -60,17 +64,26 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
                 build_lab_tab(ctx)
             with gr.Tab("System", id="system"):
                 system_outputs = build_system_tab(ctx)
-        register_api(ctx)
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
+    mcp_tools_only(demo, MCP_TOOLS)
     demo.fm_context = ctx  # for tests and app.py: the live manager and store
     return demo
 
 
-def _system_loader(ctx: AppContext):
-    from .common import bind
-    from .system_tab import system_report
+def mcp_tools_only(demo: gr.Blocks, names: tuple[str, ...]) -> None:
+    """Offer only the API functions `names` as MCP tools; every tab's events stay in the API page.
 
+    Gradio's MCP server lists every documented endpoint as a tool unless its function carries an
+    MCP type other than "tool" (the attribute gr.mcp.tool/resource/prompt set, read by
+    gradio/mcp.py's list_tools); the tabs' events return whole UI updates and are no tools.
+    """
+    for block_fn in demo.fns.values():
+        if block_fn.fn is not None and block_fn.api_name not in names:
+            block_fn.fn._mcp_type = "ui_event"
+
+
+def _system_loader(ctx: AppContext):
     return bind(system_report, ctx)
 
 
@@ -89,7 +102,13 @@ def _forget_session(ctx: AppContext):
 
 
 def launch_kwargs(settings: Settings) -> dict:
-    """Arguments of demo.launch() that style and bound the app (Gradio 6 takes theme/css here)."""
+    """Arguments of demo.launch() that style, bound and extend the app (Gradio 6 takes theme/css here).
+
+    app_kwargs reach the FastAPI app launch() builds: its `routes` are the OpenAI-compatible /v1
+    endpoints. mcp_server=None (the setting off) leaves Gradio's own GRADIO_MCP_SERVER in charge.
+    """
+    from .openai_api import api_routes
+
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
         "theme": gr.themes.Soft(primary_hue="emerald"),
@@ -97,7 +116,22 @@ def launch_kwargs(settings: Settings) -> dict:
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],
         "show_error": False,
+        "app_kwargs": {"routes": api_routes()},
+        "mcp_server": True if settings.mcp_server else None,
     }
+
+
+def server_kwargs(settings: Settings) -> dict:
+    """Arguments of demo.launch() that say where it listens.
+
+    Only an address set explicitly (FM_DEMO_HOST / FM_DEMO_PORT, or --host / --port, which win)
+    is passed. Otherwise None leaves the choice to Gradio, so that its own variables apply exactly
+    as Gradio reads them: GRADIO_SERVER_NAME (else 127.0.0.1) and GRADIO_SERVER_PORT (else the
+    first free port from 7860). A Space starts `python app.py` with those set to 0.0.0.0 and its
+    port; passing defaults of ours instead would bind 127.0.0.1 where the Space cannot reach it.
+    root_path is never passed, so GRADIO_ROOT_PATH is Gradio's alone as well.
+    """
+    return {"server_name": settings.host or None, "server_port": settings.port or None}
 
 
 def queue_kwargs(settings: Settings) -> dict:

@@ -1,8 +1,9 @@
 """Chat tab: a streaming chat whose recurrent state is cached between turns, with live metrics.
 
-Every reply-producing handler yields the same outputs, REPLY_OUTPUTS:
-    (message box, chatbot, readout html, memory plot, speed plot, plot points state)
-and takes the same model/sampling inputs after its own, REPLY_INPUTS.
+Every reply handler (send, retry, edit) takes the tab's Knobs (model, system prompt, sampling)
+and the plot points, and yields the same six outputs: (message box, chatbot, readout html,
+memory plot, speed plot, plot points). The memory plot shows the state against a transformer's
+KV cache; the device-memory plot redraws when the points change.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
+import pandas as pd
 
+from ..settings import MiB
 from .common import (
-    SAMPLING_DEFAULTS,
     AppContext,
-    bind,
     check_message,
     controlled,
     model_pickers,
@@ -26,18 +27,22 @@ from .common import (
     open_conversation,
     precision_choices,
     preset_choices,
-    sampling_params,
     session_id,
+    stop_reply,
     user_errors,
 )
+from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
+from .plots import series_plot
 from .readout import (
+    DEVICE_COLORS,
     MEMORY_COLORS,
     SPEED_COLORS,
+    device_frame,
     live_metrics,
-    memory_frame,
     plot_points,
     readout_html,
     speed_frame,
+    state_kv_frame,
     trim_points,
 )
 
@@ -47,34 +52,32 @@ SLOT = "chat"
 EXAMPLES = ["What is 47 + 35?", "what's 80 minus 29", "Is 17 greater than 9?", "Remember the word falcon.",
             "Spell the word cat backwards.", "hi! what is the capital of japan",
             "Which word did I ask you to remember?", "Write a poem about the sea.", "What can you do?"]
-SKIP6 = (gr.skip(),) * 6
+SKIP_ALL = (gr.skip(),) * 6  # a reply handler's outputs, all left as they are
 
 
-@dataclass
-class Knobs:
-    """The model and sampling inputs every reply handler takes, in REPLY_INPUTS order."""
+@dataclass(frozen=True)
+class Knobs(Inputs):
+    """The model, system prompt and sampling every reply handler takes (bind() spreads them)."""
 
     preset: str
     precision: str
     system: str
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    max_new_tokens: int
-    seed: int
-
-    def sampling(self):
-        return sampling_params(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+    sampling: Sampling
 
 
 def _open(ctx: AppContext, request, knobs: Knobs, progress):
     return open_conversation(ctx, request, knobs.preset, knobs.precision, SLOT, progress, knobs.system)
 
 
-def _stream(ctx: AppContext, sid: str, conv, events, points) -> Iterator[tuple]:
-    """REPLY_OUTPUTS while the reply streams, then the final readout and plots."""
-    for ev in controlled(ctx, sid, SLOT, events):
+def _stream(
+    ctx: AppContext, sid: str, conv, events: Iterator, points: list, sent: str | None = None
+) -> Iterator[tuple]:
+    """The outputs: the message just sent (if any), the reply while it streams, then the final
+    readout and plots."""
+    replies = controlled(ctx, sid, SLOT, events)
+    if sent is not None:
+        yield "", conv.messages + [{"role": "user", "content": sent}], *SKIP_ALL[2:]
+    for ev in replies:
         if not ev.done:
             yield (
                 gr.skip(),
@@ -86,38 +89,20 @@ def _stream(ctx: AppContext, sid: str, conv, events, points) -> Iterator[tuple]:
             )
     m = conv.last_metrics
     points = plot_points(points, m)
-    yield gr.skip(), conv.messages, readout_html(m), memory_frame(points), speed_frame(points), points
+    yield gr.skip(), conv.messages, readout_html(m), state_kv_frame(points), speed_frame(points), points
 
 
 @user_errors
 def send(
-    ctx: AppContext,
-    message: str,
-    preset: str,
-    precision: str,
-    system: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    max_new_tokens: int,
-    seed: int,
-    points: list,
-    request: gr.Request,
-    progress=gr.Progress(),
+    ctx: AppContext, message: str, knobs: Knobs, points: list, request: gr.Request, progress=gr.Progress()
 ) -> Iterator[tuple]:
     """A new user message: the state continues from the last turn, only this turn is read."""
-    knobs = Knobs(
-        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
-    )
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
-        yield SKIP6
+        yield SKIP_ALL
         return
     sid, conv = _open(ctx, request, knobs, progress)
-    events = conv.send(text, knobs.sampling(), int(max_new_tokens))
-    yield "", conv.messages + [{"role": "user", "content": text}], gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    yield from _stream(ctx, sid, conv, events, points)
+    yield from _stream(ctx, sid, conv, conv.send(text, *knobs.sampling.for_reply()), points, sent=text)
 
 
 def _user_turn(messages: list[dict], index) -> int:
@@ -128,62 +113,34 @@ def _user_turn(messages: list[dict], index) -> int:
 
 @user_errors
 def retry(
-    ctx: AppContext,
-    preset: str,
-    precision: str,
-    system: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    max_new_tokens: int,
-    seed: int,
-    points: list,
-    request: gr.Request,
-    progress=gr.Progress(),
+    ctx: AppContext, knobs: Knobs, points: list, request: gr.Request, progress=gr.Progress()
 ) -> Iterator[tuple]:
     """A new reply to the last user message, from the snapshot before its reply (one token read).
 
     The chatbot shows its retry icon on the last reply only, so the button and the icon agree.
     """
-    knobs = Knobs(
-        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
-    )
     sid, conv = _open(ctx, request, knobs, progress)
     if not conv.turns:
         raise gr.Error("Nothing to retry yet: send a message first.")
-    yield from _stream(ctx, sid, conv, conv.retry(knobs.sampling(), int(max_new_tokens)), points)
+    yield from _stream(ctx, sid, conv, conv.retry(*knobs.sampling.for_reply()), points)
 
 
 @user_errors
 def edit(
     ctx: AppContext,
-    preset: str,
-    precision: str,
-    system: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    max_new_tokens: int,
-    seed: int,
+    knobs: Knobs,
     points: list,
     edit_data: gr.EditData,
     request: gr.Request,
     progress=gr.Progress(),
 ) -> Iterator[tuple]:
     """The user edited one of their messages in the chatbot: replay from there."""
-    knobs = Knobs(
-        preset, precision, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
-    )
     value = edit_data.value if isinstance(edit_data.value, str) else str(edit_data.value)
     text = check_message(value, ctx.settings.max_input_chars)
     if text is None:
         raise gr.Error("An edited message cannot be empty; use Undo to remove a turn.")
     sid, conv = _open(ctx, request, knobs, progress)
-    events = conv.edit(
-        _user_turn(conv.messages, edit_data.index), text, knobs.sampling(), int(max_new_tokens)
-    )
+    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, *knobs.sampling.for_reply())
     yield from _stream(ctx, sid, conv, events, points)
 
 
@@ -194,7 +151,7 @@ def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr
     text = conv.undo()
     box = gr.skip() if text is None else text
     points = trim_points(points, conv.context_tokens)
-    plots = (memory_frame(points), speed_frame(points)) if points else (None, None)
+    plots = (state_kv_frame(points), speed_frame(points)) if points else (None, None)
     return box, conv.messages, readout_html(conv.last_metrics), *plots, points
 
 
@@ -202,10 +159,6 @@ def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr
 def clear(ctx: AppContext, request: gr.Request) -> tuple:
     ctx.store.reset(session_id(request), SLOT)
     return "", [], readout_html(None), None, None, []  # None empties a plot (an empty frame would stall it)
-
-
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
 
 
 @user_errors
@@ -228,7 +181,7 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     path = Path(file if isinstance(file, str) else file.name)
     size, limit = path.stat().st_size, ctx.settings.max_import_bytes
     if size > limit:
-        raise gr.Error(f"That file is {size / 2**20:,.1f} MiB; the import limit is {limit / 2**20:,.0f} MiB.")
+        raise gr.Error(f"That file is {size / MiB:,.1f} MiB; the import limit is {limit / MiB:,.0f} MiB.")
     conv = ctx.store.import_bytes(session_id(request), path.read_bytes(), SLOT)
     gr.Info(f"Imported {len(conv.turns)} turns ({conv.context_tokens:,} tokens) on {conv.lm.label}.")
     preset, precision = conv.lm.key
@@ -242,6 +195,12 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
         gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
         gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
     )
+
+
+def device_plot(points: list) -> pd.DataFrame | None:
+    """The device-memory plot follows the per-turn points (None empties it, as clear and undo do
+    to the other plots)."""
+    return device_frame(points) if points else None
 
 
 def build_chat_tab(ctx: AppContext) -> None:
@@ -283,55 +242,46 @@ def build_chat_tab(ctx: AppContext) -> None:
             preset, precision = model_pickers(s, s.default_preset, elem_prefix="chat")
             system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
-                d = SAMPLING_DEFAULTS
-                temperature = gr.Slider(
-                    0,
-                    2,
-                    d["temperature"],
-                    step=0.05,
-                    label="Temperature (0 = greedy)",
-                    elem_id="chat-temperature",
-                )
-                top_p = gr.Slider(0.05, 1, d["top_p"], step=0.05, label="Top-p")
-                top_k = gr.Slider(0, 200, d["top_k"], step=1, label="Top-k (0 = off)")
-                rep = gr.Slider(1, 2, d["repetition_penalty"], step=0.05, label="Repetition penalty")
-                max_new = gr.Slider(
-                    1,
-                    s.max_new_tokens_cap,
-                    s.max_new_tokens,
-                    step=1,
-                    label="Max new tokens",
-                    elem_id="chat-max-new",
-                )
-                seed = gr.Number(d["seed"], precision=0, label="Seed (-1 = random)")
+                sampling = sampling_inputs(s, elem_prefix="chat")
     with gr.Row():
-        mem_plot = gr.LinePlot(
-            memory_frame([]),
+        mem_plot = series_plot(
+            MEMORY_COLORS,
+            state_kv_frame([]),
             x="context tokens",
             y="MiB",
-            color="series",
             height=280,
-            title="Memory over this conversation (MiB)",
+            title="Falcon Mamba state vs KV cache (MiB)",
             y_lim=[0, None],
-            color_map=MEMORY_COLORS,
+            elem_id="chat-memory",
         )
-        speed_plot = gr.LinePlot(
+        device_mem_plot = series_plot(
+            DEVICE_COLORS,
+            device_frame([]),
+            x="context tokens",
+            y="MiB",
+            height=280,
+            title=f"Device memory (MiB, {'CUDA allocated' if s.device == 'cuda' else 'process RSS'})",
+            y_lim=[0, None],
+            elem_id="chat-device-memory",
+        )
+        speed_plot = series_plot(
+            SPEED_COLORS,
             speed_frame([]),
             x="context tokens",
             y="tokens/s",
-            color="series",
             height=280,
             title="Speed per turn (tokens/s)",
             y_lim=[0, None],
-            color_map=SPEED_COLORS,
+            elem_id="chat-speed",
         )
 
-    knobs = [preset, precision, system, temperature, top_p, top_k, rep, max_new, seed, points]
+    knobs = input_components(Knobs, preset=preset, precision=precision, system=system, sampling=sampling)
+    knobs.append(points)
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
         trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
-    stop_btn.click(bind(stop, ctx), None, None, api_name="chat_stop", queue=False)
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
     retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None)
     chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
     chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None)
@@ -341,3 +291,5 @@ def build_chat_tab(ctx: AppContext) -> None:
     chatbot.clear(bind(clear, ctx), None, outs, api_name="chat_clear_icon")
     export_btn.click(bind(export, ctx), [preset, precision], export_file, api_name="chat_export")
     import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision], api_name="chat_import")
+    # its own plot, fed by the points every reply handler already returns (their outputs stay as they are)
+    points.change(device_plot, points, device_mem_plot, api_visibility="private", show_progress="hidden")

@@ -1,8 +1,9 @@
-"""What every tab shares: the app context, session ids, sampling inputs, throttling, errors.
+"""What every tab shares: the app context, session ids, the reply loop and Stop, errors, formats.
 
 Handlers are plain functions of (context, inputs, request); tests call them with a
-`gr.Request(session_hash=...)` and no browser. Per-session objects live in the SessionStore and
-in StopFlags, both keyed by the Gradio session hash and owned by the context build_demo makes.
+`gr.Request(session_hash=...)` and no browser; inputs.py binds them for Gradio. Per-session
+objects live in the SessionStore and in StopFlags, both keyed by the Gradio session hash and owned
+by the context build_demo makes.
 """
 
 from __future__ import annotations
@@ -10,26 +11,27 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
-import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import gradio as gr
 
-from ..engine import SamplingParams, StateError
-from ..settings import Settings, SettingsError
+from ..conversations.turns import ConversationError
+from ..engine import StateError
+from ..models import ModelLoadError, ModelManager
+from ..serving import SchedulerBusy, SchedulerClosed
+from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
 
-if TYPE_CHECKING:  # heavy modules: imported where they are used
-    from ..models import ModelManager
-    from ..store import SessionStore
+if TYPE_CHECKING:
+    from ..conversations.store import SessionStore
 
 log = logging.getLogger("fm_demo.ui")
 T = TypeVar("T")
 
 UPDATES_PER_S = 15.0  # streaming refresh rate: smooth to the eye, cheap for the browser
-SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "seed": -1}
 
 
 @dataclass
@@ -67,35 +69,20 @@ class AppContext:
     stops: StopFlags = field(default_factory=StopFlags)
 
 
+def reply_concurrency(ctx: AppContext) -> int | None:
+    """How many reply events Gradio runs at once. Unbounded: each model's scheduler decides who
+    decodes, who waits and who hears at once that the server is busy (a cap here would queue the
+    rest in Gradio instead); on ZeroGPU each event holds a GPU slice, so the setting bounds them."""
+    from ..zerogpu import on_zerogpu
+
+    return ctx.settings.concurrency_limit if on_zerogpu() else None
+
+
 def session_id(request: gr.Request | None) -> str:
     sid = getattr(request, "session_hash", None)
     if not sid:
         raise gr.Error("This request has no session; reload the page.")
     return sid
-
-
-def sampling_params(
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-) -> SamplingParams:
-    """SamplingParams from UI/API values; None means the UI default, a negative seed means random."""
-    d = SAMPLING_DEFAULTS
-    seed = d["seed"] if seed is None else int(seed)
-    try:
-        return SamplingParams(
-            temperature=float(d["temperature"] if temperature is None else temperature),
-            top_p=float(d["top_p"] if top_p is None else top_p),
-            top_k=int(d["top_k"] if top_k is None else top_k),
-            repetition_penalty=float(
-                d["repetition_penalty"] if repetition_penalty is None else repetition_penalty
-            ),
-            seed=None if seed < 0 else seed,
-        )
-    except (TypeError, ValueError) as e:
-        raise gr.Error(f"Invalid sampling setting: {e}") from None
 
 
 def check_message(text: str | None, limit: int) -> str | None:
@@ -111,15 +98,20 @@ def check_message(text: str | None, limit: int) -> str | None:
     return text
 
 
+def _is_done(event: object) -> bool:
+    return bool(getattr(event, "done", False))
+
+
 def throttle(
     events: Iterable[T],
     hz: float = UPDATES_PER_S,
-    is_last: Callable[[T], bool] = lambda e: bool(getattr(e, "done", False)),
+    is_last: Callable[[T], bool] = _is_done,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[T]:
-    """Pass at most `hz` events per second, always including the first and the last."""
-    gap, last_t, pending = 1.0 / hz, 0.0, None
+    """Pass at most `hz` events per second by `clock`, always including the first and the last."""
+    gap, last_t, pending = 1.0 / hz, -math.inf, None
     for event in events:
-        now = time.perf_counter()
+        now = clock()
         if is_last(event) or now - last_t >= gap:
             yield event
             last_t, pending = now, None
@@ -129,18 +121,11 @@ def throttle(
         yield pending
 
 
-# Exceptions whose message is written for the user; anything else is a bug, logged with its trace.
-_USER_FACING = (SettingsError, StateError, ValueError, MemoryError)
-
-
-def _user_facing_types() -> tuple[type[BaseException], ...]:
-    extra = []
-    for module, name in (("fm_demo.models", "ModelLoadError"), ("fm_demo.sessions", "ImportRefused")):
-        try:
-            extra.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return (*_USER_FACING, *extra)
+# The domain's errors, whose message is written for the user (ConversationError covers ImportRefused
+# and ConversationBusy). Anything else, a bare ValueError included, is a bug: logged with its trace,
+# and the user is told only that something went wrong.
+USER_FACING = (SettingsError, StateError, ConversationError, ModelLoadError, SchedulerBusy, SchedulerClosed,
+               MemoryError)
 
 
 def to_user_error(e: BaseException) -> gr.Error:
@@ -148,9 +133,9 @@ def to_user_error(e: BaseException) -> gr.Error:
         return e
     if type(e).__name__ == "OutOfMemoryError":
         return gr.Error("The device ran out of memory. Try a shorter input, fewer new tokens, or 4-bit.")
-    if isinstance(e, _user_facing_types()):
+    if isinstance(e, USER_FACING):
         return gr.Error(str(e))
-    log.exception("unexpected error in a handler")
+    log.error("unexpected error in a handler", exc_info=e)
     return gr.Error(
         f"Something went wrong on the server ({type(e).__name__}). "
         "The details are in the server log; try again or reload the page."
@@ -180,36 +165,10 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def bind(fn: Callable, *bound) -> Callable:
-    """fn with its first parameters bound, keeping the signature and type hints Gradio reads to
-    inject gr.Request, gr.Progress and event data (functools.partial hides the type hints)."""
-    sig = inspect.signature(fn)
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def bound_fn(*args, **kwargs):
-            yield from fn(*bound, *args, **kwargs)
-    else:
-
-        @functools.wraps(fn)
-        def bound_fn(*args, **kwargs):
-            return fn(*bound, *args, **kwargs)
-
-    hints = typing.get_type_hints(fn)  # resolved: Gradio reads annotations off the signature too
-    params = [
-        p.replace(annotation=hints.get(p.name, p.annotation))
-        for p in list(sig.parameters.values())[len(bound) :]
-    ]
-    bound_fn.__signature__ = sig.replace(
-        parameters=params, return_annotation=hints.get("return", sig.return_annotation)
-    )
-    return bound_fn
-
-
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{int(n)} B"
@@ -231,8 +190,6 @@ def preset_choices(settings: Settings) -> list[tuple[str, str]]:
 
 
 def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, str]]:
-    from ..settings import PRECISION_LABELS
-
     return [(PRECISION_LABELS.get(p, p), p) for p in settings.preset(preset_key).precisions]
 
 
@@ -285,14 +242,47 @@ def open_conversation(
     return sid, conv
 
 
+# -- replies -----------------------------------------------------------------------------------
+class Keyed(NamedTuple):
+    """An event of one of several interleaved replies, with the key of its reply."""
+
+    key: str
+    event: Any
+
+    @property
+    def done(self) -> bool:
+        return _is_done(self.event)
+
+
+def interleave(streams: dict[str, Iterator]) -> Iterator[Keyed]:
+    """(key, event) from each stream in turn until all are exhausted; closing it closes them all."""
+    live = dict(streams)
+    try:
+        while live:
+            for key, it in list(live.items()):
+                event = next(it, None)
+                if event is None:
+                    del live[key]
+                else:
+                    yield Keyed(key, event)
+    finally:
+        for it in streams.values():
+            it.close()
+
+
 def controlled(
     ctx: AppContext, sid: str, slot: str, events: Iterator[T], first: T | None = None
 ) -> Iterator[T]:
-    """Throttle a reply's events (after `first`, if given) and end it when Stop is pressed.
+    """A reply's events (after `first`, if given), throttled, ending when Stop is pressed in `slot`.
 
-    Closing `events` is what stops the reply: the conversation keeps exactly the tokens shown.
+    The one loop every streaming handler runs its reply (or interleaved replies) through. The stop
+    flag is armed now, so a Stop pressed before the first event counts too. Closing `events` is
+    what stops the reply: the conversation keeps exactly the tokens shown.
     """
-    flag = ctx.stops.arm(sid, slot)
+    return _until_stopped(ctx.stops.arm(sid, slot), events, first)
+
+
+def _until_stopped(flag: threading.Event, events: Iterator[T], first: T | None) -> Iterator[T]:
     try:
         if first is not None:
             yield first
@@ -302,3 +292,8 @@ def controlled(
                 break
     finally:
         events.close()
+
+
+def stop_reply(ctx: AppContext, slot: str, request: gr.Request) -> None:
+    """Every tab's Stop button, bound to its slot: bind(stop_reply, ctx, slot)."""
+    ctx.stops.stop(session_id(request), slot)

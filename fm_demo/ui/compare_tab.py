@@ -6,39 +6,31 @@ stream together and each pane's conversation keeps its own state across turns.
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import gradio as gr
 
 from .common import (
-    UPDATES_PER_S,
     AppContext,
-    bind,
     check_message,
+    controlled,
+    interleave,
     model_pickers,
     on_preset_change,
     open_conversation,
-    sampling_params,
+    reply_concurrency,
     session_id,
+    stop_reply,
     user_errors,
 )
+from .inputs import Sampling, bind, sampling_inputs
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
 SLOT = "compare"  # the stop flag both panes share
-
-
-def interleave(streams: dict[str, Iterator]) -> Iterator[tuple[str, object]]:
-    """(key, event) from each stream in turn until all are exhausted."""
-    live = dict(streams)
-    while live:
-        for key, it in list(live.items()):
-            event = next(it, None)
-            if event is None:
-                del live[key]
-            else:
-                yield key, event
+# The sliders start at the UI's sampling defaults but greedy, so that what differs between the panes
+# is the models, and at shorter replies (never above the server's default), as two stream at once.
+TEMPERATURE, MAX_NEW_TOKENS = 0.0, 128
 
 
 def _panes(convs: dict, metrics: dict, streaming: bool) -> tuple:
@@ -61,12 +53,7 @@ def compare(
     left_precision: str,
     right_preset: str,
     right_precision: str,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    max_new_tokens: int,
-    seed: int,
+    sampling: Sampling,
     request: gr.Request,
     progress=gr.Progress(),
 ) -> Iterator[tuple]:
@@ -75,32 +62,19 @@ def compare(
     if text is None:
         yield (gr.skip(),) * 5
         return
-    sampling = sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
+    reply = sampling.for_reply()
     picks = {"left": (left_preset, left_precision), "right": (right_preset, right_precision)}
     convs = {side: open_conversation(ctx, request, *picks[side], side, progress)[1] for side in SLOTS}
-    sid = session_id(request)
-    streams = {side: convs[side].send(text, sampling, int(max_new_tokens)) for side in SLOTS}
-    flag = ctx.stops.arm(sid, SLOT)
-    metrics, last = {}, 0.0
+    streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
+    replies = controlled(ctx, session_id(request), SLOT, streams)
     pending = [{"role": "user", "content": text}]
     yield "", convs["left"].messages + pending, convs["right"].messages + pending, gr.skip(), gr.skip()
-    try:
-        for side, ev in interleave(streams):
-            metrics[side] = ev.metrics
-            if time.perf_counter() - last >= 1 / UPDATES_PER_S:
-                last = time.perf_counter()
-                yield gr.skip(), *_panes(convs, metrics, streaming=True)
-            if flag.is_set():
-                break
-    finally:
-        for it in streams.values():
-            it.close()
+    metrics = {}
+    for side, ev in replies:
+        metrics[side] = ev.metrics
+        yield gr.skip(), *_panes(convs, metrics, streaming=True)
     final = {side: convs[side].last_metrics for side in SLOTS}
     yield gr.skip(), *_panes(convs, final, streaming=False)
-
-
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
 
 
 @user_errors
@@ -142,21 +116,14 @@ def build_compare_tab(ctx: AppContext) -> None:
     with gr.Row():
         stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="compare-stop")
         clear_btn = gr.Button("Clear both", size="sm", elem_id="compare-clear")
-    with gr.Accordion("Sampling (both panes)", open=False):
-        with gr.Row():
-            temperature = gr.Slider(0, 2, 0.0, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1, 0.9, step=0.05, label="Top-p")
-            top_k = gr.Slider(0, 200, 50, step=1, label="Top-k (0 = off)")
-            rep = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
-            max_new = gr.Slider(
-                1, s.max_new_tokens_cap, min(128, s.max_new_tokens), step=1, label="Max new tokens"
-            )
-            seed = gr.Number(0, precision=0, label="Seed (-1 = random)")
+    with gr.Accordion("Sampling (both panes)", open=False), gr.Row():
+        defaults = Sampling(temperature=TEMPERATURE, max_new_tokens=min(MAX_NEW_TOKENS, s.max_new_tokens))
+        sampling = sampling_inputs(s, defaults, elem_prefix="compare")
 
     (lp, lq, lchat, lread), (rp, rq, rchat, rread) = panes["left"], panes["right"]
-    inputs = [msg, lp, lq, rp, rq, temperature, top_p, top_k, rep, max_new, seed]
+    inputs = [msg, lp, lq, rp, rq, *sampling]
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
-        trigger(bind(compare, ctx), inputs, outs, api_name=name)
-    stop_btn.click(bind(stop, ctx), None, None, api_name="compare_stop", queue=False)
+        trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

@@ -1,41 +1,62 @@
 """Constant-memory lab tab: the blog's figure, measured live on this machine.
 
-Runs fm_demo.lab: N greedy tokens from Falcon Mamba and from a random-weight Llama-style model of
-similar parameter count, then the prefill peak-memory sweep. Plots refresh a few times a second.
+Runs fm_demo.lab: N greedy tokens from Falcon Mamba and then from a random-weight Llama-style
+model of similar parameter count; and, on a button of its own, the prefill peak-memory sweep.
+Plots refresh a few times a second.
 """
 
 from __future__ import annotations
 
-import gc
-import time
+from dataclasses import dataclass
+from itertools import chain
 from typing import Iterator
 
 import gradio as gr
 import pandas as pd
-import torch
 
 from .. import lab
+from ..metrics import free_device_memory
+from ..settings import MiB
 from .common import (
     AppContext,
-    bind,
     fmt_bytes,
     load_progress,
     model_pickers,
     on_preset_change,
     session_id,
+    throttle,
     user_errors,
 )
-from .readout import typed_frame
+from .inputs import bind
+from .plots import series_frame, series_plot
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live
-MiB = 1 << 20
+DECODE_COLORS = {lab.MAMBA: "#059669", lab.TRANSFORMER: "#dc2626"}  # the chat tab's state and KV colours
+PARALLEL, CHUNKED = "parallel (one pass)", "chunked prefill"
+PREFILL_COLORS = {PARALLEL: "#dc2626", CHUNKED: "#059669"}
 
 
-def sizes_for(device: str) -> dict[str, int]:
-    """Default and largest token counts: thousands on CPU, 100k+ on a GPU."""
-    if device == "cuda":
-        return {"tokens": 32768, "max_tokens": 262144, "prompt": 65536, "max_prompt": 262144, "limit_s": 300}
-    return {"tokens": 2048, "max_tokens": 16384, "prompt": 8192, "max_prompt": 32768, "limit_s": 60}
+SAMPLES_PER_RUN = 64  # points on each decode line: smooth, and cheap to redraw whole
+
+
+@dataclass(frozen=True)
+class LabSizes:
+    """Where the lab's sliders start and end: tokens to generate, longest prompt, time limit."""
+
+    tokens: int
+    max_tokens: int
+    prompt: int
+    max_prompt: int
+    limit_s: int
+
+
+CPU_SIZES = LabSizes(tokens=2048, max_tokens=16384, prompt=8192, max_prompt=32768, limit_s=60)
+CUDA_SIZES = LabSizes(tokens=32768, max_tokens=262144, prompt=65536, max_prompt=262144, limit_s=300)
+
+
+def sizes_for(device: str) -> LabSizes:
+    """Thousands of tokens on CPU, 100k+ on a GPU."""
+    return CUDA_SIZES if device == "cuda" else CPU_SIZES
 
 
 def decode_frame(samples: list[lab.Sample]) -> pd.DataFrame:
@@ -49,16 +70,15 @@ def decode_frame(samples: list[lab.Sample]) -> pd.DataFrame:
         }
         for s in samples
     ]
-    return typed_frame(
-        rows,
-        {
-            "tokens generated": "int64",
-            "series": "object",
-            "tokens/s": "float64",
-            "cache MiB": "float64",
-            "memory MiB": "float64",
-        },
-    )
+    dtypes = {
+        "tokens generated": "int64",
+        "series": "object",
+        "tokens/s": "float64",
+        "cache MiB": "float64",
+        "memory MiB": "float64",
+    }
+    # Falcon Mamba's samples stream first: the transformer needs its placeholder row until its own come
+    return series_frame(rows, dtypes, "tokens generated", DECODE_COLORS)
 
 
 def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
@@ -68,18 +88,19 @@ def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
             rows.append(
                 {
                     "prompt tokens": p.prompt_tokens,
-                    "series": "parallel (one pass)",
+                    "series": PARALLEL,
                     "peak MiB": p.parallel_bytes / MiB,
                 }
             )
         rows.append(
             {
                 "prompt tokens": p.prompt_tokens,
-                "series": f"chunked ({p.chunk_size} tokens/chunk)",
+                "series": CHUNKED,
                 "peak MiB": p.chunked_bytes / MiB,
             }
         )
-    return typed_frame(rows, {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"})
+    dtypes = {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"}
+    return series_frame(rows, dtypes, "prompt tokens", PREFILL_COLORS)
 
 
 def summary(samples: list[lab.Sample], ref_config, note: str) -> str:
@@ -118,27 +139,22 @@ def run_decode(
     if n_tokens < 2:
         raise gr.Error("Generate at least 2 tokens.")
     loaded = ctx.manager.get(preset, precision, progress=load_progress(progress))
-    every = max(1, n_tokens // 64)
+    every = max(1, n_tokens // SAMPLES_PER_RUN)
     samples: list[lab.Sample] = []
     note = f"Measuring {loaded.preset.label} ({loaded.precision}), then the transformer..."
     transformer = lab.similar_transformer(loaded.model)
     try:
-        runs = (
+        runs = chain(
             lab.mamba_decode(loaded.engine, n_tokens, every, limit_s),
             lab.transformer_decode(transformer, n_tokens, every, limit_s),
         )
-        last = 0.0
-        for run in runs:
-            for sample in run:
-                samples.append(sample)
-                if time.perf_counter() - last >= 1 / PLOT_UPDATES_PER_S:
-                    last = time.perf_counter()
-                    frame = decode_frame(samples)
-                    yield frame, frame, frame, summary(samples, None, note)
+        for _ in throttle(_kept(runs, samples), hz=PLOT_UPDATES_PER_S):
+            frame = decode_frame(samples)
+            yield frame, frame, frame, summary(samples, None, note)
         ref = transformer.config
     finally:
         del transformer
-        _free(loaded.engine.device)
+        free_device_memory(loaded.engine.device)
     frame = decode_frame(samples)
     stopped = [
         s for s in (lab.MAMBA, lab.TRANSFORMER) if max(x.tokens for x in samples if x.series == s) < n_tokens
@@ -149,6 +165,13 @@ def run_decode(
     yield frame, frame, frame, summary(samples, ref, done)
 
 
+def _kept(samples: Iterator[lab.Sample], into: list[lab.Sample]) -> Iterator[lab.Sample]:
+    """`samples`, each appended to `into` as it comes (the plots draw them all)."""
+    for sample in samples:
+        into.append(sample)
+        yield sample
+
+
 @user_errors
 def run_prefill(
     ctx: AppContext, preset: str, precision: str, max_prompt: int, request: gr.Request, progress=gr.Progress()
@@ -157,22 +180,19 @@ def run_prefill(
     session_id(request)
     loaded = ctx.manager.get(preset, precision, progress=load_progress(progress))
     chunk = loaded.engine.chunk_size
-    lengths = [n for n in (2**k for k in range(6, 22)) if chunk // 2 <= n <= int(max_prompt)]
+    lengths = lab.sweep_lengths(chunk, int(max_prompt))
     if not lengths:
         raise gr.Error(f"Pick a longest prompt of at least {chunk} tokens.")
     peaks: list[lab.PrefillPeak] = []
     for peak in lab.prefill_peaks(loaded.engine, lengths, chunk):
         peaks.append(peak)
         yield prefill_frame(peaks), f"Measured up to {peak.prompt_tokens:,} tokens..."
-    _free(loaded.engine.device)
+    free_device_memory(loaded.engine.device)
     where = "CUDA allocator peak" if loaded.engine.device.type == "cuda" else "process RSS peak (CPU, noisy)"
-    yield prefill_frame(peaks), f"Done. Peak memory above the idle level, measured as {where}."
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    yield prefill_frame(peaks), (
+        f"Done. Peak memory above the idle level, measured as {where}; chunked prefill reads "
+        f"{chunk:,} tokens per chunk."
+    )
 
 
 def build_lab_tab(ctx: AppContext) -> None:
@@ -184,54 +204,61 @@ def build_lab_tab(ctx: AppContext) -> None:
     )
     with gr.Row():
         preset, precision = model_pickers(ctx.settings, ctx.settings.default_preset)
-        n_tokens = gr.Slider(64, s["max_tokens"], value=s["tokens"], step=64, label="Tokens to generate")
-        limit_s = gr.Slider(10, 1800, value=s["limit_s"], step=10, label="Time limit per model (s)")
+        n_tokens = gr.Slider(
+            64, s.max_tokens, value=s.tokens, step=64, label="Tokens to generate", elem_id="lab-tokens"
+        )
+        limit_s = gr.Slider(10, 1800, value=s.limit_s, step=10, label="Time limit per model (s)")
     with gr.Row():
-        run_btn = gr.Button("Run decode benchmark", variant="primary")
+        run_btn = gr.Button("Run decode benchmark", variant="primary", elem_id="lab-run")
         stop_btn = gr.Button("Stop", variant="stop")
-    note = gr.Markdown()
+    note = gr.Markdown(elem_id="lab-note")
     with gr.Row():
-        speed_plot = gr.LinePlot(
+        speed_plot = series_plot(
+            DECODE_COLORS,
             x="tokens generated",
             y="tokens/s",
-            color="series",
             height=300,
             title="Decode speed (tokens/s) vs tokens generated",
             y_lim=[0, None],
+            elem_id="lab-speed",
         )
-        mem_plot = gr.LinePlot(
+        mem_plot = series_plot(
+            DECODE_COLORS,
             x="tokens generated",
             y="cache MiB",
-            color="series",
             height=300,
             title="Per-sequence cache (MiB): recurrent state vs KV cache",
             y_lim=[0, None],
+            elem_id="lab-cache",
         )
-    device_plot = gr.LinePlot(
+    device_plot = series_plot(
+        DECODE_COLORS,
         x="tokens generated",
         y="memory MiB",
-        color="series",
         height=260,
         title=(
             "Device memory allocated (MiB, CUDA allocator)"
             if ctx.settings.device == "cuda"
             else "Process memory (MiB, RSS: weights of both models + caches; CPU, noisy)"
         ),
+        elem_id="lab-memory",
     )
     gr.Markdown("### Longest prompt that fits: peak memory of reading a prompt")
     with gr.Row():
         max_prompt = gr.Slider(
-            256, s["max_prompt"], value=s["prompt"], step=256, label="Longest prompt (tokens)"
+            256, s.max_prompt, value=s.prompt, step=256, label="Longest prompt (tokens)",
+            elem_id="lab-max-prompt",
         )
-        prefill_btn = gr.Button("Run prefill sweep", variant="primary")
-    prefill_note = gr.Markdown()
-    prefill_plot = gr.LinePlot(
+        prefill_btn = gr.Button("Run prefill sweep", variant="primary", elem_id="lab-prefill-run")
+    prefill_note = gr.Markdown(elem_id="lab-prefill-note")
+    prefill_plot = series_plot(
+        PREFILL_COLORS,
         x="prompt tokens",
         y="peak MiB",
-        color="series",
         height=300,
         y_lim=[0, None],
         title="Peak memory (MiB) vs prompt length: parallel vs chunked prefill",
+        elem_id="lab-prefill",
     )
 
     preset.input(bind(on_preset_change, ctx.settings), preset, precision, api_name="lab_precisions")

@@ -12,28 +12,31 @@ from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
-import pandas as pd
 
+from ..engine import SamplingParams
 from ..metrics import KV_REFERENCE, device_memory, kv_cache_bytes
+from ..settings import MiB
 from .common import (
     AppContext,
-    bind,
     check_message,
     controlled,
     fmt_bytes,
     model_pickers,
     on_preset_change,
     open_conversation,
-    sampling_params,
-    session_id,
+    reply_concurrency,
+    stop_reply,
     user_errors,
 )
-from .readout import live_metrics, readout_html, typed_frame
+from .inputs import Sampling, bind
+from .plots import series_plot
+from .readout import DEVICE_COLORS, device_memory_frame, live_metrics, readout_html
 
 SLOT = "long"
-MiB = 1 << 20
 POLL_S = 0.25  # how often the progress bar and memory plot refresh while the document is read
+READ_AXIS = "tokens read"  # the memory plot's x axis
 DEFAULT_QUESTION = "Summarize the text above in a few sentences."
+MAX_NEW_TOKENS = 200  # the slider's start: room for a summary (never above the server's default)
 
 
 def document_text(pasted: str | None, file, limit_chars: int) -> str:
@@ -57,16 +60,16 @@ def document_text(pasted: str | None, file, limit_chars: int) -> str:
     return text
 
 
-def memory_frame(samples: list[tuple[int, int]]) -> pd.DataFrame:
-    rows = [{"tokens read": n, "series": "device memory (whole process)", "MiB": b / MiB} for n, b in samples]
-    return typed_frame(rows, {"tokens read": "int64", "series": "object", "MiB": "float64"})
-
-
 def _kv_note(tokens: int) -> str:
     return (
         f"A transformer's KV cache for these {tokens:,} tokens ({KV_REFERENCE.name}, "
         f"{fmt_bytes(KV_REFERENCE.bytes_per_token)}/token): **{fmt_bytes(kv_cache_bytes(tokens))}**."
     )
+
+
+def _greedy(max_new_tokens: int) -> tuple[SamplingParams, int | None]:
+    """Answers about a document are greedy (with the UI's other sampling defaults)."""
+    return Sampling(temperature=0.0, max_new_tokens=max_new_tokens).for_reply()
 
 
 class ReadStopped(Exception):
@@ -125,14 +128,14 @@ def read_document(
         done = samples[-1][0]
         if total[0]:
             progress(done / total[0], desc=f"Reading {done:,} / {total[0]:,} tokens")
-        return gr.skip(), gr.skip(), memory_frame(samples), _kv_note(done)
+        return gr.skip(), gr.skip(), device_memory_frame(samples, READ_AXIS), _kv_note(done)
 
     events = conv.send(
         f"{text}\n\n{question}",
-        sampling_params(temperature=0),
-        int(max_new_tokens),
+        *_greedy(max_new_tokens),
         progress=on_chunk,
         allow_long=True,
+        document_chars=len(text),
     )
     first = None
     try:
@@ -143,7 +146,7 @@ def read_document(
                 first = item
     except ReadStopped:  # the conversation dropped the unfinished turn: it is empty again
         read = samples[-1][0]
-        yield conv.messages, readout_html(None), memory_frame(samples), (
+        yield conv.messages, readout_html(None), device_memory_frame(samples, READ_AXIS), (
             f"Stopped after reading {read:,} of {total[0]:,} tokens; nothing was kept. "
             "Press Read and answer to start again."
         )
@@ -154,7 +157,11 @@ def read_document(
     note = (
         _kv_note(samples[-1][0]) + f" Falcon Mamba's state: **{fmt_bytes(conv.lm.engine.state_nbytes())}**."
     )
-    yield from _answer(ctx, sid, conv, events, first, memory_frame(samples), note)
+    if first is not None and first.metrics.reused_tokens:
+        shared = " (read earlier on this server: prefix states are shared)" if conv.lm.prefix_cache.shared else ""
+        note = (f"**Already read{shared}**: {first.metrics.reused_tokens:,} tokens of this document came from "
+                f"the prefix cache, so only {first.metrics.prefilled_tokens:,} were read now. " + note)
+    yield from _answer(ctx, sid, conv, events, first, device_memory_frame(samples, READ_AXIS), note)
 
 
 def _answer(ctx, sid, conv, events, first, plot, note) -> Iterator[tuple]:
@@ -182,14 +189,10 @@ def ask(
     sid, conv = open_conversation(ctx, request, preset, precision, SLOT, progress)
     if not conv.turns:
         raise gr.Error("Read a document first.")
-    events = conv.send(text, sampling_params(temperature=0), int(max_new_tokens))
+    events = conv.send(text, *_greedy(max_new_tokens))
     yield "", conv.messages + [{"role": "user", "content": text}], gr.skip(), gr.skip(), gr.skip()
     for out in _answer(ctx, sid, conv, events, None, gr.skip(), gr.skip()):
         yield (gr.skip(), *out)
-
-
-def stop(ctx: AppContext, request: gr.Request) -> None:
-    ctx.stops.stop(session_id(request), SLOT)
 
 
 def build_long_tab(ctx: AppContext) -> None:
@@ -212,21 +215,21 @@ def build_long_tab(ctx: AppContext) -> None:
             question = gr.Textbox(DEFAULT_QUESTION, label="First question about it")
             with gr.Row():
                 preset, precision = model_pickers(s, s.default_preset)
-                max_new = gr.Slider(
-                    1, s.max_new_tokens_cap, min(200, s.max_new_tokens), step=1, label="Max new tokens"
-                )
+                max_new = gr.Slider(1, s.max_new_tokens_cap, min(MAX_NEW_TOKENS, s.max_new_tokens), step=1,
+                                    label="Max new tokens")
             with gr.Row():
                 read_btn = gr.Button("Read and answer", variant="primary", elem_id="long-read")
                 stop_btn = gr.Button("Stop", variant="stop")
         with gr.Column(scale=2):
-            plot = gr.LinePlot(
-                memory_frame([]),
-                x="tokens read",
+            plot = series_plot(
+                DEVICE_COLORS,
+                device_memory_frame([], READ_AXIS),
+                x=READ_AXIS,
                 y="MiB",
-                color="series",
                 height=260,
                 y_lim=[0, None],
                 title="Memory while reading (MiB)",
+                elem_id="long-memory",
             )
             note = gr.Markdown()
             readout = gr.HTML(readout_html(None))
@@ -241,6 +244,7 @@ def build_long_tab(ctx: AppContext) -> None:
         [pasted, upload, question, preset, precision, max_new],
         [chatbot, readout, plot, note],
         api_name="long_read",
+        concurrency_limit=reply_concurrency(ctx),
     )
     for trigger, name in ((msg.submit, "long_ask"), (ask_btn.click, "long_ask_button")):
         trigger(
@@ -248,5 +252,6 @@ def build_long_tab(ctx: AppContext) -> None:
             [msg, preset, precision, max_new],
             [msg, chatbot, readout, plot, note],
             api_name=name,
+            concurrency_limit=reply_concurrency(ctx),
         )
-    stop_btn.click(bind(stop, ctx), None, None, api_name="long_stop", queue=False)
+    stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="long_stop", queue=False)

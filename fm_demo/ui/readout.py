@@ -1,4 +1,4 @@
-"""The live readout panel and the per-conversation plot, rendered from ReplyMetrics.
+"""The live readout panel and the per-conversation plots, rendered from ReplyMetrics.
 
 Every number names its unit; the transformer comparison names its reference config and shows its
 formula, so a reader can check it: Llama-3-8B / Mistral-7B in bf16 stores
@@ -13,15 +13,20 @@ from dataclasses import replace
 import pandas as pd
 
 from ..metrics import KV_REFERENCE, ReplyMetrics, device_memory, kv_cache_bytes
+from ..settings import MiB
 from .common import fmt_bytes, fmt_rate, fmt_seconds
+from .plots import series_frame
 
-MiB = 1 << 20
-
-
-MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "device memory (whole process)"
-KV_SERIES = f"transformer KV cache ({KV_REFERENCE.name})"
-MEMORY_COLORS = {MAMBA_SERIES: "#059669", DEVICE_SERIES: "#6b7280", KV_SERIES: "#dc2626"}
+# Legend labels are cut at about 25 characters: the KV series names its reference in the readout
+MAMBA_SERIES, DEVICE_SERIES = "Falcon Mamba state", "whole-process memory"
+KV_SERIES = "transformer KV cache"
+# The state and the KV cache share a plot; whole-process memory has its own: at hundreds of MiB it
+# would flatten the other two lines to zero on a shared axis.
+MEMORY_COLORS = {MAMBA_SERIES: "#059669", KV_SERIES: "#dc2626"}
+DEVICE_COLORS = {DEVICE_SERIES: "#6b7280"}
 SPEED_COLORS = {"decode": "#059669", "prefill": "#2563eb"}
+_MIB_COLUMNS = {"context tokens": "int64", "series": "object", "MiB": "float64"}
+_SPEED_COLUMNS = {"context tokens": "int64", "series": "object", "tokens/s": "float64"}
 
 
 def kv_formula(tokens: int) -> str:
@@ -56,6 +61,8 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         _card("Time to first token", fmt_seconds(m.ttft_s if m.new_tokens else None)),
         _card("Prefill", fmt_rate(m.prefill_tok_s), f"{m.prefilled_tokens:,} tokens read"),
         _card("Decode", fmt_rate(m.decode_tok_s), f"{m.new_tokens:,} tokens generated"),
+        _card("Decoded in a batch of", f"{m.batch_size} {'reply' if m.batch_size == 1 else 'replies'}",
+              f"mean {m.batch_mean:.1f} over this reply"),
         _card("Tokens in context", f"{m.context_tokens:,}"),
         _card("Reused from state cache", f"{m.reused_tokens:,} tokens", reuse_sub),
         _card("Recurrent state", fmt_bytes(m.state_bytes), f"{fmt_bytes(m.cache_bytes)} with turn snapshots"),
@@ -66,6 +73,8 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         ),
         _card("Transformer KV cache", fmt_bytes(kv), ratio),
     ]
+    if m.served_by:  # a cluster: which model replica, and how it had this conversation's state
+        cards.append(_card("Served by", m.served_by, m.state_source))
     return (
         f"<div class='fm-readout'><div class='fm-status'>{html.escape(m.model)} · {html.escape(status)}</div>"
         f"<div class='fm-grid'>{''.join(cards)}</div>"
@@ -112,22 +121,27 @@ def turn_point(m: ReplyMetrics) -> dict:
     }
 
 
-def typed_frame(rows: list[dict], dtypes: dict[str, str]) -> pd.DataFrame:
-    """A plot frame with fixed column types, also when empty: the browser's chart infers axis
-    types from the data, and an empty untyped frame would turn numbers into categories."""
-    return pd.DataFrame(rows, columns=list(dtypes)).astype(dtypes)
-
-
-def memory_frame(points: list[dict]) -> pd.DataFrame:
+def state_kv_frame(points: list[dict]) -> pd.DataFrame:
+    """The recurrent state against the reference transformer's KV cache, per turn."""
     rows = []
     for p in points:
         n = p["context"]
         rows += [
             {"context tokens": n, "series": MAMBA_SERIES, "MiB": p["state"] / MiB},
-            {"context tokens": n, "series": DEVICE_SERIES, "MiB": p["device"] / MiB},
             {"context tokens": n, "series": KV_SERIES, "MiB": kv_cache_bytes(n) / MiB},
         ]
-    return typed_frame(rows, {"context tokens": "int64", "series": "object", "MiB": "float64"})
+    return series_frame(rows, _MIB_COLUMNS, "context tokens", MEMORY_COLORS)
+
+
+def device_frame(points: list[dict]) -> pd.DataFrame:
+    """Device memory (CUDA allocated, or the process's RSS on CPU) at the end of each turn."""
+    return device_memory_frame([(p["context"], p["device"]) for p in points], "context tokens")
+
+
+def device_memory_frame(samples: list[tuple[int, int]], x: str) -> pd.DataFrame:
+    """Device memory samples (x value, bytes) as the DEVICE_SERIES line over the axis `x`."""
+    rows = [{x: n, "series": DEVICE_SERIES, "MiB": b / MiB} for n, b in samples]
+    return series_frame(rows, {x: "int64", "series": "object", "MiB": "float64"}, x, DEVICE_COLORS)
 
 
 def speed_frame(points: list[dict]) -> pd.DataFrame:
@@ -137,7 +151,7 @@ def speed_frame(points: list[dict]) -> pd.DataFrame:
             {"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
             {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]},
         ]
-    return typed_frame(rows, {"context tokens": "int64", "series": "object", "tokens/s": "float64"})
+    return series_frame(rows, _SPEED_COLUMNS, "context tokens", SPEED_COLORS)
 
 
 CSS = """

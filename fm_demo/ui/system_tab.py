@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 
 from ..metrics import device_memory
-from .common import AppContext, bind, fmt_bytes, user_errors
+from .common import AppContext, fmt_bytes, user_errors
+from .inputs import bind
 
 log = logging.getLogger("fm_demo.ui")
 LIBRARIES = (
@@ -66,18 +71,60 @@ def models_table(ctx: AppContext) -> list[list[str]]:
     return rows
 
 
+SERVING_HEADERS = ["model", "runner", "decoding", "reading prompts", "waiting", "last batch", "max batch",
+                   "tok/s (all replies)", "state memory in use", "decode steps", "busy refusals"]
+CACHE_HEADERS = ["model", "states", "memory", "budget", "shared across sessions", "hit rate (requests)",
+                 "hit rate (tokens)", "evictions"]
+
+
+def serving_table(ctx: AppContext) -> list[list]:
+    """One row per loaded model: what its scheduler is doing now (continuous batching)."""
+    rows = []
+    for lm in ctx.manager.loaded():
+        st = lm.runner.stats()
+        if st.get("runner") != "batched":
+            rows.append([lm.label, st.get("runner", "")] + [""] * (len(SERVING_HEADERS) - 2))
+            continue
+        rows.append([lm.label, "batched", st["decoding"], st["reading"], st["waiting"], st["last_batch"],
+                     st["max_batch"], f"{st['agg_tok_s']:,.1f}", fmt_bytes(st["state_bytes_active"]),
+                     st["steps"], st["busy_refusals"]])
+    return rows
+
+
+def cache_table(ctx: AppContext) -> list[list]:
+    """One row per loaded model: its prefix-state cache (serving/prefix_cache.py)."""
+    rows = []
+    for lm in ctx.manager.loaded():
+        pc = lm.prefix_cache.stats()
+        rows.append([lm.label, pc["states"], fmt_bytes(pc["bytes"]), fmt_bytes(pc["budget_bytes"]),
+                     "yes" if pc["shared"] else "no", f"{pc['hit_rate']:.0%}", f"{pc['token_hit_rate']:.0%}",
+                     pc["evictions"]])
+    return rows
+
+
+def live_tables(ctx: AppContext) -> tuple[list[list], list[list]]:
+    return serving_table(ctx), cache_table(ctx)
+
+
+KERNELS_CHECK_TIMEOUT_S = 300.0
+
+
 def kernels_check_report() -> dict:
-    """kernels_check's report (environment, kernel packages, per-op paths, fused-vs-reference
-    checks; no benchmark), where the package is installed."""
+    """The report of `python -m kernels_check --json` (environment, kernel packages, per-op paths,
+    fused-vs-reference checks; no benchmark), run as the command-line tool it is: the app does not
+    import the diagnostics package, and a crash or hang there cannot take the server down."""
+    root = Path(__file__).resolve().parents[2]  # app.py's folder, where kernels_check/ sits
+    if not (root / "kernels_check").is_dir():
+        return {"available": False, "why": f"kernels_check is not installed next to the app ({root})"}
     try:
-        from kernels_check.report import build_report
-    except ImportError as e:
-        return {"available": False, "why": f"kernels_check is not importable: {e}"}
-    try:
-        return build_report(bench=False)
-    except Exception as e:  # a diagnostics failure must not take the tab down
-        log.exception("kernels_check failed")
-        return {"available": True, "error": f"{type(e).__name__}: {e}"}
+        done = subprocess.run([sys.executable, "-m", "kernels_check", "--json"], cwd=root, capture_output=True,
+                              text=True, timeout=KERNELS_CHECK_TIMEOUT_S)
+        return json.loads(done.stdout)
+    except subprocess.TimeoutExpired:
+        return {"available": True, "error": f"kernels_check took more than {KERNELS_CHECK_TIMEOUT_S:.0f} s"}
+    except json.JSONDecodeError:  # a diagnostics failure must not take the tab down
+        log.error("kernels_check failed: %s", done.stderr[-2000:])
+        return {"available": True, "error": f"kernels_check exited {done.returncode}: {done.stderr[-500:]}"}
 
 
 def _md(title: str, d: dict[str, str]) -> str:
@@ -104,6 +151,19 @@ def build_system_tab(ctx: AppContext) -> list:
         interactive=False,
         wrap=True,
     )
+    serving = gr.Dataframe(
+        value=serving_table(ctx),
+        headers=SERVING_HEADERS,
+        label="Serving now: each model's batched scheduler (refreshes every 2 s)",
+        interactive=False,
+    )
+    caches = gr.Dataframe(
+        value=cache_table(ctx),
+        headers=CACHE_HEADERS,
+        label="Prefix-state cache of each model (refreshes every 2 s)",
+        interactive=False,
+    )
+    gr.Timer(2.0).tick(bind(live_tables, ctx), None, [serving, caches], api_name="serving", queue=False)
     with gr.Row():
         stats = gr.JSON(label="Session cache (all sessions)")
         check = gr.JSON(label="kernels_check report")

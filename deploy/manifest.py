@@ -22,35 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fm_demo.hardware import HARDWARE, HARDWARE_ALIASES, Hardware
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-@dataclass(frozen=True)
-class Hardware:
-    flavor: str  # the Hub's name, as in huggingface_hub.SpaceHardware
-    kind: str  # "cpu" | "gpu" | "zerogpu"
-    label: str
-    bf16: bool = False  # native bfloat16 (compute capability >= 8.0)
-    free: bool = False  # free hardware has a fixed sleep time
-
-
-_GPU = "gpu"
-HARDWARE: dict[str, Hardware] = {h.flavor: h for h in (
-    Hardware("cpu-basic", "cpu", "2 vCPU, 16 GB RAM", free=True),
-    Hardware("cpu-upgrade", "cpu", "8 vCPU, 32 GB RAM"),
-    Hardware("zero-a10g", "zerogpu", "ZeroGPU (H200 slice, 70 GB, allocated per call)", bf16=True, free=True),
-    Hardware("t4-small", _GPU, "NVIDIA T4 16 GB"),
-    Hardware("t4-medium", _GPU, "NVIDIA T4 16 GB"),
-    Hardware("l4x1", _GPU, "NVIDIA L4 24 GB", bf16=True),
-    Hardware("l4x4", _GPU, "4x NVIDIA L4 24 GB", bf16=True),
-    Hardware("l40sx1", _GPU, "NVIDIA L40S 48 GB", bf16=True),
-    Hardware("a10g-small", _GPU, "NVIDIA A10G 24 GB", bf16=True),
-    Hardware("a10g-large", _GPU, "NVIDIA A10G 24 GB", bf16=True),
-    Hardware("a10g-largex2", _GPU, "2x NVIDIA A10G 24 GB", bf16=True),
-    Hardware("a100-large", _GPU, "NVIDIA A100 80 GB", bf16=True),
-    Hardware("h100", _GPU, "NVIDIA H100 80 GB", bf16=True),
-)}
-HARDWARE_ALIASES = {"zerogpu": "zero-a10g", "zero-gpu": "zero-a10g"}  # the Hub's flavor name is historical
 
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -243,7 +218,7 @@ class _Validator:
         return value
 
     def presets(self, value: Any, hw: Hardware) -> list[str]:
-        from .settings import PRESETS
+        from fm_demo.settings import PRESETS
 
         if value is None:
             self.fail("models.presets", "required: the presets the Space offers")
@@ -348,7 +323,7 @@ def check_settings_env(variables: dict[str, str], presets: list[str], default: s
     """Check FM_DEMO_* variables against the app's Settings, so a typo fails here, not on the Space."""
     from dataclasses import fields
 
-    from .settings import ENV_PREFIX, Settings
+    from fm_demo.settings import ENV_PREFIX, Settings, extra_preset
 
     problems, known = [], {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
     ours = {k: v for k, v in variables.items() if k.startswith(ENV_PREFIX)}
@@ -372,7 +347,10 @@ def check_settings_env(variables: dict[str, str], presets: list[str], default: s
     # This machine may lack the Space's GPU: check the values as if on CPU.
     models = {"FM_DEMO_DEFAULT_PRESET": default, "FM_DEMO_OFFERED_PRESETS": ",".join(presets)}
     try:
-        Settings.from_env({**ours, **models, ENV_PREFIX + "DEVICE": "cpu"})
+        settings = Settings.from_env({**ours, **models, ENV_PREFIX + "DEVICE": "cpu"})
     except ValueError as e:
         return [f"variables: the app rejects these settings: {e}"]
-    return []
+    # A directory here exists on this machine only: the Space would stop at start-up without it.
+    return [f"variables.{ENV_PREFIX}EXTRA_MODELS: {p.source} is a local checkpoint, which the Space does "
+            "not get (the bundle carries the app only); push it to the Hub and name its repo id"
+            for p in map(extra_preset, settings.extra_models) if p.local]

@@ -1,7 +1,7 @@
 """Spacefile -> Space bundle -> deploy with huggingface_hub.
 
-    python -m fm_demo.space bundle OUT_DIR [--spacefile PATH]
-    python -m fm_demo.space deploy [--dry-run] [--spacefile PATH] [--space-id ID] [--token T] [--endpoint URL]
+    python -m deploy.space bundle OUT_DIR [--spacefile PATH]
+    python -m deploy.space deploy [--dry-run] [--spacefile PATH] [--space-id ID] [--token T] [--endpoint URL]
 
 `bundle` writes exactly what the Space needs: README.md whose front matter configures the Space,
 requirements.txt for its hardware (the fused-kernel requirements on GPU hardware), and the app's
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .space_manifest import REPO_ROOT, Spacefile, SpacefileError, load_spacefile, preset_local_path
+from .manifest import REPO_ROOT, Spacefile, SpacefileError, load_spacefile, preset_local_path
 
 DEFAULT_SPACEFILE = REPO_ROOT / "Spacefile"
 HUB_FILE_PATTERNS = "*.json,*.safetensors"  # config, tokenizer and weights; skips .bin/.gguf copies
@@ -59,7 +59,7 @@ def space_variables(sf: Spacefile) -> dict[str, str]:
 
 def hub_presets(sf: Spacefile) -> dict[str, str]:
     """Offered presets that load from the Hub: key -> repo id (the others are bundled)."""
-    from .settings import PRESETS
+    from fm_demo.settings import PRESETS
 
     return {k: PRESETS[k].source for k in sf.presets if preset_local_path(PRESETS[k]) is None}
 
@@ -67,7 +67,7 @@ def hub_presets(sf: Spacefile) -> dict[str, str]:
 def render_readme(sf: Spacefile) -> str:
     from huggingface_hub import SpaceCardData
 
-    from .settings import PRESETS
+    from fm_demo.settings import PRESETS
 
     hub = hub_presets(sf)
     repos = list(dict.fromkeys(hub.values()))
@@ -105,7 +105,7 @@ def render_requirements(sf: Spacefile) -> str:
 
 def app_files(sf: Spacefile) -> list[Path]:
     """Paths (relative to the repo) of the app's files the Space needs."""
-    from .settings import PRESETS
+    from fm_demo.settings import PRESETS
 
     local = {k: preset_local_path(p) for k, p in PRESETS.items() if preset_local_path(p) is not None}
     needed = {k: path for k, path in local.items() if k in sf.presets}
@@ -218,7 +218,7 @@ def deploy(sf: Spacefile, *, api=None, space_id: str | None = None, dry_run: boo
 
 # -- CLI ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm_demo.space", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.space", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bundle", help="write the Space's files into OUT_DIR")
     b.add_argument("out_dir")

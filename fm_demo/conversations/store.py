@@ -13,10 +13,10 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .metrics import ReplyMetrics
-from .models import LoadedModel, ModelManager
+from ..metrics import ReplyMetrics
+from ..models import LoadedModel, ModelManager
+from ..settings import Settings
 from .sessions import Conversation, ConversationError, ImportRefused
-from .settings import Settings
 from .transfer import peek_model
 
 
@@ -50,7 +50,7 @@ class SessionStore:
         with self._lock:
             conv = self._convs.get(key)
             if conv is None:
-                conv = self._convs[key] = self._new(lm)
+                conv = self._convs[key] = self._new(lm, str(session_id))
             self._convs.move_to_end(key)
             conv.last_used = time.monotonic()
         if conv.lm is not lm:
@@ -92,8 +92,9 @@ class SessionStore:
 
     def reset(self, session_id: str, slot: str | None = None) -> None:
         with self._lock:
-            for key in [k for k in self._convs if k[0] == str(session_id) and slot in (None, k[1])]:
-                del self._convs[key]
+            dropped = [self._convs.pop(k) for k in list(self._convs) if k[0] == str(session_id) and slot in (None, k[1])]
+        for c in dropped:
+            c.release_states()
 
     def stats(self) -> dict:
         with self._lock:
@@ -136,17 +137,18 @@ class SessionStore:
         for key, c in list(self._convs.items()):
             if now - c.last_used > ttl and not c.busy and c is not active:
                 del self._convs[key]
+                c.release_states()
                 self._counts["expired"] += 1
         sessions = list(dict.fromkeys(k[0] for k in self._convs))  # least recently used first
         for sid in sessions[:max(0, len(sessions) - self.settings.max_sessions)]:
             if any(c is active or c.busy for k, c in self._convs.items() if k[0] == sid):
                 continue
             for key in [k for k in self._convs if k[0] == sid]:
-                del self._convs[key]
+                self._convs.pop(key).release_states()
             self._counts["dropped_sessions"] += 1
 
-    def _new(self, lm: LoadedModel) -> Conversation:
-        conv = Conversation(lm, self.settings)
+    def _new(self, lm: LoadedModel, session_id: str) -> Conversation:
+        conv = Conversation(lm, self.settings, namespace=session_id)
         conv.on_commit = self._after_reply
         return conv
 

@@ -15,10 +15,10 @@ import json
 
 import torch
 
-from . import chat
-from .engine import State, StateError
-from .models import LoadedModel
-from .sessions import ImportRefused, Turn
+from .. import chat
+from ..engine import State, StateError
+from ..models import LoadedModel
+from .turns import ImportRefused, Turn
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
 

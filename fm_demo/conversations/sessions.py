@@ -30,40 +30,23 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from . import chat
-from .engine import SamplingParams, State, TokenEvent
-from .metrics import ReplyMetrics, device_memory
-from .models import LoadedModel
-from .settings import Settings
+from .. import chat
+from ..engine import SamplingParams, State, TokenEvent
+from ..metrics import ReplyMetrics, device_memory
+from ..models import LoadedModel
+from ..serving import ReplyStream
+from ..settings import Settings
+from ..stops import first_stop
 from .state_cache import ProgressFn, StateCache
-from .zerogpu import StateUpdate
+from .transfer import export_bytes, import_parts
+from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 
-
-class ConversationError(ValueError):
-    """A request a conversation cannot serve; the message is for the user."""
-
-
-class ConversationBusy(ConversationError):
-    pass
-
-
-class ImportRefused(ConversationError):
-    pass
-
-
-@dataclass
-class Turn:
-    user: str
-    prompt_ids: list[int]  # delta read before the reply (chat.prompt_ids)
-    reply_ids: list[int] = field(default_factory=list)  # generated tokens, all of them in the state
-    reply: str = ""  # text shown for the reply
-    finish_reason: str | None = None
-    metrics: ReplyMetrics | None = None
+__all__ = ["Conversation", "ConversationBusy", "ConversationError", "ImportRefused", "ReplyEvent", "Turn"]
 
 
 @dataclass
@@ -81,6 +64,15 @@ def _note_reuse(m: ReplyMetrics, start: int, pos: int, base: int) -> None:
     m.prefilled_tokens, m.cache_hit = pos - start + 1, base <= start
 
 
+def _note_runner(m: ReplyMetrics, stream: ReplyStream, pos: int, base: int) -> None:
+    """What a runner with states of its own (a cluster replica) says about the reply: where its
+    state really started (a longer prefix it still had), which replica served it and how."""
+    if (start := getattr(stream, "start", None)) is not None:
+        _note_reuse(m, start, pos, base)
+    m.served_by = getattr(stream, "served_by", "") or m.served_by
+    m.state_source = getattr(stream, "state_source", "") or m.state_source
+
+
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
     """Fold a token event into the reply's timing (t0: when the request came in)."""
     now = time.perf_counter()
@@ -91,7 +83,8 @@ def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
 
 
 class Conversation:
-    def __init__(self, lm: LoadedModel, settings: Settings | None = None, system_prompt: str | None = None):
+    def __init__(self, lm: LoadedModel, settings: Settings | None = None, system_prompt: str | None = None,
+                 namespace: str | None = None):
         self.settings = settings or Settings(device="cpu" if lm.device == "cpu" else "cuda")
         self.lm: LoadedModel | None = lm
         self.fmt = chat.format_for(lm.kind)
@@ -100,7 +93,9 @@ class Conversation:
         self.last_metrics: ReplyMetrics | None = None
         self.last_used = time.monotonic()
         self.on_commit: Callable[[Conversation, ReplyMetrics | None], None] | None = None  # the store's hook
-        self.cache = StateCache()
+        # the prefix-cache namespace: the browser session (the store passes it), else this conversation
+        self.namespace = namespace if namespace is not None else f"conversation-{id(self):x}-{time.time_ns()}"
+        self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
         self._lock = threading.Lock()
 
     # -- views -------------------------------------------------------------------------------
@@ -140,10 +135,16 @@ class Conversation:
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, text: str, sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
-             progress: ProgressFn | None = None, allow_long: bool = False) -> Iterator[ReplyEvent]:
-        """Stream the reply to a new user message; closing the iterator stops the reply."""
+             progress: ProgressFn | None = None, allow_long: bool = False,
+             document_chars: int | None = None) -> Iterator[ReplyEvent]:
+        """Stream the reply to a new user message; closing the iterator stops the reply.
+
+        document_chars: the message starts with a document of that many characters; the state at
+        its end is kept in the prefix cache, so the same document with another question (from
+        this session, or anyone's when sharing is on) is not read again.
+        """
         self._check_text(text, allow_long)
-        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress)
+        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress, document_chars)
 
     def retry(self, sampling: SamplingParams | None = None,
               max_new_tokens: int | None = None) -> Iterator[ReplyEvent]:
@@ -169,36 +170,39 @@ class Conversation:
             raise ConversationError(f"the message has {len(text):,} characters; the limit is {limit:,}")
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
-                  max_new_tokens: int | None, progress: ProgressFn | None) -> Iterator[ReplyEvent]:
+                  max_new_tokens: int | None, progress: ProgressFn | None,
+                  document_chars: int | None = None) -> Iterator[ReplyEvent]:
         if not self._lock.acquire(blocking=False):
             raise ConversationBusy("a reply is still being written in this conversation")
         before = self.last_metrics
         try:
             yield from self._generate_locked(keep, user_text, sampling or SamplingParams(),
-                                             self.settings.clamp_new_tokens(max_new_tokens), progress)
+                                             self.settings.clamp_new_tokens(max_new_tokens), progress,
+                                             document_chars)
         finally:
             self.last_used = time.monotonic()
             self._lock.release()
             if self.on_commit is not None:
                 self.on_commit(self, self.last_metrics if self.last_metrics is not before else None)
 
-    def _generate_locked(self, keep, user_text, sampling, max_new, progress) -> Iterator[ReplyEvent]:
+    def _generate_locked(self, keep, user_text, sampling, max_new, progress,
+                         document_chars=None) -> Iterator[ReplyEvent]:
         lm = self._require_model()
         t0 = time.perf_counter()
         turn, base = self._begin_turn(keep, user_text)
+        if document_chars:
+            turn.keep_at = self._document_end(turn, document_chars)
         pre = base + len(turn.prompt_ids) - 1  # the last prompt token goes through the stream
         m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
         raw, finish, state, stream = "", None, None, None
         try:
-            state, stream = self._open_stream(lm, pre, base, sampling, max_new, m, progress)
+            stream = self._open_stream(lm, pre, base, sampling, max_new, m, progress)
             m.prefill_s = time.perf_counter() - t0
             for ev in stream:
-                if isinstance(ev, StateUpdate):  # ZeroGPU: the advanced state, after the last token
-                    state = ev.state
-                    continue
                 turn.reply_ids.append(ev.token_id)
                 raw += ev.text
                 _time_event(m, ev, t0)
+                m.batch_size, m.batch_mean = ev.metrics.batch_size, ev.metrics.batch_mean
                 shown, hit = chat.visible_reply(self.fmt, raw, final=ev.finish_reason is not None)
                 delta, turn.reply = shown[len(turn.reply):], shown
                 finish = "stop_string" if hit else ev.finish_reason
@@ -206,16 +210,20 @@ class Conversation:
                     break
                 yield ReplyEvent(delta, shown, m)
         except GeneratorExit:
-            finish = "cancelled"  # the engine fed exactly the tokens it yielded: the state is exact
+            finish = "cancelled"  # the state holds exactly the tokens fed: see _close_stream
             raise
         except BaseException:
-            finish, state = "error", None  # a step may have stopped half-way: rebuild later
+            finish = "error"  # a step may have stopped half-way: rebuild later
             raise
         finally:
             if stream is not None:
-                stream.close()
+                state = self._close_stream(stream, finish)
+                _note_runner(m, stream, pre, base)
             if finish == "stop_string":
                 state = self._cut_at_stop(turn, raw, base)
+            elif finish == "cancelled" and state is not None and state.seqlen != base + len(turn.prompt_ids) + len(
+                    turn.reply_ids):  # the runner was ahead of what was shown: keep what was shown
+                state = self._reread_reply(turn, base)
             if finish == "error" and user_text is not None and not turn.reply_ids:
                 self.turns.pop()  # nothing came of this message: leave the transcript as it was
                 self.cache.truncate(self.context_tokens)
@@ -224,26 +232,30 @@ class Conversation:
         yield ReplyEvent("", turn.reply, m, done=True, finish_reason=finish)
 
     def _open_stream(self, lm: LoadedModel, pre: int, base: int, sampling: SamplingParams, max_new: int,
-                     m: ReplyMetrics, progress: ProgressFn | None) -> tuple[State, Iterator]:
-        """(state, token events) of a reply to tokens[:pre + 1]: the engine here, or a GPU call on ZeroGPU.
+                     m: ReplyMetrics, progress: ProgressFn | None) -> ReplyStream:
+        """The reply to tokens[:pre + 1], run by the model's runner (serving/runner.py).
 
-        Here the state holds tokens[:pre] (built from the nearest cached one) and the engine's
-        stream advances it in place. On ZeroGPU it is a CPU copy of the nearest snapshot, the call
-        reads every token after it and ends with a StateUpdate (it cannot report prefill progress).
+        Usually the state is first brought to tokens[:pre] (from the nearest cached one, with
+        snapshots at the boundaries passed) and the reply reads one token. A `one_call` runner
+        (ZeroGPU) reads everything after the nearest snapshot in the reply's own call instead.
         """
-        if lm.gpu is None:
-            start, state = pre, self._provide(pre, base, m, progress)
-        else:
-            start, state = self.cache.nearest(pre, "cpu", lm.engine)
+        runner = lm.runner
+        if runner.one_call:
+            start, state = self.cache.nearest(pre, runner.state_device, lm.engine)
             _note_reuse(m, start, pre, base)
+        else:
+            start, state = pre, self._provide(pre, base, m, progress)
         tokens = self.token_ids()
         ids = torch.tensor([tokens[start:pre + 1]])  # [1, T]
         ctx = torch.tensor([tokens[:start]]) if sampling.repetition_penalty != 1.0 and start else None
         stops = chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)
-        if lm.gpu is None:
-            return state, lm.engine.stream(ids, state, sampling, max_new, stops, lm.tokenizer, context_ids=ctx)
-        return state, lm.gpu.stream(lm.key, state, ids, sampling=sampling, max_new_tokens=max_new,
-                                    stop_token_ids=stops, context_ids=ctx)
+        return runner.stream(state, ids, sampling, max_new, stops, lm.tokenizer, ctx,
+                             prefix=(self.namespace, tokens[:start]))
+
+    def _close_stream(self, stream: ReplyStream, finish: str | None) -> State | None:
+        """End the reply's stream; the state after it, or None when it must be rebuilt."""
+        stream.close()  # returns the tokens a batched runner fed beyond those shown: see _reread_reply
+        return None if finish == "error" else stream.state
 
     def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int]:
         """Cut the transcript back for the new reply; returns the turn and where it starts."""
@@ -263,31 +275,62 @@ class Conversation:
         self.turns.append(turn)
         return turn, base
 
+    def _document_end(self, turn: Turn, chars: int) -> int | None:
+        """Tokens of turn.prompt_ids that hold only the first `chars` characters of the message:
+        the common prefix with the prompt of the document alone (token boundaries can merge
+        across the cut, so the point is where both encodings still agree)."""
+        prev = self.turns[-2].reply_ids if len(self.turns) > 1 else None
+        alone = chat.prompt_ids(self.fmt, self.lm.tokenizer, turn.user[:chars], prev, system=self.system)
+        n = 0
+        for a, b in zip(alone, turn.prompt_ids):
+            if a != b:
+                break
+            n += 1
+        return n if 0 < n < len(turn.prompt_ids) - 1 else None
+
+    def _marks(self) -> list[int]:
+        """Positions worth a state: turn boundaries and documents' ends."""
+        out, pos = [0], 0
+        for t in self.turns:
+            if t.keep_at is not None:
+                out.append(pos + t.keep_at)
+            pos += len(t.prompt_ids) + len(t.reply_ids)
+            out.append(pos)
+        return out
+
     def _cut_at_stop(self, turn: Turn, raw: str, base: int) -> State | None:
         """Drop the tokens from a stop string on and rebuild the state to the kept tokens.
 
         Starts from the snapshot before the reply, so it re-reads only the kept reply tokens.
         """
         tok, ids = self.lm.tokenizer, turn.reply_ids
-        cut = min(i for s in self.fmt.stop_strings if (i := raw.find(s)) >= 0)
+        cut = first_stop(raw, self.fmt.stop_strings)
         del ids[chat.tokens_within(tok, ids, cut):]
         turn.reply = chat.visible_reply(self.fmt, tok.decode(ids, skip_special_tokens=True), final=True)[0]
+        return self._reread_reply(turn, base)
+
+    def _reread_reply(self, turn: Turn, base: int) -> State | None:
+        """The state after the reply's kept tokens, read from the snapshot before the reply.
+
+        Needed when the state went further than the transcript: a stop string, or a stopped reply
+        whose batched runner had fed a token or two beyond those shown (Stop keeps what was shown).
+        """
         self.cache.live = None
-        if self.lm.gpu is not None:
-            return None  # no GPU here: the next reply's GPU call re-reads from the snapshot before
-        return self._provide(base + sum(map(len, (turn.prompt_ids, ids))), base, ReplyMetrics(), None)
+        if self.lm.runner.one_call:
+            return None  # a state from another process: the next reply's call re-reads from the snapshot
+        return self._provide(base + len(turn.prompt_ids) + len(turn.reply_ids), base, ReplyMetrics(), None)
 
     # -- states (kept by self.cache) -----------------------------------------------------------
     def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:
         """A state on the model's device holding tokens[:pos], from the nearest cached one."""
-        start, state = self.cache.provide(self.lm, self.token_ids(), self._boundaries(), pos, progress)
+        start, state = self.cache.provide(self.lm, self.token_ids(), self._marks(), pos, progress)
         _note_reuse(m, start, pos, base)
         return state
 
     def _commit(self, turn: Turn, state: State | None, finish: str | None, m: ReplyMetrics) -> None:
         turn.finish_reason, turn.metrics = finish, m
         end = self.context_tokens
-        self.cache.commit(state, end, set(self._boundaries()) | {self._retry_point()})
+        self.cache.commit(state, end, set(self._marks()) | {self._retry_point()})
         m.state_bytes = self.lm.engine.state_nbytes()
         m.cache_bytes, m.context_tokens = self.cache_bytes(), end
         m.device_mem_bytes, m.device_peak_bytes = device_memory(self.lm.engine.device)
@@ -345,15 +388,16 @@ class Conversation:
             if self.turns:
                 self.turns[0].prompt_ids = chat.prompt_ids(self.fmt, self.lm.tokenizer, self.turns[0].user,
                                                            None, system=text)
+                self.turns[0].keep_at = None
                 self.cache.clear()
 
     def fork(self) -> Conversation:
         """An independent copy; snapshots are shared (they are never modified in place)."""
         with self._locked():
-            other = Conversation(self.lm, self.settings, self.system)
+            other = Conversation(self.lm, self.settings, self.system, self.namespace)
             other.turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason,
-                                t.metrics) for t in self.turns]
-            other.cache = self.cache.copy()
+                                t.metrics, t.keep_at) for t in self.turns]
+            other.cache = self.cache.copy(other.token_ids)
             return other
 
     def bind(self, lm: LoadedModel) -> None:
@@ -362,7 +406,7 @@ class Conversation:
             old, self.lm = self.lm, lm
             if old is not None and old.key == lm.key:
                 return
-            self.cache.clear()
+            self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
             if old is not None and (old.preset.source, old.kind) == (lm.preset.source, lm.kind):
                 return  # same tokens, only the precision changed
             self.fmt = chat.format_for(lm.kind)
@@ -377,6 +421,15 @@ class Conversation:
             finally:
                 self._lock.release()
 
+    def release_states(self) -> None:
+        """Let go of every state (a conversation the store drops): the prefix cache frees what no
+        one else holds. A busy conversation keeps them; the cache's budget frees them later."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.cache.clear()
+            finally:
+                self._lock.release()
+
     def offload_all(self) -> None:
         self.cache.offload_all()
 
@@ -385,7 +438,7 @@ class Conversation:
         for t in self.turns:
             t.prompt_ids = chat.prompt_ids(self.fmt, tok, t.user, prev, system=self.system)
             t.reply_ids = chat.encode(tok, self.fmt.reply_lead + t.reply) if t.reply else []
-            prev = t.reply_ids
+            t.keep_at, prev = None, t.reply_ids
 
     def _require_model(self) -> LoadedModel:
         if self.lm is None:
@@ -395,22 +448,17 @@ class Conversation:
     # -- export / import ---------------------------------------------------------------------
     def export(self) -> bytes:
         """Transcript + state at its end, as one safetensors file (versioned, checksummed)."""
-        from .transfer import export_bytes  # transfer builds on this module's Turn and errors
-
         with self._locked():
             lm = self._require_model()
             end = self.context_tokens
             state = self.cache.at(end)
             if state is None:
                 state = self._provide(end, end, ReplyMetrics(), None) if end else lm.engine.new_state()
-                self.cache.settle()
             return export_bytes(self.system, self.turns, lm, state)
 
     @classmethod
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
         """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
-        from .transfer import import_parts  # transfer builds on this module's Turn and errors
-
         conv = cls(lm, settings)
         conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
         if state.seqlen:

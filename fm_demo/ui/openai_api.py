@@ -1,0 +1,328 @@
+"""OpenAI-compatible endpoints on the app's own server: GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions.
+
+Same process, models and schedulers as the browser: a request is one stateless completion
+(serving/completion.py). The client sends the whole prompt (the chat history) every time; the
+model's prefix cache finds the longest prefix it already holds a state for, so a conversation
+resent turn after turn costs only its new tokens, and usage.prompt_tokens_details.cached_tokens
+says how many prompt tokens were served from the cache.
+
+Registration: Gradio builds a fresh FastAPI app in every demo.launch(); launch_kwargs() passes
+`api_routes()` through launch's app_kwargs as FastAPI's `routes`, so `python app.py`,
+`gradio app.py` and a Space (which runs app.py) all serve them. The routes find the app's context
+through the app (`request.app.get_blocks()`), so a reload that swaps the Blocks swaps it too.
+
+Prefix-cache namespaces (while Settings.share_prefix_cache is off) keep clients apart: the
+request's `cache_salt`, else the bearer token, else the `user` field, else the client's address,
+hashed and prefixed "api:" so they never meet a browser session's. With sharing on, every
+request shares one tree.
+
+Threads: complete() blocks on the scheduler's queue, so model loads, tokenizing and every
+next chunk run in worker threads (anyio) under a limiter of the API's own, sized like Gradio's
+reply concurrency; the event loop only writes bytes. A client that disconnects mid-stream
+closes its completion, which cancels its batch row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .. import chat
+from ..serving import SchedulerBusy, SchedulerClosed
+from ..serving.completion import CompletionChunk, CompletionRequest, complete
+from ..settings import Settings
+from .openai_schema import ApiError, ApiRequest, Shape, bad, model_json, parse_chat, parse_completion
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from ..models import LoadedModel
+    from .common import AppContext
+
+log = logging.getLogger("fm_demo.api")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+BODY_SLACK = 64 * 1024  # bytes of JSON around the prompt
+
+
+def api_routes() -> list[BaseRoute]:
+    """The /v1 routes, for FastAPI(routes=...) (launch's app_kwargs)."""
+    router = APIRouter(prefix="/v1")
+    router.add_api_route("/models", list_models, methods=["GET"], include_in_schema=False)
+    router.add_api_route("/models/{model:path}", get_model, methods=["GET"], include_in_schema=False)
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
+    router.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
+    return list(router.routes)
+
+
+# -- endpoints -------------------------------------------------------------------------------
+async def list_models(request: Request) -> Response:
+    try:
+        ctx = _open(request)
+    except ApiError as e:
+        return error_response(e)
+    data = [model_json(k, p.source, p.local) for k, p in ctx.manager.presets.items()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request, model: str) -> Response:
+    try:
+        ctx = _open(request)
+        preset = ctx.manager.presets.get(model)
+        if preset is None:
+            raise _unknown_model(model, ctx)
+    except ApiError as e:
+        return error_response(e)
+    return JSONResponse(model_json(model, preset.source, preset.local))
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, parse_chat)
+
+
+async def completions(request: Request) -> Response:
+    return await _serve(request, parse_completion)
+
+
+# -- one request -----------------------------------------------------------------------------
+@dataclass
+class _Job:
+    lm: LoadedModel
+    request: CompletionRequest
+    shape: Shape
+    lead: str  # the chat format's text between "Assistant:" and a reply, not part of the reply
+
+
+async def _serve(request: Request, parse: Callable[[object, Settings], ApiRequest]) -> Response:
+    reply = None
+    try:
+        ctx = _open(request)
+        req = parse(await _read_json(request, ctx.settings), ctx.settings)
+        threads = _threads(request, ctx)
+        job = await anyio.to_thread.run_sync(_prepare, ctx, req, namespace(request, req), limiter=threads)
+        reply = _Reply(complete(job.lm, job.request), threads)
+        first = await reply.next()  # a busy scheduler refuses here, before any byte is sent
+    except Exception as e:
+        if reply is not None:
+            await reply.close()
+        return error_response(api_error(e))
+    if req.stream:
+        return EventStream(_events(reply, first, job, req.include_usage), media_type="text/event-stream",
+                           headers=SSE_HEADERS)
+    return await _whole(request, reply, first, job)
+
+
+def _open(request: Request) -> AppContext:
+    """The app's context, once the request's key (if the server has one) checks out."""
+    ctx = request.app.get_blocks().fm_context
+    key = ctx.settings.api_key
+    if key:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return ctx
+
+
+async def _read_json(request: Request, settings: Settings) -> object:
+    """The body as JSON; one larger than any allowed prompt could need is refused unread (413)."""
+    limit = 6 * settings.max_upload_chars + BODY_SLACK  # \uXXXX: six bytes for a character
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise _too_long(f"the request body is over {limit:,} bytes", settings)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+
+
+def namespace(request: Request, req: ApiRequest) -> str:
+    """The prefix-cache namespace of a request: cache_salt, else the bearer token, else `user`,
+    else the client's address. Hashed, so keys are not kept in memory; "api:" keeps them apart
+    from browser sessions."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    address = request.client.host if request.client else "unknown"
+    kind, value = next((k, v) for k, v in (("salt", req.cache_salt), ("key", token), ("user", req.user),
+                                           ("address", address)) if v)
+    return f"api:{kind}:{hashlib.sha256(value.encode()).hexdigest()[:32]}"
+
+
+def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
+    """Model, prompt ids and completion request (in a worker thread: it may load the model)."""
+    preset, _ = ctx.manager.resolve(req.model)  # an unknown model is refused before anything loads
+    fmt = chat.format_for(preset.kind)
+    param = "messages" if req.messages else "prompt"
+    text = chat.render(fmt, req.messages, add_generation_prompt=True) if req.messages else req.prompt
+    size = len(text)  # characters, or token ids (each stands for at least one character)
+    if size > ctx.settings.max_upload_chars:
+        raise _too_long(f"the prompt is {size:,} characters", ctx.settings, param)
+    lm = ctx.manager.get(req.model)
+    ids = chat.encode(lm.tokenizer, text) if isinstance(text, str) else list(text)
+    if not ids:
+        raise bad("the prompt is empty", param)
+    vocab = lm.engine.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        raise bad(f"token ids must be in [0, {vocab})", param)
+    stops = req.stop + (fmt.stop_strings if req.messages else ())
+    creq = CompletionRequest(ids, req.sampling, req.max_tokens, tuple(chat.stop_token_ids(fmt, lm.tokenizer)),
+                             stops, space)
+    kind = "chatcmpl" if req.messages else "cmpl"
+    shape = Shape(req.messages is not None, f"{kind}-{secrets.token_hex(12)}", int(time.time()), req.model)
+    return _Job(lm, creq, shape, fmt.reply_lead if req.messages else "")
+
+
+class _Reply:
+    """A completion's chunks, each taken in a worker thread; close() cancels the row."""
+
+    def __init__(self, chunks: Iterator[CompletionChunk], threads: anyio.CapacityLimiter):
+        self._chunks, self._threads, self._closed = chunks, threads, False
+
+    async def next(self) -> CompletionChunk:
+        chunk = await anyio.to_thread.run_sync(next, self._chunks, None, limiter=self._threads)
+        if chunk is None:  # complete() always ends with a finish_reason; this is a bug guard
+            raise RuntimeError("the completion ended without a finish reason")
+        return chunk
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):  # also when the stream was cancelled (client gone)
+            await anyio.to_thread.run_sync(self._chunks.close, limiter=self._threads)
+
+
+class _Lead:
+    """Drops the format's reply lead (the base transcript's space after "Assistant:") from the
+    start of a streamed reply, holding back text until it is clear."""
+
+    def __init__(self, lead: str):
+        self.lead, self.buf = lead, ""
+
+    def push(self, text: str, final: bool) -> str:
+        if not self.lead:
+            return text
+        self.buf += text
+        if len(self.buf) < len(self.lead) and self.lead.startswith(self.buf) and not final:
+            return ""
+        out = self.buf.removeprefix(self.lead)
+        self.lead, self.buf = "", ""
+        return out
+
+
+async def _whole(request: Request, reply: _Reply, chunk: CompletionChunk, job: _Job) -> Response:
+    lead, parts = _Lead(job.lead), []
+    try:
+        while True:
+            parts.append(lead.push(chunk.text, chunk.finish_reason is not None))
+            if chunk.finish_reason:
+                break
+            if await request.is_disconnected():  # nobody to answer: free the row
+                return Response(status_code=499)
+            chunk = await reply.next()
+    except Exception as e:
+        return error_response(api_error(e))
+    finally:
+        await reply.close()
+    return JSONResponse(job.shape.response("".join(parts), chunk.finish_reason, chunk.usage))
+
+
+async def _events(reply: _Reply, chunk: CompletionChunk, job: _Job, with_usage: bool) -> AsyncIterator[str]:
+    """The SSE body: OpenAI's chunks, a usage chunk when asked, then [DONE]; an error mid-stream
+    is sent as an error event (OpenAI's clients raise it), then [DONE]."""
+    shape, lead = job.shape, _Lead(job.lead)
+    try:
+        if (head := shape.first_chunk(with_usage)) is not None:
+            yield _sse(head)
+        while True:
+            text = lead.push(chunk.text, chunk.finish_reason is not None)
+            if text:
+                yield _sse(shape.chunk(text, None, with_usage))
+            if chunk.finish_reason:
+                yield _sse(shape.chunk(None, chunk.finish_reason, with_usage))
+                if with_usage:
+                    yield _sse(shape.usage_chunk(chunk.usage))
+                break
+            chunk = await reply.next()
+    except Exception as e:
+        yield _sse(api_error(e).body())
+    finally:
+        await reply.close()
+    yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, so a client gone mid-stream
+    (Starlette cancels the send loop then) still ends the completion at once, not at GC."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def _threads(request: Request, ctx: AppContext) -> anyio.CapacityLimiter:
+    """The API's worker-thread limiter (one per app, made in its event loop): as many as the
+    scheduler has rows and waiting places, so API streams never take the threads Gradio's own
+    events run in."""
+    state = request.app.state
+    limiter = getattr(state, "fm_api_threads", None)
+    if limiter is None:
+        limiter = state.fm_api_threads = anyio.CapacityLimiter(ctx.settings.event_concurrency())
+    return limiter
+
+
+# -- errors ----------------------------------------------------------------------------------
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _too_long(what: str, settings: Settings, param: str | None = None) -> ApiError:
+    return ApiError(413, f"Prompt too long: {what}; this server takes up to {settings.max_upload_chars:,} "
+                    "characters (FM_DEMO_MAX_UPLOAD_CHARS).", param, "prompt_too_long")
+
+
+def _unknown_model(model: str, ctx: AppContext) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist; available: {', '.join(ctx.manager.presets)}.",
+                    "model", "model_not_found")
+
+
+def api_error(e: BaseException) -> ApiError:
+    """An exception as the error a client gets; unexpected ones are logged with their trace."""
+    from ..models import ModelLoadError
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, SchedulerBusy):
+        return ApiError(503, str(e), code="server_busy", headers={"Retry-After": "1"})
+    if isinstance(e, SchedulerClosed):
+        return ApiError(503, str(e), code="model_unloaded", headers={"Retry-After": "1"})
+    if isinstance(e, ModelLoadError):
+        if e.reason == "unknown_model":
+            return ApiError(404, str(e), "model", "model_not_found")
+        return ApiError(503, str(e), "model", f"model_{e.reason}")
+    if type(e).__name__ == "OutOfMemoryError":
+        return ApiError(503, "The device ran out of memory; try a shorter prompt or fewer tokens.",
+                        code="out_of_memory")
+    log.exception("unexpected error in the OpenAI-compatible API", exc_info=e)
+    return ApiError(500, f"Something went wrong on the server ({type(e).__name__}); the details are in "
+                    "the server log.", code="internal_error")

@@ -258,6 +258,9 @@ def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
         wait_for(lambda q=question: page.input_value("#chat-input textarea") == q, f"the example {question!r} to fill the input")
         page.click("#chat-send")
         wait_reply(page, app[1], turns)
+        if turns == 1:  # one turn already draws every line: memory from an empty context, rates over spans
+            wait_plot(page, "chat-memory", {MAMBA_SERIES, KV_SERIES})
+            wait_plot(page, "chat-speed", {"decode", "prefill"})
     conv = session_conv(app[1], "chat")
     readout = page.inner_text("#readout")
     reused = int(re.search(r"Reused from state cache\s+([\d,]+) tokens", readout).group(1).replace(",", ""))
@@ -266,8 +269,10 @@ def test_examples_and_turns_that_reuse_the_state_and_chat_screenshot(page, app):
     assert conv.turns[-1].reply == "You asked me to remember the word falcon."  # carried by the state
     memory = wait_plot(page, "chat-memory", {MAMBA_SERIES, KV_SERIES})
     state_ys, kv_ys = memory["lines"][MAMBA_SERIES][1], memory["lines"][KV_SERIES][1]
-    assert len(set(state_ys)) == 1 and len(kv_ys) == 3  # a point per turn; the state's line is flat
-    assert state_ys[0] > kv_ys[0] > kv_ys[1] > kv_ys[2]  # the KV line rises above it (SVG y grows down)
+    # from an empty context, then a point per turn; the state's line is flat
+    assert len(set(state_ys)) == 1 and len(kv_ys) == 4
+    # the KV line starts below the state and rises above it (SVG y grows down)
+    assert kv_ys[0] > state_ys[0] > kv_ys[1] > kv_ys[2] > kv_ys[3]
     wait_plot(page, "chat-device-memory", {DEVICE_SERIES})
     wait_plot(page, "chat-speed", {"decode", "prefill"})
     time.sleep(1)

@@ -98,6 +98,13 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     box, chat, html, mem, speed, points = outs[-1]
     assert outs[0][0] == "" and chat[0] == {"role": "user", "content": "Hello!"}
     assert chat[-1]["role"] == "assistant" and len(points) == 1
+    # one turn already draws lines: the state and the KV cache from an empty context, and each
+    # rate over the span of context it covered
+    assert mem[mem["series"] == KV_SERIES]["context tokens"].tolist() == [0, points[0]["context"]]
+    for series in ("prefill", "decode"):
+        span = speed[speed["series"] == series]
+        assert len(span) == 2 and span["tokens/s"].nunique() == 1 and span["context tokens"].is_monotonic_increasing
+    assert speed[speed["series"] == "decode"]["context tokens"].iloc[-1] == points[0]["context"]
     assert "Tokens in context" in html and "Llama-3-8B / Mistral-7B" in html
     conv = ctx.store.get(sid, "chat")
     first_context = conv.context_tokens
@@ -109,11 +116,11 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     assert m.reused_tokens == first_context  # the whole first exchange came from the cached state
     assert m.prefilled_tokens < 20  # only the new turn was read
     assert [p["context"] for p in points] == [first_context, conv.context_tokens]
-    assert len(speed) == 4
-    # the state against the KV cache on their own axis: one stays flat, the other grows
+    assert len(speed) == 8  # two turns, each a prefill span and a decode span
+    # the state against the KV cache on their own axis: one stays flat, the other grows from zero
     assert set(mem["series"]) == {MAMBA_SERIES, KV_SERIES}
     state, kv = (mem[mem["series"] == s]["MiB"] for s in (MAMBA_SERIES, KV_SERIES))
-    assert state.nunique() == 1 and kv.iloc[1] > kv.iloc[0] > state.iloc[0]
+    assert state.nunique() == 1 and kv.iloc[2] > kv.iloc[1] > state.iloc[0] > kv.iloc[0] == 0
     device = chat_tab.device_plot(points)  # whole-process memory: a plot of its own
     assert set(device["series"]) == {DEVICE_SERIES} and len(device) == 2 and chat_tab.device_plot([]) is None
 

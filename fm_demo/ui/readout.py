@@ -118,16 +118,19 @@ def turn_point(m: ReplyMetrics) -> dict:
         "device": m.device_mem_bytes,
         "decode": m.decode_tok_s,
         "prefill": m.prefill_tok_s,
+        "new": m.new_tokens,
+        "read": m.prefilled_tokens,
     }
 
 
 def state_kv_frame(points: list[dict]) -> pd.DataFrame:
-    """The recurrent state against the reference transformer's KV cache, per turn."""
+    """The recurrent state against the reference transformer's KV cache, per turn, from an empty
+    context: the state has its full, fixed size before the first token, the KV cache none. So even
+    one turn draws two lines."""
     rows = []
-    for p in points:
-        n = p["context"]
+    for n, state in ([(0, points[0]["state"])] if points else []) + [(p["context"], p["state"]) for p in points]:
         rows += [
-            {"context tokens": n, "series": MAMBA_SERIES, "MiB": p["state"] / MiB},
+            {"context tokens": n, "series": MAMBA_SERIES, "MiB": state / MiB},
             {"context tokens": n, "series": KV_SERIES, "MiB": kv_cache_bytes(n) / MiB},
         ]
     return series_frame(rows, _MIB_COLUMNS, "context tokens", MEMORY_COLORS)
@@ -145,12 +148,17 @@ def device_memory_frame(samples: list[tuple[int, int]], x: str) -> pd.DataFrame:
 
 
 def speed_frame(points: list[dict]) -> pd.DataFrame:
+    """Each turn's prefill and decode rate over the span of context it covered: prefill from where
+    the prompt's reading began to where the reply began, decode from there to the turn's end. A
+    rate that stays flat as the context grows draws a flat line, from the first turn on."""
     rows = []
     for p in points:
-        rows += [
-            {"context tokens": p["context"], "series": "decode", "tokens/s": p["decode"]},
-            {"context tokens": p["context"], "series": "prefill", "tokens/s": p["prefill"]},
-        ]
+        end = p["context"]
+        start = end - p.get("new", 0)  # where the reply began
+        spans = [("prefill", start - p.get("read", 0), start, p["prefill"]), ("decode", start, end, p["decode"])]
+        for series, lo, hi, rate in spans:
+            if hi > lo and rate > 0:  # a span with no rate (one token, nothing read) draws nothing
+                rows += [{"context tokens": x, "series": series, "tokens/s": rate} for x in (lo, hi)]
     return series_frame(rows, _SPEED_COLUMNS, "context tokens", SPEED_COLORS)
 
 

@@ -429,8 +429,9 @@ def test_system_tab_shows_each_models_scheduler_and_prefix_cache(tmp_path_factor
     drain(chat_tab.send(ctx, "What is 2 plus 3?", knobs(), [], request=request("sys")))
     lm = ctx.manager.get("tiny-instruct", "fp32")
     conv = ctx.store.get("sys", "chat")
-    serving, caches = system_tab.live_tables(ctx)
-    assert len(serving) == len(caches) == 1 and serving[0][0] == caches[0][0] == lm.label
+    models, serving, caches = system_tab.live_tables(ctx)  # a model loaded by the chat shows up by itself
+    assert len(models) == len(serving) == len(caches) == 1
+    assert models[0][0] == serving[0][0] == caches[0][0] == lm.label
     row = dict(zip(system_tab.SERVING_HEADERS, serving[0]))
     assert row["runner"] == "batched" and row["max batch"] == 4 and row["decoding"] == 0
     assert row["decode steps"] == conv.last_metrics.new_tokens and row["last batch"] == 1

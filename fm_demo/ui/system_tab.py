@@ -102,8 +102,10 @@ def cache_table(ctx: AppContext) -> list[list]:
     return rows
 
 
-def live_tables(ctx: AppContext) -> tuple[list[list], list[list]]:
-    return serving_table(ctx), cache_table(ctx)
+def live_tables(ctx: AppContext) -> tuple[list[list], list[list], list[list]]:
+    """What the tab refreshes every 2 s: loaded models (one loaded from another tab shows up by
+    itself), each scheduler and each prefix cache."""
+    return models_table(ctx), serving_table(ctx), cache_table(ctx)
 
 
 KERNELS_CHECK_TIMEOUT_S = 300.0
@@ -117,7 +119,8 @@ def kernels_check_report() -> dict:
     if not (root / "kernels_check").is_dir():
         return {"available": False, "why": f"kernels_check is not installed next to the app ({root})"}
     try:
-        done = subprocess.run([sys.executable, "-m", "kernels_check", "--json"], cwd=root, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "kernels_check", "--json"], check=False, cwd=root,
+                              capture_output=True,
                               text=True, timeout=KERNELS_CHECK_TIMEOUT_S)
         return json.loads(done.stdout)
     except subprocess.TimeoutExpired:
@@ -147,7 +150,8 @@ def build_system_tab(ctx: AppContext) -> list:
     info = gr.Markdown()
     models = gr.Dataframe(
         headers=["model", "device", "weights", "load time", "kernel path per op", "why this path", "notes"],
-        label="Loaded models",
+        value=models_table(ctx),
+        label="Loaded models (refreshes every 2 s)",
         interactive=False,
         wrap=True,
     )
@@ -163,7 +167,7 @@ def build_system_tab(ctx: AppContext) -> list:
         label="Prefix-state cache of each model (refreshes every 2 s)",
         interactive=False,
     )
-    gr.Timer(2.0).tick(bind(live_tables, ctx), None, [serving, caches], api_name="serving", queue=False)
+    gr.Timer(2.0).tick(bind(live_tables, ctx), None, [models, serving, caches], api_name="serving", queue=False)
     with gr.Row():
         stats = gr.JSON(label="Session cache (all sessions)")
         check = gr.JSON(label="kernels_check report")

@@ -129,13 +129,20 @@ SUFFIXES: Split = (
 )
 
 
+CORE = 3  # the first training wordings of each list: the whole first stage of training (curriculum)
+
+
 def part(split: Split, which: str) -> tuple[str, ...]:
-    """The training ("train") or held-out ("test") part of a split list."""
-    return split[0] if which == "train" else split[1]
+    """The training ("train"), held-out ("test") or first-stage ("core": the first CORE training
+    wordings) part of a split list."""
+    return split[1] if which == "test" else split[0][:CORE] if which == "core" else split[0]
 
 
 def dress(rng: random.Random, text: str, wording: str) -> str:
-    """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation."""
+    """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation
+    ("core" wordings stay as written)."""
+    if wording == "core":
+        return text
     if rng.random() < 0.35:
         prefix = rng.choice(part(PREFIXES, wording))
         if prefix[-2] not in "!.:?":

@@ -118,9 +118,34 @@ def _training_user_messages(n_dialogues: int) -> list[str]:
     from fm_demo.tiny.tasks import instruct_dialogue
     from fm_demo.tiny.wordings import normalize
 
-    rng = random.Random(0)  # the training stream's own generator, another seed
-    return [normalize(m["content"]) for _ in range(n_dialogues) for m in instruct_dialogue(rng)
+    rng = random.Random(0)  # the training stream's own generator, another seed; both stages
+    return [normalize(m["content"]) for i in range(n_dialogues) for m in instruct_dialogue(rng, core=i % 4 == 0)
             if m["role"] == "user"]
+
+
+def test_first_stage_rows_hold_plain_wordings_then_the_full_corpus_follows():
+    from fm_demo.tiny.corpus import instruct_rows
+    from fm_demo.tiny.tables import FALCON_FACTS, SCOPE_REPLY, SMALL_TALK
+    from fm_demo.tiny.tokenizer import load_tokenizer
+    from fm_demo.tiny.wordings import CORE, WORDINGS, normalize
+
+    tok = load_tokenizer()
+    rows = instruct_rows(tok, seed=1, seq_len=160, core_rows=200)
+    texts = [tok.decode(next(rows)[0], skip_special_tokens=False) for _ in range(400)]
+    users = [[m.split("<|im_end|>")[0] for m in t.split("<|im_start|>user\n")[1:]] for t in texts]
+    fields = {"{a}": r"\d+", "{b}": r"\d+", "{w}": "[a-z]+", "{c}": "[a-z ]+"}
+    plain = [re.compile("".join(fields.get(p, re.escape(p)) for p in re.split(r"(\{\w\})", normalize(t))))
+             for train, _ in WORDINGS.values() for t in train[:CORE]]
+    fixed = {normalize(q) for qs, _ in SMALL_TALK for q in qs} | {normalize(q) for qs, _, _ in FALCON_FACTS for q in qs[:CORE]}
+
+    def is_plain(message: str) -> bool:
+        n = normalize(message)
+        return n in fixed or any(p.fullmatch(n) for p in plain)
+
+    core, full = users[:200], users[200:]
+    assert all(is_plain(u) for msgs in core for u in msgs)  # first stage: plain wordings only
+    assert sum(not is_plain(u) for msgs in full for u in msgs) > 100  # most are dressed or other wordings
+    assert not any(SCOPE_REPLY in t for t in texts[:200]) and any(SCOPE_REPLY in t for t in texts[200:])
 
 
 def test_held_out_wordings_and_out_of_scope_prompts_never_in_training():

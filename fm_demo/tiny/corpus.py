@@ -37,20 +37,28 @@ def encode_dialogue(tok, messages: list[dict[str, str]]) -> tuple[list[int], lis
     return ids, mask
 
 
-def instruct_rows(tok, seed: int, seq_len: int, split: str = "train") -> Iterator[tuple[list[int], list[int]]]:
-    """Endless rows of seq_len+1 tokens, each a run of whole dialogues padded with <|endoftext|>."""
+def instruct_rows(tok, seed: int, seq_len: int, split: str = "train",
+                  core_rows: int = 0) -> Iterator[tuple[list[int], list[int]]]:
+    """Endless rows of seq_len+1 tokens, each a run of whole dialogues padded with <|endoftext|>.
+    The first core_rows rows hold first-stage dialogues (tasks.instruct_dialogue(core=True))."""
     rng = random.Random(seed)
-    pending = encode_dialogue(tok, instruct_dialogue(rng, split))
+    rows = 0
+
+    def dialogue() -> tuple[list[int], list[int]]:
+        return encode_dialogue(tok, instruct_dialogue(rng, split, core=rows < core_rows))
+
+    pending = dialogue()
     while True:
         ids, mask = [], []
         while len(ids) + len(pending[0]) + 1 <= seq_len + 1:
             ids += pending[0] + [EOT_ID]
             mask += pending[1] + [0]
-            pending = encode_dialogue(tok, instruct_dialogue(rng, split))
+            pending = dialogue()
         if not ids:  # a dialogue longer than a row: cut it (rare; keeps the stream going)
             ids, mask = pending[0][: seq_len + 1], pending[1][: seq_len + 1]
-            pending = encode_dialogue(tok, instruct_dialogue(rng, split))
+            pending = dialogue()
         pad = seq_len + 1 - len(ids)
+        rows += 1
         yield ids + [EOT_ID] * pad, mask + [0] * pad
 
 

@@ -109,7 +109,7 @@ def task_count(rng: random.Random, split: str, wording: str = "train") -> tuple[
 
 def task_falcon(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
     train_questions, test_questions, answer = rng.choice(FALCON_FACTS)
-    q = rng.choice(train_questions if wording == "train" else test_questions)
+    q = rng.choice(part((train_questions, test_questions), wording))
     return dress(rng, q, wording), answer
 
 
@@ -176,10 +176,15 @@ TASKS: dict[str, Task] = {
     "spell": task_spell, "reverse": task_reverse, "count": task_count, "falcon": task_falcon,
 }
 TRAIN_TASKS: dict[str, Task] = {**TASKS, "small_talk": task_small_talk, "scope": task_scope}
-# Column arithmetic has the most steps to learn: it gets 2.5 times the turns of most other tasks;
-# comparisons have four reply forms, declining has the widest range of prompts.
-TRAIN_WEIGHTS = {name: {"add": 2.5, "sub": 2.5, "compare": 1.5, "scope": 3}.get(name, 1)
-                 for name in TRAIN_TASKS}
+# Turns per task, relative. The hardest skill is carrying a word's identity from the question to
+# the reply (spelling, reversing, counting, capitals): those tasks get twice the turns of the facts
+# and small talk, like column arithmetic, which has the most steps; declining has the widest range
+# of prompts.
+TRAIN_WEIGHTS = {name: {"add": 2, "sub": 2, "compare": 1.5, "capital": 1.5, "spell": 2, "reverse": 2,
+                        "count": 1.5, "scope": 2}.get(name, 1) for name in TRAIN_TASKS}
+# First stage of training: the tasks in their first few plain wordings, nothing declined yet, so the
+# model learns to carry a word across a fixed, short distance before it meets the many wordings.
+CORE_TASKS = {name: task for name, task in TRAIN_TASKS.items() if name != "scope"}
 # Questions between "remember" and "recall" in the memory game (a declined one among them too).
 DISTRACTORS: dict[str, Task] = {**TASKS, "scope": task_scope}
 
@@ -191,7 +196,7 @@ def recall_dialogue(rng: random.Random, split: str, distractors: int | None = No
     msgs = [{"role": "user", "content": phrase(rng, "remember", wording, w=w)[0]},
             {"role": "assistant", "content": f"OK, I will remember the word {w}."}]
     for _ in range(rng.randint(1, 2) if distractors is None else distractors):
-        msgs += _turn(rng, split, DISTRACTORS, wording=wording)
+        msgs += _turn(rng, split, TASKS if wording == "core" else DISTRACTORS, wording=wording)
     msgs += [{"role": "user", "content": phrase(rng, "recall", wording)[0]},
              {"role": "assistant", "content": f"You asked me to remember the word {w}."}]
     return msgs
@@ -205,15 +210,17 @@ def _turn(rng: random.Random, split: str, tasks: dict, weights: dict | None = No
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def instruct_dialogue(rng: random.Random, split: str = "train") -> list[Message]:
-    """One training dialogue: 1-3 task turns or a memory game, sometimes after a system prompt."""
+def instruct_dialogue(rng: random.Random, split: str = "train", core: bool = False) -> list[Message]:
+    """One training dialogue: 1-3 task turns or a memory game, sometimes after a system prompt.
+    core=True: the first stage's plain wordings and tasks (see CORE_TASKS)."""
+    wording = "core" if core else split
     msgs = []
     if rng.random() < 0.25:
         msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     if rng.random() < 0.3:
-        return msgs + recall_dialogue(rng, split, wording=split)
+        return msgs + recall_dialogue(rng, split, wording=wording)
     for _ in range(rng.choice((1, 1, 2, 3))):
-        msgs += _turn(rng, split, TRAIN_TASKS, TRAIN_WEIGHTS, wording=split)
+        msgs += _turn(rng, split, CORE_TASKS if core else TRAIN_TASKS, TRAIN_WEIGHTS, wording=wording)
     return msgs
 
 

@@ -59,7 +59,8 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
         model = build_model(dims, cfg.variant, cfg.seed)
     model.train()
     ops = training_ops()
-    rows = (instruct_rows(tok, cfg.seed + 1, cfg.seq_len) if cfg.variant == "instruct"
+    core_rows = 0 if init_from is not None else cfg.core_steps * cfg.batch_size  # a continued run is past it
+    rows = (instruct_rows(tok, cfg.seed + 1, cfg.seq_len, core_rows=core_rows) if cfg.variant == "instruct"
             else base_rows(tok, cfg.seed + 1, cfg.seq_len))
     data = batches(rows, cfg.batch_size)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "A_log" not in n]
@@ -135,7 +136,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     defaults = TrainConfig()
     p.add_argument("--init-from", type=Path, help="continue from this checkpoint instead of a fresh init")
-    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads", "stop_after"):
+    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads", "core_steps", "stop_after"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                        default=getattr(defaults, name))
     p.set_defaults(steps=None)  # per variant, from STEPS
@@ -144,7 +145,8 @@ def main() -> None:
         a.steps = STEPS[a.variant]
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
-                      max_minutes=a.max_minutes, threads=a.threads, stop_after=a.stop_after)
+                      max_minutes=a.max_minutes, threads=a.threads, core_steps=a.core_steps,
+                      stop_after=a.stop_after)
     summary = train(cfg, TinyDims(), a.out, load_tokenizer(), a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}))
 

@@ -129,13 +129,65 @@ SUFFIXES: Split = (
 )
 
 
+# Requests are also built from two parts, the way people combine them: a frame ("Could you ...?",
+# "I need you to ...") around a task's command ("spell the word {w}"). Only in training, and a
+# combination that would contain a held-out wording is never made (frames_for checks it), so the
+# held-out wordings stay unseen as wholes; what they share with training is single words and parts.
+FRAMES = ("Could you {cmd}?", "Can you {cmd}?", "Would you {cmd}?", "Please {cmd}.", "I would like you to {cmd}.",
+          "I need you to {cmd}.", "Help me {cmd}.", "{cmd}, please.", "Try to {cmd}.", "Will you {cmd}?",
+          "Go ahead and {cmd}.", "Now {cmd}.", "{cmd} for me.", "Kindly {cmd}.", "{cmd}.", "Let me see you {cmd}.",
+          "I am asking you to {cmd}.", "Your task: {cmd}.")
+COMMANDS = {
+    "add": ("add {a} and {b}", "add {a} to {b}", "work out {a} plus {b}", "find the sum of {a} and {b}",
+            "tell me what {a} plus {b} is", "calculate {a} + {b}", "add up {a} and {b}", "solve {a} plus {b}"),
+    "sub": ("subtract {b} from {a}", "take {b} away from {a}", "work out {a} minus {b}", "calculate {a} - {b}",
+            "tell me what {a} minus {b} is", "find {a} minus {b}", "solve {a} minus {b}"),
+    "compare": ("tell me which is larger, {a} or {b}", "tell me which is smaller, {a} or {b}",
+                "say which number is bigger: {a} or {b}", "pick the larger number: {a} or {b}",
+                "pick the smaller of {a} and {b}", "check if {a} is greater than {b}",
+                "check whether {a} is less than {b}", "tell me if {a} is bigger than {b}",
+                "say whether {a} is smaller than {b}", "find the bigger one of {a} and {b}"),
+    "capital": ("name the capital of {c}", "tell me the capital of {c}", "give the capital city of {c}",
+                "say what the capital of {c} is", "find the capital of {c}", "name the capital city in {c}"),
+    "spell": ("spell {w}", "spell the word {w}", "spell {w} out", "write out {w} letter by letter",
+              "give the letters of {w}", "write the letters of the word {w}", "spell the word {w} out loud"),
+    "reverse": ("reverse {w}", "reverse the word {w}", "write {w} backwards", "spell {w} backwards",
+                "write the word {w} in reverse", "turn the word {w} around", "give {w} backwards"),
+    "count": ("count the letters in {w}", "count the letters of the word {w}", "tell me how long the word {w} is",
+              "find the number of letters in {w}", "say how many letters {w} has", "count the letters of {w}"),
+    "remember": ("remember the word {w}", "keep {w} in mind", "memorize the word {w}", "remember {w}"),
+}
+FRAMED = 0.4  # share of training requests built from a frame, for tasks with commands
+
+
+def _combine(frame: str, cmd: str) -> str:
+    text = frame.format(cmd=cmd)
+    return text[0].upper() + text[1:]
+
+
+def _framed(task: str) -> tuple[str, ...]:
+    """Every frame x command of `task` that contains no held-out wording (as tests/test_tiny.py
+    looks for them: the normalized template anywhere in the normalized request)."""
+    held = [pattern(t) for t in WORDINGS[task][1]]
+    sample = {"a": "12", "b": "7", "w": "river", "c": "spain"}
+    return tuple(t for t in (_combine(f, c) for f in FRAMES for c in COMMANDS[task])
+                 if not any(p.search(normalize(t.format(**sample))) for p in held))
+
+
+CORE = 3  # the first training wordings of each list: the whole first stage of training (curriculum)
+
+
 def part(split: Split, which: str) -> tuple[str, ...]:
-    """The training ("train") or held-out ("test") part of a split list."""
-    return split[0] if which == "train" else split[1]
+    """The training ("train"), held-out ("test") or first-stage ("core": the first CORE training
+    wordings) part of a split list."""
+    return split[1] if which == "test" else split[0][:CORE] if which == "core" else split[0]
 
 
 def dress(rng: random.Random, text: str, wording: str) -> str:
-    """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation."""
+    """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation
+    ("core" wordings stay as written)."""
+    if wording == "core":
+        return text
     if rng.random() < 0.35:
         prefix = rng.choice(part(PREFIXES, wording))
         if prefix[-2] not in "!.:?":
@@ -152,7 +204,10 @@ def dress(rng: random.Random, text: str, wording: str) -> str:
 
 def phrase(rng: random.Random, task: str, wording: str, **fields) -> tuple[str, str]:
     """(dressed question, template) for `task` from the training or held-out wordings."""
-    template = rng.choice(part(WORDINGS[task], wording))
+    if wording == "train" and task in COMMANDS and rng.random() < FRAMED:
+        template = rng.choice(FRAMED_WORDINGS[task])
+    else:
+        template = rng.choice(part(WORDINGS[task], wording))
     return dress(rng, template.format(**fields), wording), template
 
 
@@ -166,3 +221,6 @@ def pattern(template: str) -> re.Pattern:
     parts = re.split(r"(\{\w+\})", normalize(template))
     body = "".join(r"[a-z0-9 ]+?" if p.startswith("{") else re.escape(p) for p in parts)
     return re.compile(r"(?:^| )" + body + r"(?:$| )")
+
+
+FRAMED_WORDINGS = {task: _framed(task) for task in COMMANDS}

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import STEPS, TinyDims, TrainConfig, falcon_mamba_config
+from . import wordings
 from .corpus import base_rows, batches, instruct_rows
 
 
@@ -49,6 +50,7 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
     from .scan import training_ops
 
     torch.set_num_threads(cfg.threads)
+    wordings.FRAMED = cfg.framed  # read by every training request the data stream makes
     previous = None
     if init_from is not None:  # continue (e.g. a low-lr cool-down after a run stopped by the time cap)
         from transformers import AutoModelForCausalLM
@@ -136,7 +138,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     defaults = TrainConfig()
     p.add_argument("--init-from", type=Path, help="continue from this checkpoint instead of a fresh init")
-    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes", "threads", "core_steps", "stop_after"):
+    for name in ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "max_minutes",
+                 "threads", "framed", "core_steps", "stop_after"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                        default=getattr(defaults, name))
     p.set_defaults(steps=None)  # per variant, from STEPS
@@ -145,7 +148,7 @@ def main() -> None:
         a.steps = STEPS[a.variant]
     cfg = TrainConfig(variant=a.variant, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
-                      max_minutes=a.max_minutes, threads=a.threads, core_steps=a.core_steps,
+                      max_minutes=a.max_minutes, threads=a.threads, framed=a.framed, core_steps=a.core_steps,
                       stop_after=a.stop_after)
     summary = train(cfg, TinyDims(), a.out, load_tokenizer(), a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}))

@@ -131,7 +131,7 @@ SUFFIXES: Split = (
 
 # Requests are also built from two parts, the way people combine them: a frame ("Could you ...?",
 # "I need you to ...") around a task's command ("spell the word {w}"). Only in training, and a
-# combination that would contain a held-out wording is never made (frames_for checks it), so the
+# combination that would contain a held-out wording is never made (_framed checks it), so the
 # held-out wordings stay unseen as wholes; what they share with training is single words and parts.
 FRAMES = ("Could you {cmd}?", "Can you {cmd}?", "Would you {cmd}?", "Please {cmd}.", "I would like you to {cmd}.",
           "I need you to {cmd}.", "Help me {cmd}.", "{cmd}, please.", "Try to {cmd}.", "Will you {cmd}?",
@@ -157,7 +157,10 @@ COMMANDS = {
               "find the number of letters in {w}", "say how many letters {w} has", "count the letters of {w}"),
     "remember": ("remember the word {w}", "keep {w} in mind", "memorize the word {w}", "remember {w}"),
 }
-FRAMED = 0.4  # share of training requests built from a frame, for tasks with commands
+# Share of training requests built from a frame, for tasks with commands. The second stage of
+# training sets it (train.py --framed); 0 draws nothing from the generator, so the first stage's data
+# stream is the same as without frames.
+FRAMED = 0.0
 
 
 def _combine(frame: str, cmd: str) -> str:
@@ -204,7 +207,7 @@ def dress(rng: random.Random, text: str, wording: str) -> str:
 
 def phrase(rng: random.Random, task: str, wording: str, **fields) -> tuple[str, str]:
     """(dressed question, template) for `task` from the training or held-out wordings."""
-    if wording == "train" and task in COMMANDS and rng.random() < FRAMED:
+    if FRAMED and wording == "train" and task in COMMANDS and rng.random() < FRAMED:
         template = rng.choice(FRAMED_WORDINGS[task])
     else:
         template = rng.choice(part(WORDINGS[task], wording))

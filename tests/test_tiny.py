@@ -116,11 +116,12 @@ def test_held_out_pairs_never_in_training():
 
 def _training_user_messages(n_dialogues: int) -> list[str]:
     from fm_demo.tiny.tasks import instruct_dialogue
-    from fm_demo.tiny.wordings import normalize
+    from fm_demo.tiny.wordings import framed, normalize
 
-    rng = random.Random(0)  # the training stream's own generator, another seed; both stages
-    return [normalize(m["content"]) for i in range(n_dialogues) for m in instruct_dialogue(rng, core=i % 4 == 0)
-            if m["role"] == "user"]
+    rng = random.Random(0)  # the training stream's own generator, another seed
+    with framed(0.4):  # both stages: plain wordings, every wording, and requests built from frames
+        return [normalize(m["content"]) for i in range(n_dialogues)
+                for m in instruct_dialogue(rng, core=i % 4 == 0) if m["role"] == "user"]
 
 
 def test_first_stage_rows_hold_plain_wordings_then_the_full_corpus_follows():

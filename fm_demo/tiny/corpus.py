@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from . import wordings
 from .tasks import base_text, instruct_dialogue
 from .tokenizer import EOT_ID, IM_END_ID, IM_START_ID
 
@@ -37,15 +38,17 @@ def encode_dialogue(tok, messages: list[dict[str, str]]) -> tuple[list[int], lis
     return ids, mask
 
 
-def instruct_rows(tok, seed: int, seq_len: int, split: str = "train",
-                  core_rows: int = 0) -> Iterator[tuple[list[int], list[int]]]:
+def instruct_rows(tok, seed: int, seq_len: int, split: str = "train", core_rows: int = 0,
+                  framed: float = 0.0) -> Iterator[tuple[list[int], list[int]]]:
     """Endless rows of seq_len+1 tokens, each a run of whole dialogues padded with <|endoftext|>.
-    The first core_rows rows hold first-stage dialogues (tasks.instruct_dialogue(core=True))."""
+    The first core_rows rows hold first-stage dialogues (tasks.instruct_dialogue(core=True));
+    `framed` of the other requests are built from a frame (wordings.framed)."""
     rng = random.Random(seed)
     rows = 0
 
     def dialogue() -> tuple[list[int], list[int]]:
-        return encode_dialogue(tok, instruct_dialogue(rng, split, core=rows < core_rows))
+        with wordings.framed(framed):
+            return encode_dialogue(tok, instruct_dialogue(rng, split, core=rows < core_rows))
 
     pending = dialogue()
     while True:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import STEPS, TinyDims, TrainConfig, falcon_mamba_config
-from . import wordings
 from .corpus import base_rows, batches, instruct_rows
 
 
@@ -50,7 +49,6 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
     from .scan import training_ops
 
     torch.set_num_threads(cfg.threads)
-    wordings.FRAMED = cfg.framed  # read by every training request the data stream makes
     previous = None
     if init_from is not None:  # continue (e.g. a low-lr cool-down after a run stopped by the time cap)
         from transformers import AutoModelForCausalLM
@@ -62,7 +60,8 @@ def train(cfg: TrainConfig, dims: TinyDims, out: Path, tok, init_from: Path | No
     model.train()
     ops = training_ops()
     core_rows = 0 if init_from is not None else cfg.core_steps * cfg.batch_size  # a continued run is past it
-    rows = (instruct_rows(tok, cfg.seed + 1, cfg.seq_len, core_rows=core_rows) if cfg.variant == "instruct"
+    rows = (instruct_rows(tok, cfg.seed + 1, cfg.seq_len, core_rows=core_rows, framed=cfg.framed)
+            if cfg.variant == "instruct"
             else base_rows(tok, cfg.seed + 1, cfg.seq_len))
     data = batches(rows, cfg.batch_size)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "A_log" not in n]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 Split = tuple[tuple[str, ...], tuple[str, ...]]  # (training wordings, held-out wordings)
 
@@ -37,7 +39,7 @@ WORDINGS: dict[str, Split] = {
         "How much is left if you take {b} away from {a}?", "Solve {a} - {b} for me.",
         "{a} minus {b} equals what?", "What's the answer to {a} - {b}?", "Please subtract {b} from {a} for me.",
     )),
-    # the reply follows the wording (compare_kind): "Is {a} ...?" gets yes or no; smaller/less asks
+    # the reply follows the wording (tasks.compare_reply): "Is {a} ...?" gets yes or no; smaller/less asks
     # for the smaller number
     "compare": ((
         "Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?", "Which is smaller, {a} or {b}?",
@@ -157,10 +159,21 @@ COMMANDS = {
               "find the number of letters in {w}", "say how many letters {w} has", "count the letters of {w}"),
     "remember": ("remember the word {w}", "keep {w} in mind", "memorize the word {w}", "remember {w}"),
 }
-# Share of training requests built from a frame, for tasks with commands. The second stage of
-# training sets it (train.py --framed); 0 draws nothing from the generator, so the first stage's data
-# stream is the same as without frames.
+# Share of training requests built from a frame, for tasks with commands: 0 unless set by `framed`
+# (the second stage of training, train.py --framed). 0 draws nothing from the generator, so the
+# first stage's data stream is the same as without frames.
 FRAMED = 0.0
+
+
+@contextmanager
+def framed(share: float) -> Iterator[None]:
+    """Build `share` of the training requests made inside the block from a frame."""
+    global FRAMED
+    before, FRAMED = FRAMED, share
+    try:
+        yield
+    finally:
+        FRAMED = before
 
 
 def _combine(frame: str, cmd: str) -> str:

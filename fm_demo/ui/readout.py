@@ -154,8 +154,8 @@ def speed_frame(points: list[dict]) -> pd.DataFrame:
     rows = []
     for p in points:
         end = p["context"]
-        start = end - p.get("new", 0)  # where the reply began
-        spans = [("prefill", start - p.get("read", 0), start, p["prefill"]), ("decode", start, end, p["decode"])]
+        start = end - p["new"]  # where the reply began
+        spans = [("prefill", start - p["read"], start, p["prefill"]), ("decode", start, end, p["decode"])]
         for series, lo, hi, rate in spans:
             if hi > lo and rate > 0:  # a span with no rate (one token, nothing read) draws nothing
                 rows += [{"context tokens": x, "series": series, "tokens/s": rate} for x in (lo, hi)]

@@ -197,6 +197,42 @@ def test_compare_reply_follows_the_wording():
         assert compare_reply(a, b, template) == want, template
 
 
+
+def test_every_comparison_wording_gets_a_true_reply_to_what_it_asks():
+    """Plain and composed wordings alike: a yes/no question ("Is {a} higher than {b}?", "I think {a}
+    is less than {b}") gets Yes exactly when its claim holds, any other asks for the number its
+    comparative word names."""
+    from fm_demo.tiny.tasks import compare_reply
+    from fm_demo.tiny.wordings import WORDINGS, wide
+
+    up, down = {"greater", "bigger", "larger", "more", "higher"}, {"smaller", "less", "lower"}
+    templates = [t for ws in WORDINGS["compare"] for t in ws] + [t for fam in wide("compare") for t in fam]
+    assert len(templates) > 1000
+    for template in templates:
+        words = set(re.findall(r"[a-z]+", template.lower()))
+        if "compare" in words:  # "Compare {a} and {b}.": no comparative word, the larger by default
+            words |= {"larger"}
+        (word,) = words & (up | down)
+        yes_no = re.search(r"\{a\} is|is \{a\}", template, re.IGNORECASE) is not None
+        for a, b in ((17, 9), (9, 17), (40, 41)):
+            reply = compare_reply(a, b, template)
+            truth = f"{a} is {'larger' if a > b else 'smaller'} than {b}."
+            if yes_no:
+                claim = (a > b) if word in up else (a < b)
+                assert reply == f"{'Yes' if claim else 'No'}, {truth}", (template, a, b, reply)
+            else:
+                pick = max(a, b) if word in up else min(a, b)
+                other = a + b - pick
+                assert reply == f"{pick} is {'larger' if pick > other else 'smaller'} than {other}.", template
+
+
+def test_composed_requests_expand_every_choice():
+    from fm_demo.tiny.wordings import expand
+
+    assert expand("[what is|] {a} [plus|+] {b}[?|]") == (
+        "What is {a} plus {b}?", "What is {a} plus {b}", "What is {a} + {b}?", "What is {a} + {b}",
+        "{a} plus {b}?", "{a} plus {b}", "{a} + {b}?", "{a} + {b}")
+
 def _calc(expr: str) -> int:
     """Value of "a + b", "a - b - c"...: integers joined by + and -."""
     parts = expr.split()

@@ -18,7 +18,7 @@ from typing import Callable
 from .tables import (ACTIVITIES, ANIMAL_FACTS, ANIMALS, CAPITALS, COLORS, CREATIVE, FALCON_FACTS,
                      FEELINGS, NAMES, NUMBER_WORDS, OBJECTS, OPEN_QUESTIONS, PLACES, SCOPE_REPLY,
                      SMALL_TALK, SYSTEM_PROMPTS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS, WORDS)
-from .wordings import dress, part, phrase
+from .wordings import composed, dress, falcon_wide, part, phrase
 
 Message = dict[str, str]
 Task = Callable[..., tuple[str, str]]  # (rng, split, wording="train") -> (question, reply)
@@ -61,9 +61,9 @@ def column_sub(a: int, b: int) -> str:
 
 
 def compare_reply(a: int, b: int, template: str) -> str:
-    """The reply a comparison wording asks for: "Is {a} ...?" gets yes or no, smaller/less asks
-    for the smaller number, anything else for the larger one."""
-    smaller = re.search("smaller|less", template) is not None
+    """The reply a comparison wording asks for: "Is {a} ...?" gets yes or no, smaller/less/lower
+    asks for the smaller number, anything else for the larger one."""
+    smaller = re.search("smaller|less|lower", template) is not None
     if re.search(r"\bis \{a\}|\{a\} is", template, re.IGNORECASE) is None:
         hi, lo = max(a, b), min(a, b)
         return f"{lo} is smaller than {hi}." if smaller else f"{hi} is larger than {lo}."
@@ -108,8 +108,10 @@ def task_count(rng: random.Random, split: str, wording: str = "train") -> tuple[
 
 
 def task_falcon(rng: random.Random, split: str, wording: str = "train") -> tuple[str, str]:
-    train_questions, test_questions, answer = rng.choice(FALCON_FACTS)
-    q = rng.choice(part((train_questions, test_questions), wording))
+    fact = rng.randrange(len(FALCON_FACTS))
+    train_questions, test_questions, answer = FALCON_FACTS[fact]
+    q = (composed(rng, wording, lambda: (falcon_wide(fact),))
+         or rng.choice(part((train_questions, test_questions), wording)))
     return dress(rng, q, wording), answer
 
 

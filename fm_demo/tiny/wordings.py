@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 
 Split = tuple[tuple[str, ...], tuple[str, ...]]  # (training wordings, held-out wordings)
 
@@ -133,7 +134,7 @@ SUFFIXES: Split = (
 
 # Requests are also built from two parts, the way people combine them: a frame ("Could you ...?",
 # "I need you to ...") around a task's command ("spell the word {w}"). Only in training, and a
-# combination that would contain a held-out wording is never made (_framed checks it), so the
+# combination that would contain a held-out wording is never made (`_unseen` checks it), so the
 # held-out wordings stay unseen as wholes; what they share with training is single words and parts.
 FRAMES = ("Could you {cmd}?", "Can you {cmd}?", "Would you {cmd}?", "Please {cmd}.", "I would like you to {cmd}.",
           "I need you to {cmd}.", "Help me {cmd}.", "{cmd}, please.", "Try to {cmd}.", "Will you {cmd}?",
@@ -159,15 +160,124 @@ COMMANDS = {
               "find the number of letters in {w}", "say how many letters {w} has", "count the letters of {w}"),
     "remember": ("remember the word {w}", "keep {w} in mind", "memorize the word {w}", "remember {w}"),
 }
-# Share of training requests built from a frame, for tasks with commands: 0 unless set by `framed`
-# (the second stage of training, train.py --framed). 0 draws nothing from the generator, so the
-# first stage's data stream is the same as without frames.
+# Requests composed from parts, for every task: "[a|b]" is a choice, "[|b]" an optional part, so
+# one line stands for every lead x expression x tail ("What's {a} plus {b} equals what?" has the
+# parts "What's", "{a} plus {b}" and " equals what?"). Like the frames, they are training-only and
+# filtered (`_unseen`): no combination contains a held-out wording, prefix or suffix.
+_AQ = ("[What is|What's|How much is|Tell me|Give me|What's the result of|What is the answer to|Do you know|And|"
+       "So what is|Now what is|Solve|Compute|Calculate|Work out|Find|Quick,|]")
+_TAIL = "[?|.|| equals?| equals what?| is what?| = ?|, please.| for me.| please?| exactly?]"
+_BIG = "[larger|bigger|greater|higher|smaller|less|lower]"
+_W = "[|the word ]{w}"
+GRAMMAR: dict[str, tuple[str, ...]] = {
+    "add": (
+        _AQ + " [{a} plus {b}|{a} + {b}|{a}+{b}|the sum of {a} and {b}|the total of {a} and {b}|"
+        "{a} and {b} added together|{a} added to {b}]" + _TAIL,
+        "[What does|How much does] {a} plus {b} [make|equal|give]?",
+        "[How much do|What do] {a} and {b} [make|come to|add up to][| together]?",
+        "If you add {a} and {b}, what [do you get|is the total|is the sum]?",
+        "Add [|up ]{a} and {b}[| together][.|?| please.| for me.]",
+        ("[I want to know|I need to know|Please tell me|Can you tell me|Could you tell me] [what {a} plus {b} is|"
+         "the sum of {a} and {b}|how much {a} plus {b} is|the total of {a} and {b}][.|?]"),
+    ),
+    "sub": (
+        _AQ + " [{a} minus {b}|{a} - {b}|{a}-{b}|{a} take away {b}|{b} subtracted from {a}|"
+        "{b} taken away from {a}]" + _TAIL,
+        "[What does|How much does] {a} minus {b} [make|equal|give]?",
+        "If you [take|subtract] {b} [from|away from] {a}, what [is left|do you get]?",
+        "What is left [when you take|after taking|after you subtract] {b} [from|away from] {a}?",
+        "Subtract {b} from {a}[.|?| please.| for me.]",
+        ("[I want to know|I need to know|Please tell me|Can you tell me|Could you tell me] [what {a} minus {b} is|"
+         "how much {a} minus {b} is|what is left when you take {b} from {a}][.|?]"),
+    ),
+    # compare_reply reads the kind of answer off the template (yes or no, the smaller, the larger)
+    "compare": (
+        "[Which is|Which number is|Which one is|Which of the two is|Tell me which is|Say which one is|"
+        "Which of them is] " + _BIG + "[, {a} or {b}?|: {a} or {b}?|, {a} or {b}|: {a} or {b}]",
+        ("[What is|Which is|Tell me|Give me] the [larger|bigger|greater|higher|smaller|lower] [number|one]"
+         "[, {a} or {b}?|: {a} or {b}?| of {a} and {b}?| out of {a} and {b}?|: {a} or {b}.]"),
+        "[Of|Between|Out of|From] {a} and {b}, [which|which one|which number] is [|the ]" + _BIG + "?",
+        "{a} or {b}[,|:|?] which [is|one is|number is] " + _BIG + "?",
+        "{a} [vs|vs.|versus] {b}[,|:|?] which [is|one is] " + _BIG + "?",
+        ("[Would you say|Do you think|Is it true that|Tell me if|Can you tell me if|Am I right that|"
+         "True or false:|Check if|I think] {a} is [greater|bigger|larger|more|higher|smaller|less|lower] than {b}[?|.|]"),
+        "Is {a} [greater|bigger|larger|more|higher|smaller|less|lower] than {b}[?| or not?|, right?]",
+    ),
+    "capital": (
+        ("[What is|What's|Tell me|Name|Give me|Do you know|Can you tell me|Could you tell me|I want to know|"
+         "I'd like to know|Please tell me|Say] the capital [|city ][of|in] {c}[?|.|]"),
+        "The capital of {c}[?| is what?| is?]", "What city is the capital [|city ]of {c}?",
+        "Which city is [the capital|the capital city|the main city] of {c}?",
+    ),
+    "spell": (
+        "[Spell|Can you spell|Could you spell|Please spell|How do you spell|How do I spell|How to spell|"
+        "Show me how to spell|I want to know how to spell] " + _W + "[?|.||, letter by letter.| out.| for me.]",
+        "[What is|What's|Give me|Tell me] the spelling of " + _W + "[?|.]",
+        "[What are|Give me|Tell me|List] the letters [in|of] " + _W + "[?|.]",
+        "[Write|Say] " + _W + " letter by letter[.|?|]",
+    ),
+    "reverse": (
+        ("[Reverse|Can you reverse|Please reverse|Flip|Turn around] [|the word |the letters of |the letters in ]{w}"
+         "[?|.|| for me.]"),
+        "[Spell|Write|Give me|Say|Tell me] " + _W + " [backwards|in reverse|back to front|reversed][?|.|| please.]",
+        "What is " + _W + " [backwards|reversed|in reverse|spelled backwards][?|]",
+        "How do you [spell|write] " + _W + " [backwards|in reverse]?",
+        "What do you get when you [reverse|flip] " + _W + "?",
+        "[Give me|Tell me|What are] the letters of " + _W + " [backwards|in reverse][.|?]",
+    ),
+    "count": (
+        "How many [letters|characters] [are in|are there in] " + _W + "[?|.|]",
+        "How many [letters|characters] does " + _W + " have[?|]",
+        "[Count|Please count|Can you count] the [letters|characters] [in|of] " + _W + "[?|.|]",
+        "What is the [length|number of letters] of " + _W + "[?|]",
+        "[Tell me|Say|I want to know] how many letters " + _W + " has[.|?|]",
+        "How long is " + _W + "[?|]", "{w}: how many letters?", "Length of " + _W + "?",
+    ),
+}
+# Falcon Mamba questions composed the same way, one tuple per entry of tables.FALCON_FACTS.
+FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
+    (("[What is|What's|Tell me about|Explain|Describe|Can you describe|Could you explain|Give me an overview of|"
+     "What do you know about|I want to know about] Falcon Mamba[?|.|]"),
+     "What kind of [model|thing] is Falcon Mamba?", "Give me a [short |quick |brief |]description of Falcon Mamba[.|?]"),
+    ("Who [made|created|built|developed|trained|released|designed] Falcon Mamba?",
+     ("Which [team|company|lab|institute|organization|group] [made|created|built|developed|trained|released] "
+      "Falcon Mamba?"),
+     "[Who|Which team|Which company|Which lab|Which institute] is behind Falcon Mamba?",
+     "Where [does Falcon Mamba come from|was Falcon Mamba made|was Falcon Mamba developed]?",
+     "Who are the [makers|creators|authors|developers] of Falcon Mamba?"),
+    ("[Does|Can] Falcon Mamba [use|have|need] attention[| layers]?",
+     "Is Falcon Mamba [a transformer|built with attention|based on attention|an attention model]?",
+     "Is there [any |]attention in Falcon Mamba?", "Does Falcon Mamba [use|have] self-attention?"),
+    ("How many [parameters|weights|params] does Falcon Mamba have?", "How [big|large] is Falcon Mamba?",
+     "What is the [size|parameter count|number of parameters|model size] of Falcon Mamba?",
+     "How many [parameters|weights] are in Falcon Mamba?", "What size is Falcon Mamba?"),
+    ("Is Falcon Mamba good [for|with] long [texts|contexts|documents|conversations|prompts]?",
+     ("How does Falcon Mamba [handle|deal with|cope with] [long texts|a long context|long documents|"
+      "long conversations]?"),
+     "Does the memory of Falcon Mamba grow with the [context|text|conversation]?",
+     "How much memory does Falcon Mamba need for a long [text|context|document|conversation]?",
+     "Why is Falcon Mamba good for long [texts|contexts|conversations]?",
+     "Does Falcon Mamba need more memory for [long texts|a longer context|long conversations]?",
+     "Can Falcon Mamba read long [texts|documents]?"),
+    (("What architecture [does Falcon Mamba use|is Falcon Mamba|is behind Falcon Mamba|is Falcon Mamba built on|"
+     "does Falcon Mamba have]?"),
+     "On which architecture is Falcon Mamba [based|built]?", "What is Falcon Mamba [based on|built on]?",
+     "Which architecture [is Falcon Mamba|does Falcon Mamba use]?",
+     "What kind of architecture does Falcon Mamba [use|have]?"),
+    ("Are you [Falcon Mamba|Falcon Mamba 7B|the real Falcon Mamba|the real Falcon Mamba 7B|the big Falcon Mamba]?",
+     "[Which|What] model [are you|is this|am I talking to|am I chatting with]?", "[Who|What] are you?",
+     "Who am I talking to?", "Is this [Falcon Mamba|the real Falcon Mamba 7B]?"),
+)
+
+# Share of training requests built from parts (a frame around a command, or a GRAMMAR line): 0
+# unless set by `framed` (the second stage of training, train.py --framed). 0 draws nothing from
+# the generator, so the first stage's data stream is the same as without them.
 FRAMED = 0.0
 
 
 @contextmanager
 def framed(share: float) -> Iterator[None]:
-    """Build `share` of the training requests made inside the block from a frame."""
+    """Build `share` of the training requests made inside the block from parts."""
     global FRAMED
     before, FRAMED = FRAMED, share
     try:
@@ -176,18 +286,63 @@ def framed(share: float) -> Iterator[None]:
         FRAMED = before
 
 
+def expand(spec: str) -> tuple[str, ...]:
+    """Every sentence of a GRAMMAR line, spaces tidied and the first letter upper case."""
+    m = re.search(r"\[([^\[\]]*)\]", spec)
+    if m is None:
+        text = " ".join(spec.split())
+        return (text[0].upper() + text[1:],)
+    return tuple(s for alt in m.group(1).split("|") for s in expand(spec[:m.start()] + alt + spec[m.end():]))
+
+
 def _combine(frame: str, cmd: str) -> str:
     text = frame.format(cmd=cmd)
     return text[0].upper() + text[1:]
 
 
-def _framed(task: str) -> tuple[str, ...]:
-    """Every frame x command of `task` that contains no held-out wording (as tests/test_tiny.py
-    looks for them: the normalized template anywhere in the normalized request)."""
-    held = [pattern(t) for t in WORDINGS[task][1]]
-    sample = {"a": "12", "b": "7", "w": "river", "c": "spain"}
-    return tuple(t for t in (_combine(f, c) for f in FRAMES for c in COMMANDS[task])
-                 if not any(p.search(normalize(t.format(**sample))) for p in held))
+@cache
+def _held_out() -> re.Pattern:
+    """One regex for every held-out wording, prefix, suffix, Falcon question and open question, as
+    tests/test_tiny.py looks for them (the normalized template anywhere in the normalized request)."""
+    from .tables import FALCON_FACTS, OPEN_QUESTIONS
+
+    held = ([t for _, test in WORDINGS.values() for t in test] + [q for _, test, _ in FALCON_FACTS for q in test]
+            + list(PREFIXES[1]) + list(SUFFIXES[1]) + list(OPEN_QUESTIONS[1]))
+    return re.compile("|".join(f"(?:{pattern(t).pattern})" for t in held))
+
+
+def _unseen(templates) -> tuple[str, ...]:
+    """The templates that contain no held-out part, bare or dressed with a training prefix or suffix."""
+    held = _held_out()
+
+    def clean(t: str) -> bool:
+        text = t.format(a="12", b="7", w="river", c="spain")
+        dressed = [text] + [p + text for p in PREFIXES[0]] + [text + s for s in SUFFIXES[0]]
+        return not any(held.search(normalize(d)) for d in dressed)
+
+    return tuple(dict.fromkeys(t for t in templates if clean(t)))
+
+
+@cache
+def wide(task: str) -> tuple[tuple[str, ...], ...]:
+    """The second stage's composed requests of `task`, in families (frames x commands, GRAMMAR)."""
+    framed_ = [_combine(f, c) for f in FRAMES for c in COMMANDS.get(task, ())]
+    composed = [s for line in GRAMMAR.get(task, ()) for s in expand(line)]
+    return tuple(f for f in (_unseen(framed_), _unseen(composed)) if f)
+
+
+@cache
+def falcon_wide(fact: int) -> tuple[str, ...]:
+    """The second stage's composed questions for tables.FALCON_FACTS[fact]."""
+    return _unseen(s for line in FALCON_GRAMMAR[fact] for s in expand(line))
+
+
+def composed(rng: random.Random, wording: str, family: Callable[[], tuple[tuple[str, ...], ...]]) -> str | None:
+    """In the second stage (a FRAMED share of training requests), a composed request drawn from
+    `family()`'s families, else None (always None for a task without any)."""
+    if not (FRAMED and wording == "train" and (families := family()) and rng.random() < FRAMED):
+        return None
+    return rng.choice(rng.choice(families))
 
 
 CORE = 3  # the first training wordings of each list: the whole first stage of training (curriculum)
@@ -220,10 +375,7 @@ def dress(rng: random.Random, text: str, wording: str) -> str:
 
 def phrase(rng: random.Random, task: str, wording: str, **fields) -> tuple[str, str]:
     """(dressed question, template) for `task` from the training or held-out wordings."""
-    if FRAMED and wording == "train" and task in COMMANDS and rng.random() < FRAMED:
-        template = rng.choice(FRAMED_WORDINGS[task])
-    else:
-        template = rng.choice(part(WORDINGS[task], wording))
+    template = composed(rng, wording, lambda: wide(task)) or rng.choice(part(WORDINGS[task], wording))
     return dress(rng, template.format(**fields), wording), template
 
 
@@ -238,5 +390,3 @@ def pattern(template: str) -> re.Pattern:
     body = "".join(r"[a-z0-9 ]+?" if p.startswith("{") else re.escape(p) for p in parts)
     return re.compile(r"(?:^| )" + body + r"(?:$| )")
 
-
-FRAMED_WORDINGS = {task: _framed(task) for task in COMMANDS}

@@ -18,7 +18,8 @@ from typing import Callable
 from .tables import (ACTIVITIES, ANIMAL_FACTS, ANIMALS, CAPITALS, COLORS, CREATIVE, FALCON_FACTS,
                      FEELINGS, NAMES, NUMBER_WORDS, OBJECTS, OPEN_QUESTIONS, PLACES, SCOPE_REPLY,
                      SMALL_TALK, SYSTEM_PROMPTS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS, WORDS)
-from .wordings import composed, dress, falcon_wide, part, phrase
+from . import wordings
+from .wordings import composed, dress, falcon_wide, open_wide, part, phrase
 
 Message = dict[str, str]
 Task = Callable[..., tuple[str, str]]  # (rng, split, wording="train") -> (question, reply)
@@ -142,7 +143,8 @@ def scope_question(rng: random.Random, split: str) -> tuple[str, str]:
         forms, topics = part(CREATIVE, split)
         return kind, phrase(rng, "creative", split, form=rng.choice(forms), topic=rng.choice(topics))[0]
     if kind == "open question":
-        return kind, dress(rng, rng.choice(part(OPEN_QUESTIONS, split)), split)
+        q = composed(rng, split, lambda: (open_wide(),)) or rng.choice(part(OPEN_QUESTIONS, split))
+        return kind, dress(rng, q, split)
     if kind == "number above 99":
         a, b = ((_big_number(rng), rng.randint(0, 999)) if rng.random() < 0.5
                 else (rng.randint(0, 999), _big_number(rng)))
@@ -184,6 +186,9 @@ TRAIN_TASKS: dict[str, Task] = {**TASKS, "small_talk": task_small_talk, "scope":
 # of prompts.
 TRAIN_WEIGHTS = {name: {"add": 2, "sub": 2, "compare": 1.5, "capital": 1.5, "spell": 2, "reverse": 2,
                         "count": 1.5, "scope": 2}.get(name, 1) for name in TRAIN_TASKS}
+# The second stage (composed requests) doubles comparisons, whose numbers can now stand anywhere in
+# the request, and gives declining as many turns, as every composed wording widens what it answers.
+WIDE_WEIGHTS = {**TRAIN_WEIGHTS, "compare": 3, "scope": 3}
 # First stage of training: the tasks in their first few plain wordings, nothing declined yet, so the
 # model learns to carry a word across a fixed, short distance before it meets the many wordings.
 CORE_TASKS = {name: task for name, task in TRAIN_TASKS.items() if name != "scope"}
@@ -221,8 +226,9 @@ def instruct_dialogue(rng: random.Random, split: str = "train", core: bool = Fal
         msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     if rng.random() < 0.3:
         return msgs + recall_dialogue(rng, split, wording=wording)
+    weights = WIDE_WEIGHTS if wordings.FRAMED else TRAIN_WEIGHTS
     for _ in range(rng.choice((1, 1, 2, 3))):
-        msgs += _turn(rng, split, CORE_TASKS if core else TRAIN_TASKS, TRAIN_WEIGHTS, wording=wording)
+        msgs += _turn(rng, split, CORE_TASKS if core else TRAIN_TASKS, weights, wording=wording)
     return msgs
 
 

@@ -233,6 +233,17 @@ GRAMMAR: dict[str, tuple[str, ...]] = {
         "[Tell me|Say|I want to know] how many letters " + _W + " has[.|?|]",
         "How long is " + _W + "[?|]", "{w}: how many letters?", "Length of " + _W + "?",
     ),
+    # out of scope
+    "multiply": (
+        ("[What is|What's|How much is|Compute|Calculate|Tell me|Work out] {a} [times|multiplied by|divided by|over|"
+         "x|*|/] {b}[?|.|]"),
+        "[Multiply|Divide] {a} by {b}[.|?| please.| for me.]", "What is {a} [squared|cubed][?|]",
+    ),
+    "creative": (
+        ("[Write|Tell me|Make up|Can you write|Give me|I want|Please write|Create|Can you tell me] a {form}"
+         "[ about {topic}| for me|][.|?|]"),
+        "[I need|I would love|Write me] a [short |funny |sad |]{form}[ about {topic}|][.|!|]",
+    ),
 }
 # Falcon Mamba questions composed the same way, one tuple per entry of tables.FALCON_FACTS.
 FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
@@ -250,7 +261,9 @@ FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
      "Is there [any |]attention in Falcon Mamba?", "Does Falcon Mamba [use|have] self-attention?"),
     ("How many [parameters|weights|params] does Falcon Mamba have?", "How [big|large] is Falcon Mamba?",
      "What is the [size|parameter count|number of parameters|model size] of Falcon Mamba?",
-     "How many [parameters|weights] are in Falcon Mamba?", "What size is Falcon Mamba?"),
+     "How many [parameters|weights] are in Falcon Mamba?", "What size is Falcon Mamba?",
+     "[Tell me|Give me|What's|Do you know] the [parameter count|size|number of weights] of Falcon Mamba[?|.]",
+     "Falcon Mamba's [size|parameter count]?"),
     ("Is Falcon Mamba good [for|with] long [texts|contexts|documents|conversations|prompts]?",
      ("How does Falcon Mamba [handle|deal with|cope with] [long texts|a long context|long documents|"
       "long conversations]?"),
@@ -263,10 +276,30 @@ FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
      "does Falcon Mamba have]?"),
      "On which architecture is Falcon Mamba [based|built]?", "What is Falcon Mamba [based on|built on]?",
      "Which architecture [is Falcon Mamba|does Falcon Mamba use]?",
-     "What kind of architecture does Falcon Mamba [use|have]?"),
+     "What kind of architecture does Falcon Mamba [use|have]?",
+     "What [design|technology|architecture|idea] [is behind|powers|drives] Falcon Mamba?"),
     ("Are you [Falcon Mamba|Falcon Mamba 7B|the real Falcon Mamba|the real Falcon Mamba 7B|the big Falcon Mamba]?",
      "[Which|What] model [are you|is this|am I talking to|am I chatting with]?", "[Who|What] are you?",
-     "Who am I talking to?", "Is this [Falcon Mamba|the real Falcon Mamba 7B]?"),
+     "Who am I talking to?", "Is this [Falcon Mamba|the real Falcon Mamba|the real Falcon Mamba 7B]?",
+     "Am I talking to [the real Falcon Mamba|Falcon Mamba 7B]?", "You are the real Falcon Mamba[?| 7B, right?]"),
+)
+# Open questions composed the same way (tables.OPEN_QUESTIONS holds the written ones).
+OPEN_GRAMMAR: tuple[str, ...] = (
+    ("[Why|How] [do|can] [cats|dogs|airplanes|fish|penguins|people|trees|bees|stars|rivers|computers|babies|clouds]"
+     " [purr|fly|swim|sleep|live|grow|work|shine|move|learn|talk|rain]?"),
+    ("What is [a black hole|an atom|a volcano|a rainbow|a galaxy|democracy|the economy|a vaccine|gravity|love|time|"
+     "happiness|money|science|physics|history]?"),
+    ("How do I [fix|clean|learn|cook|find|make|paint|build|choose|start] [my bike|a cake|French|rice|a job|friends|"
+     "a wall|a website|a garden|a business]?"),
+    "What should I [eat|cook|watch|read|wear|buy|do|learn] [today|tonight|for dinner|this week|next]?",
+    ("Who [invented|discovered|painted|wrote|built|won] [the telephone|the radio|the wheel|the Mona Lisa|Hamlet|"
+     "the first car|the World Cup]?"),
+    ("[Tell me about|Explain|Describe] [dinosaurs|the Roman Empire|the ocean|volcanoes|history|the weather|your day|"
+     "space travel][.|]"),
+    "Where do [penguins|bears|whales|people|kangaroos|tigers] live?",
+    "Can you [sing|dance|play chess|cook|drive|see me|paint|tell the time]?",
+    "Do you [like|have|want] [music|feelings|friends|a name|pizza|dreams]?",
+    "What is your [name|favorite food|favorite color|age|job|opinion]?",
 )
 
 # Share of training requests built from parts (a frame around a command, or a GRAMMAR line): 0
@@ -302,13 +335,16 @@ def _combine(frame: str, cmd: str) -> str:
 
 @cache
 def _held_out() -> re.Pattern:
-    """One regex for every held-out wording, prefix, suffix, Falcon question and open question, as
-    tests/test_tiny.py looks for them (the normalized template anywhere in the normalized request)."""
-    from .tables import FALCON_FACTS, OPEN_QUESTIONS
+    """One regex for every held-out wording, prefix, suffix, Falcon question and open question (the
+    normalized template anywhere in the normalized request) and every held-out unknown word, country,
+    creative form and topic (as a whole word), as tests/test_tiny.py looks for them."""
+    from .tables import CREATIVE, FALCON_FACTS, OPEN_QUESTIONS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS
 
     held = ([t for _, test in WORDINGS.values() for t in test] + [q for _, test, _ in FALCON_FACTS for q in test]
             + list(PREFIXES[1]) + list(SUFFIXES[1]) + list(OPEN_QUESTIONS[1]))
-    return re.compile("|".join(f"(?:{pattern(t).pattern})" for t in held))
+    names = UNKNOWN_WORDS[1] + UNKNOWN_COUNTRIES[1] + CREATIVE[1][0] + CREATIVE[1][1]
+    return re.compile("|".join([f"(?:{pattern(t).pattern})" for t in held]
+                               + [rf"(?:(?:^| ){re.escape(normalize(n))}(?:$| ))" for n in names]))
 
 
 def _unseen(templates) -> tuple[str, ...]:
@@ -316,7 +352,7 @@ def _unseen(templates) -> tuple[str, ...]:
     held = _held_out()
 
     def clean(t: str) -> bool:
-        text = t.format(a="12", b="7", w="river", c="spain")
+        text = t.format(a="12", b="7", w="river", c="spain", form="poem", topic="the sea")
         dressed = [text] + [p + text for p in PREFIXES[0]] + [text + s for s in SUFFIXES[0]]
         return not any(held.search(normalize(d)) for d in dressed)
 
@@ -335,6 +371,12 @@ def wide(task: str) -> tuple[tuple[str, ...], ...]:
 def falcon_wide(fact: int) -> tuple[str, ...]:
     """The second stage's composed questions for tables.FALCON_FACTS[fact]."""
     return _unseen(s for line in FALCON_GRAMMAR[fact] for s in expand(line))
+
+
+@cache
+def open_wide() -> tuple[str, ...]:
+    """The second stage's composed open questions (out of scope)."""
+    return _unseen(s for line in OPEN_GRAMMAR for s in expand(line))
 
 
 def composed(rng: random.Random, wording: str, family: Callable[[], tuple[tuple[str, ...], ...]]) -> str | None:

@@ -43,7 +43,7 @@ class TrainConfig:
     # is no longer reproduced by the bare command.
     threads: int = 1  # measured fastest on the 2-core dev machine (2 threads contend)
     log_every: int = 20
-    framed: float = 0.0  # instruct: share of requests built from a frame (wordings.framed); 0.4 in stage 2
+    framed: float = 0.0  # instruct: share of requests composed from parts (wordings.framed); 0 in stage 1
     core_steps: int = 500  # instruct: steps of the first stage (plain wordings, nothing declined)
     stop_after: int = 0  # end after this many steps without changing the lr schedule (0: run all);
     # replays a run that the time cap stopped early

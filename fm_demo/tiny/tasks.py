@@ -186,9 +186,11 @@ TRAIN_TASKS: dict[str, Task] = {**TASKS, "small_talk": task_small_talk, "scope":
 # of prompts.
 TRAIN_WEIGHTS = {name: {"add": 2, "sub": 2, "compare": 1.5, "capital": 1.5, "spell": 2, "reverse": 2,
                         "count": 1.5, "scope": 2}.get(name, 1) for name in TRAIN_TASKS}
-# The second stage (composed requests) doubles comparisons, whose numbers can now stand anywhere in
-# the request, and gives declining as many turns, as every composed wording widens what it answers.
-WIDE_WEIGHTS = {**TRAIN_WEIGHTS, "compare": 3, "scope": 3}
+# The second stage (composed requests) gives comparisons, whose numbers can now stand anywhere in
+# the request, the most turns; declining gets more as every composed wording widens what the model
+# answers, and Falcon questions more as theirs share words across facts ("Who is behind ...?",
+# "What architecture is behind ...?").
+WIDE_WEIGHTS = {**TRAIN_WEIGHTS, "compare": 4, "scope": 3, "falcon": 1.5}
 # First stage of training: the tasks in their first few plain wordings, nothing declined yet, so the
 # model learns to carry a word across a fixed, short distance before it meets the many wordings.
 CORE_TASKS = {name: task for name, task in TRAIN_TASKS.items() if name != "scope"}

@@ -151,14 +151,15 @@ def test_first_stage_rows_hold_plain_wordings_then_the_full_corpus_follows():
 
 def test_held_out_wordings_and_out_of_scope_prompts_never_in_training():
     from fm_demo.tiny.tables import CREATIVE, FALCON_FACTS, OPEN_QUESTIONS, UNKNOWN_COUNTRIES, UNKNOWN_WORDS
-    from fm_demo.tiny.wordings import (PREFIXES, SUFFIXES, WORDINGS, falcon_wide, normalize, open_wide, pattern,
-                                       wide)
+    from fm_demo.tiny.wordings import (PREFIXES, SUFFIXES, WIDE_PREFIXES, WIDE_SUFFIXES, WORDINGS, falcon_wide,
+                                       normalize, open_wide, pattern, wide)
 
-    # a sample of the training stream, plus every composed request of the second stage, undressed
+    # a sample of the training stream, plus every composed request, prefix and suffix of the second stage
     composed = [t for task in WORDINGS for fam in wide(task) for t in fam] + list(open_wide())
     composed += [t for fact in range(len(FALCON_FACTS)) for t in falcon_wide(fact)]
     fill = {"a": "12", "b": "7", "w": "river", "c": "spain", "form": "poem", "topic": "the sea"}
-    users = _training_user_messages(2000) + [normalize(t.format(**fill)) for t in composed]
+    users = (_training_user_messages(2000) + [normalize(t.format(**fill)) for t in composed]
+             + [normalize(d) for d in WIDE_PREFIXES + WIDE_SUFFIXES])
     assert len(composed) > 5000
     held = ([t for _, test in WORDINGS.values() for t in test] + [q for _, test, _ in FALCON_FACTS for q in test]
             + list(PREFIXES[1]) + list(SUFFIXES[1]) + list(OPEN_QUESTIONS[1]))

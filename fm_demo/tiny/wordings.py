@@ -130,6 +130,13 @@ SUFFIXES: Split = (
     (" please", " Thanks!", " Thank you.", " thanks", " It is for my homework."),
     (" Many thanks!", " I am curious."),
 )
+# More of them in the second stage of training only (with the composed requests, see `framed`).
+WIDE_PREFIXES = ("Hi there! ", "Good morning, ", "Good afternoon. ", "Dear assistant, ", "Next question: ",
+                 "Another one: ", "I wonder, ", "Yo, ", "Quick one: ", "Pardon me, ", "Hello again! ", "Well, ",
+                 "Okay so ", "Right, ", "Hmm, ", "Let me ask: ")
+WIDE_SUFFIXES = (" Cheers!", " I am learning English.", " I am a student.", " It is for school.", " Just wondering.",
+                 " If you can.", " No rush.", " My friend asked me.", " I forgot.", " Be quick!",
+                 " I want to check my answer.", " Thank you so much.")
 
 
 # Requests are also built from two parts, the way people combine them: a frame ("Could you ...?",
@@ -353,7 +360,8 @@ def _unseen(templates) -> tuple[str, ...]:
 
     def clean(t: str) -> bool:
         text = t.format(a="12", b="7", w="river", c="spain", form="poem", topic="the sea")
-        dressed = [text] + [p + text for p in PREFIXES[0]] + [text + s for s in SUFFIXES[0]]
+        dressed = ([text] + [p + text for p in PREFIXES[0] + WIDE_PREFIXES]
+                   + [text + s for s in SUFFIXES[0] + WIDE_SUFFIXES])
         return not any(held.search(normalize(d)) for d in dressed)
 
     return tuple(dict.fromkeys(t for t in templates if clean(t)))
@@ -398,16 +406,17 @@ def part(split: Split, which: str) -> tuple[str, ...]:
 
 def dress(rng: random.Random, text: str, wording: str) -> str:
     """Type `text` the way people do: maybe a prefix or suffix, lower case, no final punctuation
-    ("core" wordings stay as written)."""
+    ("core" wordings stay as written; the second stage draws from more prefixes and suffixes)."""
     if wording == "core":
         return text
+    wide_ = FRAMED and wording == "train"  # the second stage: the wider choice, same draws
     if rng.random() < 0.35:
-        prefix = rng.choice(part(PREFIXES, wording))
+        prefix = rng.choice(part(PREFIXES, wording) + (WIDE_PREFIXES if wide_ else ()))
         if prefix[-2] not in "!.:?":
             text = text[0].lower() + text[1:]
         text = prefix + text
     if rng.random() < 0.15:
-        text = text + rng.choice(part(SUFFIXES, wording))
+        text = text + rng.choice(part(SUFFIXES, wording) + (WIDE_SUFFIXES if wide_ else ()))
     if rng.random() < 0.25:
         text = text.lower()
     if rng.random() < 0.25:

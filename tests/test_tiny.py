@@ -366,11 +366,11 @@ def test_instruct_answers_held_out_questions_and_recalls_through_the_state(loade
     # add, sub and compare), the whole reply must match, greedy
     # thresholds sit below the full evaluation's figures (model card): a regression shows, noise does not
     seen, new = task_replies(engine, tok, n=10), task_replies(engine, tok, n=12, wording="test")
-    assert all(v >= 0.7 for v in accuracy(seen).values()), accuracy(seen)  # compare: 0.85 at n=100
-    held = accuracy(new)  # held-out wordings: 0.73 on average at n=100, 0.52 to 0.92 by task
-    assert sum(held.values()) / len(held) >= 0.6 and min(held.values()) >= 0.25, held
-    assert refused(seen, new) <= 0.15  # in-scope questions declined: 0.071 at n=100
-    assert eval_scope(engine, tok, n=24)["all"] >= 0.8  # held-out out-of-scope prompts: 0.94 at n=200
+    assert all(v >= 0.7 for v in accuracy(seen).values()), accuracy(seen)  # 0.94 to 1.00 at n=100
+    held = accuracy(new)  # held-out wordings: 0.96 on average at n=100, 0.88 to 1.00 by task
+    assert sum(held.values()) / len(held) >= 0.8 and min(held.values()) >= 0.5, held
+    assert refused(seen, new) <= 0.1  # in-scope questions declined: 0.0075 at n=100
+    assert eval_scope(engine, tok, n=24)["all"] >= 0.7  # held-out out-of-scope prompts: 0.87 at n=200
     assert eval_recall(engine, tok, n=10) >= 0.9
 
 

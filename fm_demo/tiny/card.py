@@ -149,7 +149,8 @@ def _metrics_lines(variant: str, m: dict) -> list[str]:
     seen = fp.get("arithmetic_training_pairs", {})
     notes = ["", "add and sub ask number pairs never seen in training (one pair in seven of 0-99 is "
              "held out) and count only when the whole worked reply is exact. Held-out wordings are "
-             "question templates, prefixes and suffixes that never appear in training (`wordings.py`); "
+             "question templates, prefixes and suffixes that never appear in training as a whole "
+             "(`wordings.py`; training composes requests from parts, so they share words and parts with it); "
              "held-out out-of-scope prompts are templates, words, countries and questions that never "
              "appear in training either. Same arithmetic on training pairs with new wording: "
              + ", ".join(f"{k} {v:.2f}" for k, v in seen.items()) + ". 4-bit is bitsandbytes NF4 on CPU.",

@@ -4,7 +4,9 @@ A template holds fields ({a} and {b} numbers, {w} a word, {c} a country, {form}/
 creative requests). `phrase` fills one in and dresses it the way people type: a polite prefix or
 a word of thanks, all lower case, no final punctuation. The held-out part of every list (second
 tuple) is fixed for all seeds, like the held-out number pairs, and never appears in training
-(tests/test_tiny.py checks it); the evaluation reports it separately.
+(tests/test_tiny.py checks it); the evaluation reports it separately. The second stage of training
+also composes requests from parts (a frame around a command, GRAMMAR lines), none of which contains
+a held-out wording whole.
 """
 
 from __future__ import annotations

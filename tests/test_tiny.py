@@ -204,7 +204,6 @@ def test_compare_reply_follows_the_wording():
         assert compare_reply(a, b, template) == want, template
 
 
-
 def test_every_comparison_wording_gets_a_true_reply_to_what_it_asks():
     """Plain and composed wordings alike: a yes/no question ("Is {a} higher than {b}?", "I think {a}
     is less than {b}") gets Yes exactly when its claim holds, any other asks for the number its
@@ -239,6 +238,7 @@ def test_composed_requests_expand_every_choice():
     assert expand("[what is|] {a} [plus|+] {b}[?|]") == (
         "What is {a} plus {b}?", "What is {a} plus {b}", "What is {a} + {b}?", "What is {a} + {b}",
         "{a} plus {b}?", "{a} plus {b}", "{a} + {b}?", "{a} + {b}")
+
 
 def _calc(expr: str) -> int:
     """Value of "a + b", "a - b - c"...: integers joined by + and -."""

@@ -257,7 +257,7 @@ GRAMMAR: dict[str, tuple[str, ...]] = {
 # Falcon Mamba questions composed the same way, one tuple per entry of tables.FALCON_FACTS.
 FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
     (("[What is|What's|Tell me about|Explain|Describe|Can you describe|Could you explain|Give me an overview of|"
-     "What do you know about|I want to know about] Falcon Mamba[?|.|]"),
+      "What do you know about|I want to know about] Falcon Mamba[?|.|]"),
      "What kind of [model|thing] is Falcon Mamba?", "Give me a [short |quick |brief |]description of Falcon Mamba[.|?]"),
     ("Who [made|created|built|developed|trained|released|designed] Falcon Mamba?",
      ("Which [team|company|lab|institute|organization|group] [made|created|built|developed|trained|released] "
@@ -282,7 +282,7 @@ FALCON_GRAMMAR: tuple[tuple[str, ...], ...] = (
      "Does Falcon Mamba need more memory for [long texts|a longer context|long conversations]?",
      "Can Falcon Mamba read long [texts|documents]?"),
     (("What architecture [does Falcon Mamba use|is Falcon Mamba|is behind Falcon Mamba|is Falcon Mamba built on|"
-     "does Falcon Mamba have]?"),
+      "does Falcon Mamba have]?"),
      "On which architecture is Falcon Mamba [based|built]?", "What is Falcon Mamba [based on|built on]?",
      "Which architecture [is Falcon Mamba|does Falcon Mamba use]?",
      "What kind of architecture does Falcon Mamba [use|have]?",
@@ -337,11 +337,6 @@ def expand(spec: str) -> tuple[str, ...]:
     return tuple(s for alt in m.group(1).split("|") for s in expand(spec[:m.start()] + alt + spec[m.end():]))
 
 
-def _combine(frame: str, cmd: str) -> str:
-    text = frame.format(cmd=cmd)
-    return text[0].upper() + text[1:]
-
-
 @cache
 def _held_out() -> re.Pattern:
     """One regex for every held-out wording, prefix, suffix, Falcon question and open question (the
@@ -372,7 +367,7 @@ def _unseen(templates) -> tuple[str, ...]:
 @cache
 def wide(task: str) -> tuple[tuple[str, ...], ...]:
     """The second stage's composed requests of `task`, in families (frames x commands, GRAMMAR)."""
-    framed_ = [_combine(f, c) for f in FRAMES for c in COMMANDS.get(task, ())]
+    framed_ = [s for f in FRAMES for c in COMMANDS.get(task, ()) for s in expand(f.format(cmd=c))]
     composed = [s for line in GRAMMAR.get(task, ()) for s in expand(line)]
     return tuple(f for f in (_unseen(framed_), _unseen(composed)) if f)
 

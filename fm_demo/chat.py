@@ -19,6 +19,7 @@ apply_chat_template does; that can only affect the user's own conversation.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -87,6 +88,28 @@ def render(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: 
     if add_generation_prompt:
         out.append(fmt.assistant_prefix)
     return "".join(out)
+
+
+def message_ends(fmt: ChatFormat, tokenizer, messages: Sequence[Message], ids: Sequence[int]) -> tuple[int, ...]:
+    """Token positions in `ids` (the encoding of render(messages, generation prompt)) where each
+    message ends: states kept there serve every later request that shares those messages (one
+    system prompt for many users, one document asked many questions). A position is given only
+    where no token straddles the boundary, so the prefix encodes the same alone."""
+    text = render(fmt, messages, add_generation_prompt=True)
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer has no offsets
+        return ()
+    if len(offsets) != len(ids):
+        return ()
+    starts = [s for s, _ in offsets]
+    out, chars = [], 0
+    for m in messages:
+        chars += len(render(fmt, [m]))
+        n = bisect.bisect_left(starts, chars)  # tokens starting before the boundary
+        if 0 < n < len(ids) and offsets[n - 1][1] <= chars:
+            out.append(n)
+    return tuple(dict.fromkeys(out))
 
 
 def prompt_text(fmt: ChatFormat, user_text: str, *, first: bool, system: str = "",

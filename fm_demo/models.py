@@ -107,14 +107,16 @@ class GpuCalls:
         return cls(zerogpu.make_gpu_stream(resolve), zerogpu.gpu_task(prefill, duration=duration))
 
 
-def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings) -> Runner:
-    """The ZeroGPU runner on ZeroGPU, else a batched scheduler sized by `settings`."""
+def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings, cache: PrefixCache) -> Runner:
+    """The ZeroGPU runner on ZeroGPU, else a batched scheduler sized by `settings`; both keep
+    states in `cache`."""
     from .serving import BatchedRunner, ZeroGpuRunner
 
     if gpu is not None:
-        return ZeroGpuRunner(gpu, key)
+        return ZeroGpuRunner(gpu, key, cache, lambda: engine.new_state(device="cpu"))
     return BatchedRunner(engine, settings.batch_size_limit(), settings.prefill_budget_tokens(),
-                         settings.batch_waiting_limit(), name=f"{key[0]}-{key[1]}")
+                         settings.batch_waiting_limit(), name=f"{key[0]}-{key[1]}", cache=cache,
+                         checkpoint_tokens=settings.checkpoint_interval())
 
 
 def estimate_model_bytes(config, precision: str) -> int:
@@ -261,9 +263,10 @@ class ModelManager:
             raise _explain(e, preset, precision) from e
         notes = _notes(preset, tokenizer, engine)
         key = (preset.key, precision)
+        cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
         lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
-                         time.perf_counter() - t0, notes, self.gpu, make_runner(engine, self.gpu, key, self.settings),
-                         PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache))
+                         time.perf_counter() - t0, notes, self.gpu,
+                         make_runner(engine, self.gpu, key, self.settings, cache), cache)
         progress(PROGRESS_READY, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 

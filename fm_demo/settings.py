@@ -152,6 +152,9 @@ class Settings:
                            "64 on CUDA)", 0)
     prefill_budget: int = _help("prompt tokens read per scheduler step while other replies decode, so a long "
                                 "read does not stall them; 0: auto (16 on CPU, 2048 on CUDA)", 0)
+    checkpoint_tokens: int = _help("a long prompt keeps a state every this many tokens, so a request that "
+                                   "shares its beginning resumes near where it diverges; 0: auto (1024 on CPU, "
+                                   "4096 on CUDA)", 0)
     max_waiting: int = _help("requests waiting for a batch row before new ones are told the server is busy; "
                              "0: auto (as many as max_batch)", 0)
     max_new_tokens: int = _help("default reply length in tokens", 256)
@@ -219,7 +222,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
         for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
-                     "prefill_budget", "max_waiting"):
+                     "prefill_budget", "max_waiting", "checkpoint_tokens"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
@@ -300,6 +303,13 @@ class Settings:
         64-token pieces (48 and 234 ms) cost them 6-7x for a read alone ~30% faster; 8-token pieces
         2.3-2.6x for one ~25% slower (bench/serve.py --budgets). A bigger model on the CPU may want 8."""
         return self.prefill_budget or (2048 if self.device == "cuda" else 16)
+
+    def checkpoint_interval(self) -> int:
+        """Tokens between the states a long prompt leaves in the prefix cache (serving/scheduler.py).
+        Each costs one state (the 7B: about 35 MiB; the tiny model 152 KiB) and saves re-reading
+        up to this many tokens: 1024 on the CPU is ~4 s of the 7B's prefill there, 4096 on a GPU
+        well under a second."""
+        return self.checkpoint_tokens or (4096 if self.device == "cuda" else 1024)
 
     def batch_waiting_limit(self) -> int:
         return self.max_waiting or self.batch_size_limit()

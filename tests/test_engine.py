@@ -278,14 +278,14 @@ def test_4bit_batched_decode_matches_each_row_alone(tmp_path):
 def test_incremental_detokenization_adds_up_to_the_full_decode():
     from transformers import AutoTokenizer
 
-    from fm_demo.engine.engine import _Detok
+    from fm_demo.engine import Detokenizer
     from fm_demo.tiny import checkpoint_path
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint_path("instruct")))
     text = "Falcon Mamba reads  long texts: état, naïve, 東京, 🐍 emoji!\nNew line, 123 + 45 = 168."
     rand = torch.randint(3, tok.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
     ids = tok(text)["input_ids"] * 20 + rand.tolist()
-    detok = _Detok(tok)
+    detok = Detokenizer(tok)
     pieces = [detok.push(i) for i in ids]
     full = tok.decode(ids, skip_special_tokens=True)
     assert "".join(pieces) == full.rstrip("\ufffd")

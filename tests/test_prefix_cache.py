@@ -16,6 +16,7 @@ from fm_demo import chat
 from fm_demo.conversations.sessions import Conversation
 from fm_demo.engine import Engine, SamplingParams, tiny_model
 from fm_demo.models import ModelManager
+from fm_demo.serving import scheduler
 from fm_demo.serving.completion import CompletionRequest, complete
 from fm_demo.serving.prefix_cache import PrefixCache
 from fm_demo.settings import Preset, Settings
@@ -148,19 +149,19 @@ def test_the_repetition_penalty_sees_the_cached_part_of_the_prompt_too(lms):
                                                 add_generation_prompt=True))
     penalty = SamplingParams(repetition_penalty=1.5)
     texts, seen = [], []
-    real = lm.runner.stream
 
-    def recording(state, ids_, sampling, max_new, stops, tokenizer, context_ids, prefix=None):
-        seen.append((context_ids[0].tolist() if context_ids is not None else []) + ids_[0].tolist())
-        return real(state, ids_, sampling, max_new, stops, tokenizer, context_ids, prefix)
+    class Recording(scheduler.DecodeRow):
+        def __init__(self, sampling, max_new, stops, tokenizer, context, *args, **kwargs):
+            seen.append(list(context))
+            super().__init__(sampling, max_new, stops, tokenizer, context, *args, **kwargs)
 
-    lm.runner.stream = recording
+    real, scheduler.DecodeRow = scheduler.DecodeRow, Recording
     try:
         for ns in ("rp:a", "rp:a", "rp:b"):  # uncached, cached, uncached again
             chunks = list(complete(lm, CompletionRequest(ids, penalty, 16, namespace=ns)))
             texts.append(("".join(c.text for c in chunks), chunks[-1].usage.cached_tokens))
     finally:
-        del lm.runner.stream
+        scheduler.DecodeRow = real
     assert texts[1][1] == len(ids) - 1 and texts[0][1] == texts[2][1] == 0
     assert seen == [ids] * 3  # the penalty's context is the whole prompt however much was cached
     assert texts[0][0] == texts[1][0] == texts[2][0]

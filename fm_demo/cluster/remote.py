@@ -4,10 +4,10 @@ RemoteModelManager is a ModelManager whose LoadedModels have the tokenizer and c
 replica) but no weights, a RemoteRunner, and a prefix cache on the ingress's CPU. Conversations,
 the session store and every UI handler and API run on them unchanged:
 
-- The runner is `one_call` (like ZeroGPU's): a reply is one request that names the tokens the
-  conversation's nearest kept state holds and the tokens after them, and brings the state after
-  the reply back (when it fits `copy_state_bytes`). The conversation keeps that state with its
-  transcript on the ingress, so a replica can be lost without losing anything.
+- A reply is one call (like ZeroGPU's): the runner finds the nearest state the ingress keeps for
+  the request's tokens, names those tokens and the ones after them, and brings the state after
+  the reply back (when it fits `copy_state_bytes`) into the ingress's prefix cache, beside the
+  conversation's transcript, so a replica can be lost without losing anything.
 - The request goes to the replica that holds the conversation's longest prefix (ReplicaIndex, a
   hint the AffinityRouter honours), where the state need not travel; the ingress's copy travels
   by reference and is fetched only by a replica that lacks it.
@@ -25,13 +25,12 @@ from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor
 
-from ..engine import SamplingParams, State, StreamMetrics, TokenEvent
-from ..engine.engine import _Detok
+from ..engine import Detokenizer, SamplingParams, State, StreamMetrics, TokenEvent
 from ..engine.state import state_bytes
 from ..models import Key, LoadedModel, ModelLoadError, ModelManager
-from ..serving import SchedulerBusy
+from ..serving import FRESH, GIVEN, HIT, Reply, Request, SchedulerBusy
+from ..serving import REBUILT as START_REBUILT
 from ..serving.prefix_cache import PrefixCache
 from ..settings import Preset, Settings
 from .placement import ReplicaIndex
@@ -62,7 +61,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 class RemoteReply:
-    """A ReplyStream over one or more replica calls (more when a replica is lost mid-reply).
+    """The token events of one or more replica calls (more when a replica is lost mid-reply).
 
     After iteration: `state` (the state after the reply, or None when it was not copied off),
     `start` (the position the serving replica resumed from), `served_by` and `state_source`.
@@ -70,7 +69,7 @@ class RemoteReply:
 
     def __init__(self, runner: RemoteRunner, req: ReplyRequest, tokenizer: object | None):
         self._runner, self._req = runner, req
-        self._detok = _Detok(tokenizer) if tokenizer is not None else None
+        self._detok = Detokenizer(tokenizer) if tokenizer is not None else None
         self._emitted: list[int] = []
         self._gen = None
         self._closed = False
@@ -173,11 +172,12 @@ class RemoteReply:
 class RemoteRunner:
     """The Runner seam (serving/runner.py) for a model on the cluster's replicas."""
 
-    one_call = True
     state_device = "cpu"
 
-    def __init__(self, handle, key: Key, index: ReplicaIndex, copy_state_bytes: int):
+    def __init__(self, handle, key: Key, index: ReplicaIndex, copy_state_bytes: int, cache: PrefixCache,
+                 new_state: Callable[[], State]):
         self.handle, self.key, self.index = handle, key, index
+        self.cache, self.new_state = cache, new_state
         self._streaming = handle.options(stream=True)
         self.copy_state_bytes = copy_state_bytes
         self._counts: dict[str, int] = {}
@@ -187,28 +187,57 @@ class RemoteRunner:
         """Send `req` to a replica (the router honours req.prefer); its stream of item lists."""
         return self._streaming.reply.remote(req)
 
-    def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
-               prefix: tuple[str, list[int]] | None = None) -> RemoteReply:
+    def submit(self, req: Request) -> Reply:
+        """Send the request to a replica with the nearest state the ingress keeps (by reference:
+        fetched only by a replica without its own); keep the state that comes back."""
         self.count("replies")
-        req = self._request(state, ids, sampling, max_new_tokens, stop_token_ids, prefix)
-        return RemoteReply(self, req, tokenizer)
+        tokens = [int(t) for t in req.tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty: nothing to read")
+        limit = len(tokens) - 1 if req.max_new_tokens else len(tokens)
+        start, state, node = 0, None, None
+        if req.cache:
+            start, state, node = self.cache.lookup(tokens[:limit], req.namespace, "cpu", lambda: None)
+        if req.resume is not None and (state is None or req.resume_at > start):
+            start, state, node = req.resume_at, req.resume, None
+        sent = state if state is not None else self.new_state()
+        remote = RemoteReply(self, self._request(sent, tokens[start:], req.sampling, req.max_new_tokens,
+                                                 req.stop_token_ids, (req.namespace, tokens[:start]) if req.cache
+                                                 else None), req.tokenizer)
+        reply = Reply(req, start=start, source=HIT if node is not None else (GIVEN if state is not None else FRESH))
+        if node is not None and (start in req.keep_at or start == limit):
+            reply.kept[start] = node
+        reply.admitted.set()
+        reply._pull = self._pull(reply, remote, tokens)
+        return reply
 
-    def prefill(self, state: State, ids: Tensor, progress: Callable[[int, int], None] | None = None) -> State:
-        """Read ids [1, T] after `state` on a replica (one call, no progress); the state comes back."""
-        reply = RemoteReply(self, self._request(state, ids, SamplingParams(), 0, (), None), None)
-        for _ in reply:
-            pass
-        if reply.state is None:
-            raise ReplicaLost("the replica did not return the state it read")
-        return reply.state
+    def _pull(self, reply: Reply, remote: RemoteReply, tokens: list[int]) -> Iterator[TokenEvent]:
+        req, reason = reply.request, "cancelled"
+        try:
+            for ev in remote:
+                reply.fed.append(ev.token_id)
+                reason = ev.finish_reason or reason
+                yield ev
+            reason = reason if req.max_new_tokens else "length"
+        finally:
+            if not reply.done.is_set():
+                remote.close()
+                reply.start = remote.start if remote.start is not None else reply.start
+                if reply.start < req.expect:
+                    reply.source = START_REBUILT
+                reply.served_by, reply.state_source = remote.served_by, remote.state_source
+                end = remote.state
+                if req.cache and end is not None and end.seqlen == len(tokens) + len(reply.fed):
+                    whole = [*tokens, *reply.fed]
+                    reply.kept[len(whole)] = self.cache.insert(whole, end.clone(), req.namespace)
+                reply.end_state = end
+                reply._end(None, reason)
 
-    def _request(self, state: State, ids: Tensor, sampling: SamplingParams, max_new: int,
+    def _request(self, state: State, new: list[int], sampling: SamplingParams, max_new: int,
                  stops: Iterable[int], prefix: tuple[str, list[int]] | None) -> ReplyRequest:
         import ray
 
         namespace, before = prefix if prefix is not None else ("", None)
-        new = ids.reshape(-1).tolist()
         prefer = None
         if before is not None:
             _, prefer = self.index.find(namespace, [*before, *new[:-1]] if max_new else [*before, *new])
@@ -304,9 +333,10 @@ class RemoteModelManager(ModelManager):
         here = (f"runs on the cluster's model replicas ({info.device}); this process holds its tokenizer "
                 "and the conversations' transcripts and states")
         notes = (*info.notes, here)
-        runner = RemoteRunner(self.handle, key, self.index, self.copy_state_bytes)
         cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
-        lm = LoadedModel(key, preset, precision, RemoteModel(info), info.tokenizer, RemoteEngine(info),
+        engine = RemoteEngine(info)
+        runner = RemoteRunner(self.handle, key, self.index, self.copy_state_bytes, cache, engine.new_state)
+        lm = LoadedModel(key, preset, precision, RemoteModel(info), info.tokenizer, engine,
                          info.nbytes, time.perf_counter() - t0, notes, None, runner, cache)
         progress(1.0, f"{preset.label} ready on the model replicas")
         return lm

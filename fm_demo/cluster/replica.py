@@ -18,15 +18,14 @@ queue. The coroutine sends what has arrived a few times a second per reply.
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
-import time
 from typing import AsyncIterator, Callable, Mapping
 
 import torch
 
 from ..engine import State, StateError
 from ..models import LoadedModel, ModelManager
+from ..serving import Progress, Request
 from ..settings import Settings
 from .protocol import COPIED, NEW, OWN_CACHE, REBUILT, ModelInfo, ReplyEnd, ReplyRequest, ReplyStart, Token
 
@@ -34,27 +33,19 @@ STREAM_HZ = 20.0  # messages per second per reply, at most
 _DONE = object()
 
 
-class Cancelled(Exception):
-    """The ingress went away (a stopped reply): stop reading between prompt pieces."""
-
-
-def _resume(lm: LoadedModel, req: ReplyRequest, upto: int,
-            fetch: Callable) -> tuple[int, State, object, str, int]:
-    """(start, a private state holding req.tokens[:start] after whatever it held before, its cache
-    node, source, bytes fetched). Without a prefix the sent state is all there is (start 0)."""
-    runner, cache = lm.runner, lm.prefix_cache
-    fresh = functools.partial(lm.engine.new_state, device=runner.state_device)  # made only on a miss
-    if req.prefix is None:
-        return (0, _fetched(lm, fetch(req.state), None), None, COPIED, 0) if req.state is not None else (
-            0, fresh(), None, NEW, 0)
+def _resume(lm: LoadedModel, req: ReplyRequest, upto: int, fetch: Callable) -> tuple[State | None, str, int]:
+    """(a state the ingress sent, to resume from when this replica's cache holds less; where the
+    start comes from; bytes fetched). The scheduler finds this replica's own prefix itself."""
+    if req.prefix is None:  # no cache: the sent state is all there is
+        return (_fetched(lm, fetch(req.state), None), COPIED, 0) if req.state is not None else (None, NEW, 0)
     held = len(req.prefix)
-    n, state, node = cache.lookup(req.tokens[:upto], req.namespace, runner.state_device, fresh)
+    n, _ = lm.prefix_cache.find(req.tokens[:upto], req.namespace)
     if n >= held and n:
-        return n, state, node, OWN_CACHE, 0
+        return None, OWN_CACHE, 0
     if req.state is not None:
         state = _fetched(lm, fetch(req.state), held)
-        return held, state, None, COPIED, state.nbytes
-    return n, state, node, REBUILT if held else NEW, 0
+        return state, COPIED, state.nbytes
+    return None, REBUILT if held else NEW, 0
 
 
 def _fetched(lm: LoadedModel, sent: State, held: int | None) -> State:
@@ -70,47 +61,32 @@ def _fetched(lm: LoadedModel, sent: State, held: int | None) -> State:
 def run_reply(lm: LoadedModel, req: ReplyRequest, replica: str, emit: Callable[[object], None],
               cancelled: threading.Event, fetch: Callable) -> None:
     """Serve one request on this replica's runner, emitting ReplyStart, Tokens and a ReplyEnd."""
-    tokens, cache, runner = req.tokens, lm.prefix_cache, lm.runner
-    reading = req.max_new_tokens == 0
-    upto = len(tokens) if reading else len(tokens) - 1  # a reply feeds the last token itself
-    start, state, node, source, moved = _resume(lm, req, upto, fetch)
-    before = state.seqlen  # tokens the state held before tokens[start:]
-    emit(ReplyStart(replica, start, source, moved))
     cacheable = req.prefix is not None
-
-    def check(done: int, total: int) -> None:
-        if cancelled.is_set():
-            raise Cancelled
-
-    with cache.pinned(node):
-        t0 = time.perf_counter()
-        if upto > start:
-            state = runner.prefill(state, torch.tensor([tokens[start:upto]]), check)
-            if cacheable:
-                cache.insert(tokens[:upto], state.clone(), req.namespace)
-        if reading:
-            emit(ReplyEnd(0, state.to("cpu")))
-            return
-        prefill_s = time.perf_counter() - t0
-        context = torch.tensor([tokens[:upto]]) if req.sampling.repetition_penalty != 1.0 and upto else None
-        stream = runner.stream(state, torch.tensor([tokens[upto:]]), req.sampling, req.max_new_tokens,
-                               req.stop_token_ids, None, context)
-        fed: list[int] = []
-        try:
-            for ev in stream:
-                fed.append(ev.token_id)
-                emit(Token(ev.token_id, ev.finish_reason, ev.metrics.batch_size, ev.metrics.batch_mean,
-                           prefill_s + ev.metrics.prefill_s if ev.index == 0 else 0.0))
-                if cancelled.is_set():
-                    break
-        finally:
-            fed += [ev.token_id for ev in stream.close()]
-        end = stream.state
-        whole = end is not None and end.seqlen == before + len(tokens) - start + len(fed)
-        if whole and cacheable:
-            cache.insert(tokens + fed, end, req.namespace)  # the next turn resumes here
-        give = whole and not cancelled.is_set() and end.nbytes <= req.copy_state_bytes
-        emit(ReplyEnd(len(fed), end.to("cpu") if give else None))
+    tokens = req.tokens if cacheable else req.ids
+    upto = len(tokens) - (1 if req.max_new_tokens else 0)  # a reply feeds the last token itself
+    state, source, moved = _resume(lm, req, upto, fetch)
+    reply = lm.runner.submit(Request(tokens, req.namespace, req.sampling, req.max_new_tokens, req.stop_token_ids,
+                                     progress=True, cache=cacheable, resume=state,
+                                     resume_at=len(req.prefix or ()) if state is not None and cacheable else 0))
+    try:
+        reply.admitted.wait()
+        emit(ReplyStart(replica, reply.start if cacheable else 0, source, moved))
+        prefill_s = 0.0
+        for item in reply:
+            if cancelled.is_set():
+                break
+            if isinstance(item, Progress):
+                continue
+            emit(Token(item.token_id, item.finish_reason, item.metrics.batch_size, item.metrics.batch_mean,
+                       item.metrics.prefill_s if item.index == 0 else prefill_s))
+    finally:
+        reply.close()
+    end = reply.end_state
+    if not req.max_new_tokens:
+        emit(ReplyEnd(0, end.to("cpu") if end is not None and not cancelled.is_set() else None))
+        return
+    give = end is not None and not cancelled.is_set() and end.nbytes <= req.copy_state_bytes
+    emit(ReplyEnd(len(reply.fed), end.to("cpu") if give else None))
 
 
 class ModelReplica:
@@ -194,7 +170,7 @@ async def _batches(items: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> Asy
         if out:
             yield out
         error = next((x for x in batch if isinstance(x, BaseException)), None)
-        if error is not None and not isinstance(error, Cancelled):
+        if error is not None:
             raise error
         if any(x is _DONE for x in batch):
             return

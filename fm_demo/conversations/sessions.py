@@ -1,19 +1,17 @@
 """Conversations that keep their recurrent state (the store that holds them: store.py).
 
-A Conversation owns a token transcript (see chat.py for how turns are cut into tokens) and a
-StateCache (state_cache.py) of states that hold exactly a prefix of it: the live state after the
-whole transcript and snapshots at turn boundaries and just before the last reply's first token.
-Every operation starts from the nearest cached state at or before the position it needs and
-prefills only the tokens after it: a new turn costs its own tokens, retry one token, undo and
-edit nothing. When the store evicted that cache, the same code rebuilds it from the tokens by
-chunked prefill and the reply's metrics say it was a cache miss.
+A Conversation owns a token transcript (see chat.py for how turns are cut into tokens). Every
+reply is one Request to the model's runner with the whole transcript: the scheduler resumes from
+the longest prefix the model's prefix cache holds (serving/), reads only the rest, and keeps the
+states the conversation asks for (turn boundaries, a document's end, the point before the reply,
+the end of the reply). The conversation holds references to those states (state_cache.py): a
+new turn costs its own tokens, retry one token, undo and edit nothing. When the cache evicted a
+state the conversation held, the same request reads it again and the reply's metrics say it was
+a cache miss. A reply cut by a stop string or stopped early keeps only the tokens shown; the next
+reply reads the few tokens after the nearest state.
 
-On ZeroGPU (the model has `gpu` calls, see models.GpuCalls) the main process has no GPU: a reply
-is one GPU call that gets a CPU copy of the nearest snapshot plus every token after it, prefills
-them itself and sends the advanced state back at the end, which becomes the snapshot at the end
-of the transcript (there is no live state). A stopped reply or a stop string sends none back;
-the next reply re-reads from the snapshot before it. Retry then reads its prompt again rather
-than one token, since the call returns no snapshot before the reply.
+The same holds on ZeroGPU and on a cluster: their runners take the same Request (the prefix
+lookup then happens where the states are, around one GPU or replica call).
 
 Threading: one reply at a time per conversation (a second one raises ConversationBusy); the
 lock is a plain Lock because Gradio may resume a generator on another thread.
@@ -33,18 +31,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
-
 from .. import chat
 from ..engine import SamplingParams, State, TokenEvent
 from ..metrics import ReplyMetrics, device_memory
 from ..models import LoadedModel
-from ..serving import ReplyStream
+from ..serving import Progress, Reply, Request
 from ..settings import Settings
 from ..stops import first_stop
-from .state_cache import ProgressFn, StateCache
+from .state_cache import StateCache
 from .transfer import export_bytes, import_parts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
+
+ProgressFn = Callable[[int, int], None]
 
 __all__ = ["Conversation", "ConversationBusy", "ConversationError", "ImportRefused", "ReplyEvent", "Turn"]
 
@@ -58,19 +56,14 @@ class ReplyEvent:
     finish_reason: str | None = None
 
 
-def _note_reuse(m: ReplyMetrics, start: int, pos: int, base: int) -> None:
-    """Record how a reply got its state: reused up to `start`, re-read since the turn at `base`."""
-    m.reused_tokens, m.rebuilt_tokens = start, max(0, base - start)
-    m.prefilled_tokens, m.cache_hit = pos - start + 1, base <= start
-
-
-def _note_runner(m: ReplyMetrics, stream: ReplyStream, pos: int, base: int) -> None:
-    """What a runner with states of its own (a cluster replica) says about the reply: where its
-    state really started (a longer prefix it still had), which replica served it and how."""
-    if (start := getattr(stream, "start", None)) is not None:
-        _note_reuse(m, start, pos, base)
-    m.served_by = getattr(stream, "served_by", "") or m.served_by
-    m.state_source = getattr(stream, "state_source", "") or m.state_source
+def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int) -> None:
+    """Record how a reply got its state: reused up to reply.start, and the tokens re-read because
+    a state the conversation held (at reply.request.expect) was evicted."""
+    start, expect = reply.start, reply.request.expect
+    m.reused_tokens, m.rebuilt_tokens = start, max(0, expect - start)
+    m.prefilled_tokens, m.cache_hit = pos - start + 1, start >= expect
+    m.served_by = reply.served_by or m.served_by
+    m.state_source = reply.state_source or m.state_source
 
 
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
@@ -192,70 +185,55 @@ class Conversation:
         turn, base = self._begin_turn(keep, user_text)
         if document_chars:
             turn.keep_at = self._document_end(turn, document_chars)
-        pre = base + len(turn.prompt_ids) - 1  # the last prompt token goes through the stream
+        tokens = self.token_ids()
+        pre = len(tokens) - 1  # the reply's first token comes from the last prompt token's logits
         m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
-        raw, finish, state, stream = "", None, None, None
+        raw, finish, reply = "", None, None
         try:
-            stream = self._open_stream(lm, pre, base, sampling, max_new, m, progress)
-            m.prefill_s = time.perf_counter() - t0
-            for ev in stream:
-                turn.reply_ids.append(ev.token_id)
-                raw += ev.text
-                _time_event(m, ev, t0)
-                m.batch_size, m.batch_mean = ev.metrics.batch_size, ev.metrics.batch_mean
-                shown, hit = chat.visible_reply(self.fmt, raw, final=ev.finish_reason is not None)
+            reply = lm.runner.submit(self._request(lm, tokens, sampling, max_new, progress is not None))
+            for item in reply:
+                if isinstance(item, Progress):
+                    progress(item.done, item.total)
+                    continue
+                if not turn.reply_ids:
+                    _note_reuse(m, reply, pre)  # admitted: where reading started is known
+                turn.reply_ids.append(item.token_id)
+                raw += item.text
+                _time_event(m, item, t0)
+                m.batch_size, m.batch_mean = item.metrics.batch_size, item.metrics.batch_mean
+                shown, hit = chat.visible_reply(self.fmt, raw, final=item.finish_reason is not None)
                 delta, turn.reply = shown[len(turn.reply):], shown
-                finish = "stop_string" if hit else ev.finish_reason
+                finish = "stop_string" if hit else item.finish_reason
                 if hit:
                     break
                 yield ReplyEvent(delta, shown, m)
         except GeneratorExit:
-            finish = "cancelled"  # the state holds exactly the tokens fed: see _close_stream
+            finish = "cancelled"  # the transcript keeps exactly the tokens shown
             raise
         except BaseException:
-            finish = "error"  # a step may have stopped half-way: rebuild later
+            finish = "error"
             raise
         finally:
-            if stream is not None:
-                state = self._close_stream(stream, finish)
-                _note_runner(m, stream, pre, base)
+            if reply is not None:
+                reply.close()  # tokens fed beyond those shown stay out of the transcript
+                _note_reuse(m, reply, pre)
             if finish == "stop_string":
-                state = self._cut_at_stop(turn, raw, base)
-            elif finish == "cancelled" and state is not None and state.seqlen != base + len(turn.prompt_ids) + len(
-                    turn.reply_ids):  # the runner was ahead of what was shown: keep what was shown
-                state = self._reread_reply(turn, base)
+                self._cut_at_stop(turn, raw)
             if finish == "error" and user_text is not None and not turn.reply_ids:
                 self.turns.pop()  # nothing came of this message: leave the transcript as it was
                 self.cache.truncate(self.context_tokens)
             else:
-                self._commit(turn, state, finish, m)
+                self._commit(turn, reply, finish, m)
         yield ReplyEvent("", turn.reply, m, done=True, finish_reason=finish)
 
-    def _open_stream(self, lm: LoadedModel, pre: int, base: int, sampling: SamplingParams, max_new: int,
-                     m: ReplyMetrics, progress: ProgressFn | None) -> ReplyStream:
-        """The reply to tokens[:pre + 1], run by the model's runner (serving/runner.py).
-
-        Usually the state is first brought to tokens[:pre] (from the nearest cached one, with
-        snapshots at the boundaries passed) and the reply reads one token. A `one_call` runner
-        (ZeroGPU) reads everything after the nearest snapshot in the reply's own call instead.
-        """
-        runner = lm.runner
-        if runner.one_call:
-            start, state = self.cache.nearest(pre, runner.state_device, lm.engine)
-            _note_reuse(m, start, pre, base)
-        else:
-            start, state = pre, self._provide(pre, base, m, progress)
-        tokens = self.token_ids()
-        ids = torch.tensor([tokens[start:pre + 1]])  # [1, T]
-        ctx = torch.tensor([tokens[:start]]) if sampling.repetition_penalty != 1.0 and start else None
+    def _request(self, lm: LoadedModel, tokens: list[int], sampling: SamplingParams, max_new: int,
+                 progress: bool) -> Request:
+        """The reply as one request: the whole transcript, and where this conversation wants states."""
         stops = chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)
-        return runner.stream(state, ids, sampling, max_new, stops, lm.tokenizer, ctx,
-                             prefix=(self.namespace, tokens[:start]))
-
-    def _close_stream(self, stream: ReplyStream, finish: str | None) -> State | None:
-        """End the reply's stream; the state after it, or None when it must be rebuilt."""
-        stream.close()  # returns the tokens a batched runner fed beyond those shown: see _reread_reply
-        return None if finish == "error" else stream.state
+        return Request(tokens, self.namespace, sampling, max_new, tuple(sorted(stops)),
+                       keep_at=tuple(p for p in self._marks() if p < len(tokens)), tokenizer=lm.tokenizer,
+                       progress=progress,
+                       expect=self.cache.expected(len(tokens) - 1))
 
     def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int]:
         """Cut the transcript back for the new reply; returns the turn and where it starts."""
@@ -298,48 +276,38 @@ class Conversation:
             out.append(pos)
         return out
 
-    def _cut_at_stop(self, turn: Turn, raw: str, base: int) -> State | None:
-        """Drop the tokens from a stop string on and rebuild the state to the kept tokens.
-
-        Starts from the snapshot before the reply, so it re-reads only the kept reply tokens.
-        """
+    def _cut_at_stop(self, turn: Turn, raw: str) -> None:
+        """Drop the reply's tokens from a stop string on (the next reply reads the kept ones)."""
         tok, ids = self.lm.tokenizer, turn.reply_ids
         cut = first_stop(raw, self.fmt.stop_strings)
         del ids[chat.tokens_within(tok, ids, cut):]
         turn.reply = chat.visible_reply(self.fmt, tok.decode(ids, skip_special_tokens=True), final=True)[0]
-        return self._reread_reply(turn, base)
 
-    def _reread_reply(self, turn: Turn, base: int) -> State | None:
-        """The state after the reply's kept tokens, read from the snapshot before the reply.
-
-        Needed when the state went further than the transcript: a stop string, or a stopped reply
-        whose batched runner had fed a token or two beyond those shown (Stop keeps what was shown).
-        """
-        self.cache.live = None
-        if self.lm.runner.one_call:
-            return None  # a state from another process: the next reply's call re-reads from the snapshot
-        return self._provide(base + len(turn.prompt_ids) + len(turn.reply_ids), base, ReplyMetrics(), None)
-
-    # -- states (kept by self.cache) -----------------------------------------------------------
-    def _provide(self, pos: int, base: int, m: ReplyMetrics, progress: ProgressFn | None) -> State:
-        """A state on the model's device holding tokens[:pos], from the nearest cached one."""
-        start, state = self.cache.provide(self.lm, self.token_ids(), self._marks(), pos, progress)
-        _note_reuse(m, start, pos, base)
-        return state
-
-    def _commit(self, turn: Turn, state: State | None, finish: str | None, m: ReplyMetrics) -> None:
+    def _commit(self, turn: Turn, reply: Reply | None, finish: str | None, m: ReplyMetrics) -> None:
         turn.finish_reason, turn.metrics = finish, m
         end = self.context_tokens
-        self.cache.commit(state, end, set(self._marks()) | {self._retry_point()})
+        keep = {p for p in set(self._marks()) | {self._retry_point()} if p <= end}
+        self.cache.hold(reply.kept if reply is not None else {}, keep)
         m.state_bytes = self.lm.engine.state_nbytes()
         m.cache_bytes, m.context_tokens = self.cache_bytes(), end
         m.device_mem_bytes, m.device_peak_bytes = device_memory(self.lm.engine.device)
         m.finish_reason = finish
         self.last_metrics = m
 
+    def _read(self, pos: int) -> State:
+        """The state after tokens[:pos], from the nearest cached one (a read-only request)."""
+        lm = self._require_model()
+        tokens = self.token_ids()[:pos]
+        reply = lm.runner.submit(Request(tokens, self.namespace, keep_at=tuple(p for p in self._marks() if p <= pos),
+                                         expect=self.cache.expected(pos)))
+        for _ in reply:
+            pass
+        self.cache.hold(reply.kept, {*self.cache.refs, pos})
+        return reply.end_state
+
     def offload(self) -> int:
-        """Move the hot state off the GPU (its copy at the end of the transcript is on CPU)."""
-        return 0 if self.busy else self.cache.offload()
+        """Nothing to move: every state lives in the model's prefix cache, on its device."""
+        return 0
 
     def trim(self, level: int) -> int:
         """Free cache memory; level 1 keeps the latest states, level 2 drops all. Returns bytes freed."""
@@ -389,7 +357,7 @@ class Conversation:
                 self.turns[0].prompt_ids = chat.prompt_ids(self.fmt, self.lm.tokenizer, self.turns[0].user,
                                                            None, system=text)
                 self.turns[0].keep_at = None
-                self.cache.clear()
+                self.cache.invalidate(self.context_tokens)
 
     def fork(self) -> Conversation:
         """An independent copy; snapshots are shared (they are never modified in place)."""
@@ -406,17 +374,17 @@ class Conversation:
             old, self.lm = self.lm, lm
             if old is not None and old.key == lm.key:
                 return
+            self.cache.clear()  # the old model's states
             self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
-            if old is not None and (old.preset.source, old.kind) == (lm.preset.source, lm.kind):
-                return  # same tokens, only the precision changed
-            self.fmt = chat.format_for(lm.kind)
-            self._retokenize()
+            if old is None or (old.preset.source, old.kind) != (lm.preset.source, lm.kind):
+                self.fmt = chat.format_for(lm.kind)
+                self._retokenize()
+            self.cache.invalidate(self.context_tokens)
 
     def detach(self) -> None:
         """Let go of an unloaded model; the store binds a fresh one on the next request."""
         if self._lock.acquire(blocking=False):
             try:
-                self.offload_all()
                 self.lm = None
             finally:
                 self._lock.release()
@@ -429,9 +397,6 @@ class Conversation:
                 self.cache.clear()
             finally:
                 self._lock.release()
-
-    def offload_all(self) -> None:
-        self.cache.offload_all()
 
     def _retokenize(self) -> None:
         tok, prev = self.lm.tokenizer, None
@@ -453,7 +418,7 @@ class Conversation:
             end = self.context_tokens
             state = self.cache.at(end)
             if state is None:
-                state = self._provide(end, end, ReplyMetrics(), None) if end else lm.engine.new_state()
+                state = self._read(end) if end else lm.engine.new_state()
             return export_bytes(self.system, self.turns, lm, state)
 
     @classmethod

@@ -7,76 +7,19 @@ so continuing from it equals re-reading the whole history from scratch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs
+from .decode import DecodeRow, StreamMetrics, TokenEvent
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams
 from .state import State, StateError, model_signature, state_bytes
 
 DEFAULT_CHUNK = 256
-
-
-@dataclass
-class StreamMetrics:
-    prompt_tokens: int = 0
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0  # from the call to the first token
-    new_tokens: int = 0
-    decode_s: float = 0.0  # time spent after the first token
-    batch_size: int = 1  # rows in the decode step that produced the latest token
-    batch_mean: float = 1.0  # mean rows per decode step over the reply
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s, "ttft_s": self.ttft_s,
-                "new_tokens": self.new_tokens, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                "batch_size": self.batch_size, "batch_mean": self.batch_mean}
-
-
-@dataclass
-class TokenEvent:
-    token_id: int
-    text: str  # the new piece of text ("" while a multi-byte character is incomplete)
-    index: int  # 0-based position among generated tokens
-    metrics: StreamMetrics
-    finish_reason: str | None = None  # "stop" | "length" on the last event
-
-
-@dataclass
-class _Detok:
-    """Incremental detokenization that never emits half a UTF-8 character.
-
-    Only a window of recent ids is decoded per token (a few earlier ids give the new text its
-    context, e.g. a leading space), so a long reply costs O(1) per token, not O(length).
-    """
-
-    tokenizer: object
-    ids: list[int] = field(default_factory=list)
-    prefix: int = 0  # window start: ids[prefix:read] decode to text already emitted
-    read: int = 0  # ids before `read` have been emitted
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if text.endswith("\ufffd") or len(text) <= len(done) or not text.startswith(done):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]
 
 
 class Engine:
@@ -118,7 +61,7 @@ class Engine:
         return {**self.ops.paths, "reason": self.ops.reason, "decode_graph": graphs}
 
     # -- checks ------------------------------------------------------------------------------
-    def _check_state(self, state: State, batch: int) -> None:
+    def check_state(self, state: State, batch: int) -> None:
         if not isinstance(state, State):
             raise TypeError(f"state must be a State, got {type(state).__name__}")
         if state.signature != self.signature:
@@ -129,7 +72,7 @@ class Engine:
             raise StateError(f"state is on {state.device}, model on {self.device}")
         state.own()  # a state restored from bytes may sit in unaligned storage: see State.own
 
-    def _check_ids(self, ids: Tensor, ndim: int) -> Tensor:
+    def check_ids(self, ids: Tensor, ndim: int) -> Tensor:
         if not isinstance(ids, Tensor):
             raise TypeError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32):
@@ -153,8 +96,8 @@ class Engine:
         Returns logits of the last position [B, V], or of every position [B, T, V]. Memory is
         bounded by the chunk size, not by T; only the requested logits are materialised.
         """
-        ids = self._check_ids(input_ids, 2)
-        self._check_state(state, ids.shape[0])
+        ids = self.check_ids(input_ids, 2)
+        self.check_state(state, ids.shape[0])
         T, outs = ids.shape[1], []
         for start in range(0, T, self.chunk_size):
             chunk = ids[:, start:start + self.chunk_size]
@@ -173,8 +116,8 @@ class Engine:
     @torch.inference_mode()
     def step(self, token_ids: Tensor, state: State) -> Tensor:
         """Feed one token per row, token_ids [B], and return the next logits [B, V]."""
-        ids = self._check_ids(token_ids, 1)
-        self._check_state(state, ids.shape[0])
+        ids = self.check_ids(token_ids, 1)
+        self.check_state(state, ids.shape[0])
         logits = self.decode_step(ids, state.conv, state.ssm)
         state.seqlen += 1
         return logits
@@ -206,35 +149,19 @@ class Engine:
         (finished, or closed mid-reply) the state holds exactly prompt + yielded tokens.
         context_ids [1, S] are earlier tokens the repetition penalty should also see.
         """
-        sampling = sampling or SamplingParams()
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = self._check_ids(input_ids, 2)
+        ids = self.check_ids(input_ids, 2)
         if ids.shape[0] != 1:
             raise ValueError("stream decodes one sequence at a time (batch size 1)")
-        stops = set(int(t) for t in stop_token_ids)
-        gen = make_generator(sampling, self.device)
-        seen = [ids] if context_ids is None else [context_ids.to(self.device, torch.long), ids]
-        seen_ids = torch.cat(seen, dim=1)
-        detok = _Detok(tokenizer) if tokenizer is not None else None
-        m = StreamMetrics(prompt_tokens=ids.shape[1])
+        context = ids[0] if context_ids is None else torch.cat([context_ids.reshape(-1).to(self.device), ids[0]])
+        row = DecodeRow(sampling or SamplingParams(), max_new_tokens, stop_token_ids, tokenizer, context,
+                        self.config.vocab_size, self.device, StreamMetrics(prompt_tokens=ids.shape[1]))
         t0 = time.perf_counter()
         logits = self.prefill(ids, state)
-        m.prefill_s = time.perf_counter() - t0
-        for i in range(max_new_tokens):
-            prev = seen_ids if sampling.repetition_penalty != 1.0 else None
-            tok = sample(logits, sampling, gen, prev)  # [1]
-            logits = self.step(tok, state)
-            tid = int(tok)
-            now = time.perf_counter()
-            if i == 0:
-                m.ttft_s = now - t0
-                t_first = now
-            m.new_tokens, m.decode_s = i + 1, now - t_first
-            if prev is not None:
-                seen_ids = torch.cat([seen_ids, tok.view(1, 1)], dim=1)
-            finish = "stop" if tid in stops else ("length" if i == max_new_tokens - 1 else None)
-            text = detok.push(tid) if detok is not None and tid not in stops else ""
-            yield TokenEvent(tid, text, i, m, finish)
-            if finish:
+        row.metrics.prefill_s = time.perf_counter() - t0
+        while True:
+            tok = row.choose(logits)
+            logits = self.step(torch.tensor([tok], device=self.device), state)
+            event = row.emit(tok, t0)
+            yield event
+            if event.finish_reason:
                 return

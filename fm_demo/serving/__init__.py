@@ -1,7 +1,33 @@
-"""Serving many conversations on one model: the batched scheduler and the runner seam."""
+"""Serving many requests on one model: the scheduler that owns each request, and the runner seam."""
 
-from .runner import BatchedRunner, ReplyStream, Runner, ZeroGpuRunner
-from .scheduler import Progress, ReplyHandle, Scheduler, SchedulerBusy, SchedulerClosed
+from .request import (
+           FRESH,
+           GIVEN,
+           HIT,
+           REBUILT,
+           Progress,
+           Reply,
+           Request,
+           RequestFailed,
+           SchedulerBusy,
+           SchedulerClosed,
+)
+from .runner import BatchedRunner, Runner, ZeroGpuRunner
+from .scheduler import Scheduler
 
-__all__ = ["BatchedRunner", "Progress", "ReplyHandle", "ReplyStream", "Runner", "Scheduler", "SchedulerBusy",
-           "SchedulerClosed", "ZeroGpuRunner"]
+__all__ = [
+           "FRESH",
+           "GIVEN",
+           "HIT",
+           "REBUILT",
+           "BatchedRunner",
+           "Progress",
+           "Reply",
+           "Request",
+           "RequestFailed",
+           "Runner",
+           "Scheduler",
+           "SchedulerBusy",
+           "SchedulerClosed",
+           "ZeroGpuRunner",
+]

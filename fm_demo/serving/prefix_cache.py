@@ -12,8 +12,9 @@ Invariants:
   references to it; a conversation keeps its transcript and its references, not copies.
 - A state found for tokens[:n] equals the state from reading tokens[:n] from scratch, whoever
   wrote it (up to float rounding between prefill and decode steps).
-- Memory is a byte budget over all stored states; the least recently used unpinned states go
-  first, leaves before inner nodes. Eviction loses only time: whoever needs an evicted state
+- Memory is a byte budget over all stored states. Checkpoints (states a long prompt left every
+  few thousand tokens on its way) go first, then the states callers asked for (turn and message
+  ends); within each, the least recently used unpinned states go first, leaves before inner nodes. Eviction loses only time: whoever needs an evicted state
   reads its tokens again.
 
 Privacy: a hit is visible (speed, cached_tokens), so sharing across sessions is a setting, off by
@@ -37,7 +38,7 @@ SHARED = "\x00shared"  # the one namespace when sharing is on
 
 
 class Node:
-    __slots__ = ("edge", "children", "parent", "state", "depth", "last_used", "pins", "holders")
+    __slots__ = ("edge", "children", "parent", "state", "depth", "last_used", "pins", "holders", "checkpoint")
 
     def __init__(self, edge: tuple[int, ...], parent: Node | None, depth: int):
         self.edge = edge  # tokens from the parent to this node
@@ -48,6 +49,7 @@ class Node:
         self.last_used = time.monotonic()
         self.pins = 0  # rows running from this state right now
         self.holders = 0  # conversations that keep this state as one of their snapshots
+        self.checkpoint = False  # a state kept on the way through a long prompt: evicted first
 
     @property
     def alive(self) -> bool:
@@ -138,18 +140,22 @@ class PrefixCache:
             return node.state
 
     # -- writing -------------------------------------------------------------------------------
-    def insert(self, tokens: list[int], state: State, namespace: str = "") -> Node:
+    def insert(self, tokens: list[int], state: State, namespace: str = "", checkpoint: bool = False) -> Node:
         """Keep `state` (after reading exactly `tokens`) and return its node.
 
         The cache takes the state as it is when it is on the cache's device (the caller must not
-        modify it afterwards), else a copy. A state already stored for these tokens is kept.
+        modify it afterwards), else a copy. A state already stored for these tokens is kept (a
+        checkpoint becomes a kept state when someone asks to keep it).
         """
         if state.seqlen != len(tokens):
             raise ValueError(f"a state after {state.seqlen} tokens cannot be stored for {len(tokens)} tokens")
         with self._lock:
             node = self._path(tokens, namespace)
             node.last_used = time.monotonic()
+            if node.state is not None and not checkpoint:
+                node.checkpoint = False
             if node.state is None and tokens:
+                node.checkpoint = checkpoint
                 node.state = state if state.device == self.device else state.to(self.device)
                 self._bytes += node.state.nbytes
                 self._states += 1
@@ -233,7 +239,7 @@ class PrefixCache:
         if self._bytes <= self.budget_bytes:
             return
         stored = [n for n in self._nodes() if n.state is not None and n.pins == 0 and n is not keep]
-        stored.sort(key=lambda n: (bool(n.children), n.last_used))  # leaves first, then least recent
+        stored.sort(key=lambda n: (not n.checkpoint, bool(n.children), n.last_used))  # checkpoints, leaves, oldest
         for node in stored:
             if self._bytes <= self.budget_bytes:
                 break

@@ -1,36 +1,29 @@
-"""How a reply runs: the one seam between conversations and the device.
+"""How a request runs: the one seam between its callers (conversations, /v1, a cluster replica)
+and the device. Every runner takes a Request (request.py: the whole prompt, its namespace, where
+to keep states) and returns a Reply with the same declared fields:
 
-A conversation asks its model's runner to read tokens into a state (`prefill`) and to stream a
-reply (`stream`); it never asks which kind of runner it has, only what the runner promises:
+- BatchedRunner (a dedicated GPU or the CPU): the model's Scheduler, which owns the request from
+  admission (prefix lookup) to finish (the end state kept), batching decode steps across rows.
+- ZeroGpuRunner (a ZeroGPU Space): the main process has no GPU, so the prefix lookup and the
+  keeping of the end state happen here, around one `spaces.GPU` call that reads the rest of the
+  prompt and streams the reply in a worker process (Engine.stream: the same DecodeRow as the
+  scheduler's). A stopped call sends no state back; the next request reads from the nearest one.
 
-- BatchedRunner (a dedicated GPU or the CPU): every request goes through the model's Scheduler,
-  which batches decode steps across all open chats; states stay on the model's device and are
-  advanced in place.
-- ZeroGpuRunner (a ZeroGPU Space): each reply is one `spaces.GPU` call in a worker process; the
-  state lives on the CPU of the main process and the call returns the advanced state at its end
-  (none when stopped), so the call reads its whole prompt itself (`one_call`).
-
-A reply is a ReplyStream: iterate its TokenEvents; `close()` ends it and returns the events that
-were already fed into the state but not taken (so the transcript can match the state); `state`
-is the state after the reply (None when the runner cannot say, e.g. a stopped GPU call).
-
-`stream(..., prefix=(namespace, tokens))` says what the state sent holds. A runner that keeps
-states of its own (a cluster's model replica, fm_demo/cluster) may resume from a longer prefix
-of those tokens it still has instead of the state sent; its stream then says so after the reply:
-`start` (the position it resumed from) and `served_by` / `state_source` (for the readout).
-The runners here have one state per reply and ignore `prefix`.
+A cluster's ingress has a third (fm_demo/cluster/remote.py: the replicas run a BatchedRunner).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Protocol
+import time
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
-from torch import Tensor
 
-from ..engine import Engine, SamplingParams, State, TokenEvent
+from ..engine import Engine, State, TokenEvent
 from ..zerogpu import StateUpdate
-from .scheduler import Progress, ReplyHandle, Scheduler
+from .prefix_cache import PrefixCache
+from .request import FRESH, HIT, REBUILT, Reply, Request
+from .scheduler import Scheduler
 
 ProgressFn = Callable[[int, int], None]
 
@@ -45,58 +38,24 @@ class GpuCalls(Protocol):
 Key = Any  # a model's key, as the GPU worker's resolver knows it
 
 
-class ReplyStream(Protocol):
-    state: State | None
-
-    def __iter__(self) -> Iterator[TokenEvent]: ...
-
-    def close(self) -> list[TokenEvent]: ...
-
-
 class Runner(Protocol):
-    one_call: bool  # True: a reply reads its whole prompt in its own call, and only the end state returns
-    state_device: torch.device | str  # where conversation states live between replies
+    state_device: torch.device | str  # where states live between requests
 
-    def prefill(self, state: State, ids: Tensor, progress: ProgressFn | None = None) -> State: ...
-
-    def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
-               prefix: tuple[str, list[int]] | None = None) -> ReplyStream: ...
+    def submit(self, req: Request) -> Reply: ...
 
     def stats(self) -> dict: ...
 
     def close(self) -> None: ...
 
 
-class _TokensOnly:
-    """A ReplyHandle seen as a ReplyStream (prefill progress is not part of a reply)."""
-
-    def __init__(self, handle: ReplyHandle):
-        self._handle = handle
-        self.state: State | None = handle.state
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return (ev for ev in self._handle if not isinstance(ev, Progress))
-
-    def close(self) -> list[TokenEvent]:
-        return self._handle.close()
-
-
 class BatchedRunner:
-    one_call = False
-
-    def __init__(self, engine: Engine, max_batch: int, prefill_budget: int, max_waiting: int, name: str = "model"):
-        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting, name)
+    def __init__(self, engine: Engine, max_batch: int, prefill_budget: int, max_waiting: int, name: str = "model",
+                 cache: PrefixCache | None = None, checkpoint_tokens: int = 1024):
+        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting, name, cache, checkpoint_tokens)
         self.state_device = engine.device
 
-    def prefill(self, state: State, ids: Tensor, progress: ProgressFn | None = None) -> State:
-        return self.scheduler.prefill(state, ids, progress)
-
-    def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
-               prefix: tuple[str, list[int]] | None = None) -> ReplyStream:
-        return _TokensOnly(self.scheduler.stream(state, ids, sampling, max_new_tokens, stop_token_ids,
-                                                 tokenizer, context_ids))
+    def submit(self, req: Request) -> Reply:
+        return self.scheduler.submit(req)
 
     def stats(self) -> dict:
         return {"runner": "batched", **self.scheduler.stats()}
@@ -105,48 +64,68 @@ class BatchedRunner:
         self.scheduler.close()
 
 
-class _GpuReply:
-    """A ZeroGPU reply: the call's token events; its closing StateUpdate becomes `state`.
-
-    Until then `state` is the state sent: unchanged across a process boundary (its token count
-    then tells the conversation it does not hold the reply), advanced in place where the call ran
-    in this process.
-    """
-
-    def __init__(self, events: Iterator, sent: State):
-        self._events = events
-        self.state: State | None = sent
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        for item in self._events:
-            if isinstance(item, StateUpdate):
-                self.state = item.state.own()  # unpickled from the worker: give it storage of its own
-            else:
-                yield item
-
-    def close(self) -> list[TokenEvent]:
-        self._events.close()  # a stopped call sends no state back: the next reply re-reads
-        return []
-
-
 class ZeroGpuRunner:
-    one_call = True
     state_device = "cpu"
 
-    def __init__(self, gpu: GpuCalls, key: Key):
-        self.gpu, self.key = gpu, key
+    def __init__(self, gpu: GpuCalls, key: Key, cache: PrefixCache, new_state: Callable[[], State]):
+        self.gpu, self.key, self.cache, self.new_state = gpu, key, cache, new_state
         self._replies = 0
 
-    def prefill(self, state: State, ids: Tensor, progress: ProgressFn | None = None) -> State:
-        return self.gpu.prefill(self.key, state, ids).own()  # one GPU call; it cannot report progress
-
-    def stream(self, state: State, ids: Tensor, sampling: SamplingParams, max_new_tokens: int,
-               stop_token_ids: Iterable[int], tokenizer: object, context_ids: Tensor | None,
-               prefix: tuple[str, list[int]] | None = None) -> ReplyStream:
+    def submit(self, req: Request) -> Reply:
+        """Find the nearest state here, run the rest in one GPU call, keep what comes back."""
         self._replies += 1
-        events = self.gpu.stream(self.key, state, ids, sampling=sampling, max_new_tokens=max_new_tokens,
-                                 stop_token_ids=stop_token_ids, context_ids=context_ids)
-        return _GpuReply(iter(events), state)
+        tokens = [int(t) for t in req.tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty: nothing to read")
+        limit = len(tokens) - 1 if req.max_new_tokens else len(tokens)
+        start, state, node = (self.cache.lookup(tokens[:limit], req.namespace, "cpu", lambda: None)
+                              if req.cache else (0, None, None))
+        source = HIT if node is not None else FRESH
+        if req.resume is not None and (state is None or req.resume_at > start):
+            start, state, source = req.resume_at, req.resume, "given"
+        if state is None:
+            state = self.new_state()
+        reply = Reply(req, start=start, source=REBUILT if start < req.expect else source)
+        reply.metrics.prompt_tokens = len(tokens) - start
+        if node is not None and (start in req.keep_at or start == limit):
+            reply.kept[start] = node
+        reply.admitted.set()
+        reply._pull = self._call(reply, tokens, start, state)
+        return reply
+
+    def _call(self, reply: Reply, tokens: list[int], start: int, state: State) -> Iterator[TokenEvent]:
+        req = reply.request
+        ids = torch.tensor([tokens[start:]])  # [1, T]
+        if not req.max_new_tokens:
+            t0 = time.perf_counter()
+            end = self.gpu.prefill(self.key, state, ids).own() if start < len(tokens) else state
+            reply.metrics.prefill_s = time.perf_counter() - t0
+            self._finish(reply, tokens, end, "length")
+            return
+        context = torch.tensor([[*req.context, *tokens[:start]]]) if req.context or start else None
+        events = self.gpu.stream(self.key, state, ids, sampling=req.sampling, max_new_tokens=req.max_new_tokens,
+                                 stop_token_ids=req.stop_token_ids, context_ids=context)
+        reason = "cancelled"
+        try:
+            for item in events:
+                if isinstance(item, StateUpdate):  # unpickled from the worker: storage of its own
+                    self._finish(reply, tokens, item.state.own(), reason)
+                    return
+                reply.fed.append(item.token_id)
+                reason = item.finish_reason or reason
+                yield item
+        finally:
+            events.close()  # a stopped call sends no state back: the next request reads again
+            if not reply.done.is_set():
+                reply._end(None, reason)
+
+    def _finish(self, reply: Reply, tokens: list[int], end: State, reason: str) -> None:
+        req = reply.request
+        if req.cache:
+            whole = [*tokens, *reply.fed]
+            reply.kept[len(whole)] = self.cache.insert(whole, end.clone(), req.namespace)
+        reply.end_state = end
+        reply._end(None, reason)
 
     def stats(self) -> dict:
         return {"runner": "zerogpu (one GPU call per reply)", "replies": self._replies}

@@ -1,205 +1,141 @@
-"""Continuous batching of recurrent states: one scheduler per loaded model owns its device.
+"""Continuous batching of recurrent states: one scheduler per loaded model owns its device and
+every request to it, from admission to finish.
 
-Each iteration of the scheduler's thread
-  (a) admits waiting requests, up to `max_batch` rows,
-  (b) reads prompt pieces within a token budget (chunked prefill interleaved with decode, so a long
-      document read does not stall other users' streams),
-  (c) runs one batched decode step over every decoding row,
-  (d) hands each row's token to its caller.
-Rows join and leave between steps (finished, stop token, cancelled, caller gone).
+A request (request.py) names its whole prompt. The scheduler thread, each iteration:
+  1. ends cancelled rows, and admits waiting requests up to `max_batch` rows. Admission finds the
+     longest prefix of the prompt whose state the prefix cache holds (or takes the state the
+     caller handed in, when that holds more) and copies it: the row reads only the rest;
+  2. plans the iteration (plan.py): prompt tokens per reading row, shortest-remaining-first
+     within the budget while rows decode (a short prompt is not stuck behind a long read);
+  3. reads those pieces, keeping a state in the prefix cache at the positions the caller asked
+     for (turn and message boundaries), every `checkpoint_tokens` tokens and `tail_tokens` before
+     the end of a long prompt (so a request that diverges anywhere resumes within that many
+     tokens), and just before the last prompt token of a reply (retry reads one token);
+  4. runs one batched decode step over every decoding row (those whose prompt was read in step 3
+     included): each row samples with its own settings and generator (engine/decode.py);
+  5. ends finished rows and keeps the state after prompt and reply in the cache.
+Checkpoints are evicted before the states callers asked for (prefix_cache.py).
 
-Falcon Mamba's state has the same size for every sequence, so a decoding row is a fixed slot in
-two buffers, conv [L, S, D, K-1] and ssm [L, S, D, N] (S = max_batch): no paging, no fragmentation.
-The decoding rows are slots 0..n-1; a leaving row's slot is filled by the last row (one row copy).
-A row's state is copied into its slot when its prompt has been read and back into the caller's
-State when it leaves, so the caller sees exactly what Engine.stream would have left there: the
-prompt plus every token handed out.
+Fault isolation: each row's admission, reading, sampling, detokenizing and cache keeping run
+under their own guard. A failure there ends that row alone with RequestFailed; every other row
+goes on as it would have. Only a failure of the batched model step itself (a device error: it
+cannot be pinned on a row) ends the rows in that step. Every submitted request ends exactly once.
 
-Exactness: prompts are read by the engine's batch-1 prefill in pieces cut at the same offsets
-whatever else runs (multiples of `piece` from the request's start), so the read is the same as
-alone. Decode steps run in the batch: the per-row math (conv, scan, norms, sampling with the
-row's own generator) never mixes rows, but a matmul's kernel can change with the number of rows
-(MKL takes a GEMV path for one row), so logits may differ from the solo ones in the last bits:
-greedy tokens agree and states agree to fp32 rounding (tests check both).
+Slots: Falcon Mamba's state has the same size for every sequence, so a decoding row is a fixed
+slot in two buffers, conv [L, S, D, K-1] and ssm [L, S, D, N] (S = max_batch): no paging, no
+fragmentation. The decoding rows are slots 0..n-1; a leaving row's slot is filled by the last row.
+
+Exactness: a prompt is cut into pieces at fixed offsets from where its reading started
+(multiples of `piece`) and at its keep positions, whatever else runs (plan.py never splits a
+piece), so the read is the same as alone. Decode steps run in the batch: per-row math never mixes
+rows, but a matmul's kernel can change with the number of rows (MKL takes a GEMV path for one
+row), so logits may differ from the solo ones in the last bits: greedy tokens agree and states
+agree to fp32 rounding (tests check both).
+
+Locks: `_cond` guards the three row lists, the slot table and the counters; everything else a
+row holds is touched by the scheduler thread only (callers set `cancelled` under `_cond`). The
+prefix cache has its own lock (prefix_cache.py).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..engine import Engine, SamplingParams, State, StreamMetrics, TokenEvent
-from ..engine.engine import _Detok
-from ..engine.sampling import make_generator, sample
+from ..engine import DecodeRow, Engine, SamplingParams, State, StreamMetrics, TokenEvent
+from .plan import plan
+from .prefix_cache import PrefixCache
+from .request import (
+    FRESH,
+    GIVEN,
+    HIT,
+    REBUILT,
+    Progress,
+    Reply,
+    Request,
+    RequestFailed,
+    SchedulerBusy,
+    SchedulerClosed,
+)
 
 log = logging.getLogger("fm_demo.scheduler")
 RATE_WINDOW_S = 5.0  # aggregate tok/s is measured over this trailing window
-
-
-class SchedulerBusy(RuntimeError):
-    """Every row and every waiting place is taken; the message is for the user."""
-
-
-class SchedulerClosed(RuntimeError):
-    """The model this scheduler served was unloaded."""
-
-
-@dataclass
-class Progress:
-    """Prompt tokens read so far (done of total), after each piece."""
-
-    done: int
-    total: int
+TAIL_TOKENS = 256  # a long prompt keeps a checkpoint this many tokens before its end
 
 
 @dataclass(eq=False)  # compared by identity: rows are found in lists by `in` / remove()
-class _Request:
-    state: State  # [L, 1, D, ...] on the engine's device: advanced in place
-    ids: Tensor  # [T] prompt tokens to read
-    sampling: SamplingParams
-    max_new_tokens: int  # 0: read the prompt only
-    stops: frozenset[int]
-    detok: _Detok | None
-    seen: Tensor | None  # [1, S] context for the repetition penalty, None when it is off
-    report_progress: bool
-    out: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    # scheduler-side progress
-    read: int = 0
-    slot: int = -1  # decode slot, -1 while reading the prompt
-    pending: int = -1  # sampled token not yet fed
-    emitted: int = 0
-    gen: torch.Generator | None = None
-    metrics: StreamMetrics = field(default_factory=StreamMetrics)
+class _Row:
+    req: Request
+    reply: Reply
+    tokens: list[int]
+    piece: int
     t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float = 0.0
-    batch_sum: int = 0
-
-
-_END = object()
-
-
-class ReplyHandle:
-    """What the caller iterates: Progress while the prompt is read, then TokenEvents.
-
-    `close()` (or leaving a for-loop early and closing) cancels the row; it returns once the
-    scheduler has let go of the state, with the tokens already fed into the state that the
-    caller had not taken yet, so the caller can keep state and transcript in step.
-    """
-
-    def __init__(self, scheduler: Scheduler, req: _Request):
-        self._sched, self._req, self._finished = scheduler, req, False
+    state: State | None = None
+    start: int = 0
+    read: int = 0
+    marks: dict[int, bool] = field(default_factory=dict)  # position -> keep (True) or checkpoint (False)
+    decoder: DecodeRow | None = None
+    slot: int = -1  # decode slot, -1 while reading
+    pending: int = -1  # sampled token not yet fed
+    cancelled: bool = False
 
     @property
-    def state(self) -> State:
-        return self._req.state
+    def end(self) -> int:
+        return len(self.tokens)
 
-    def __iter__(self) -> Iterator[Progress | TokenEvent]:
-        return self
-
-    def __next__(self) -> Progress | TokenEvent:
-        if self._finished:
-            raise StopIteration
-        item = self._req.out.get()
-        if item is _END:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        return item
-
-    def close(self) -> list[TokenEvent]:
-        """Cancel (if still running) and return the token events fed but not taken."""
-        if not self._finished:
-            self._sched._cancel(self._req)
-        self._finished = True
-        rest = []
-        while True:
-            try:
-                item = self._req.out.get_nowait()
-            except queue.Empty:
-                return rest
-            if isinstance(item, TokenEvent):
-                rest.append(item)
+    def cut_after(self, pos: int) -> int:
+        """The end of the piece that starts at `pos`: the next multiple of `piece` from the
+        start, the next keep position, or the prompt's end."""
+        grid = self.start + ((pos - self.start) // self.piece + 1) * self.piece
+        marks = [p for p in self.marks if pos < p < grid]
+        return min([grid, self.end, *marks])
 
 
 class Scheduler:
     """Serves every reply and prompt read of one engine, batching decode steps across rows."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, prefill_budget: int = 256, max_waiting: int = 16,
-                 name: str = "model"):
-        if max_batch < 1 or prefill_budget < 1 or max_waiting < 0:
-            raise ValueError("max_batch and prefill_budget must be >= 1, max_waiting >= 0")
+                 name: str = "model", cache: PrefixCache | None = None, checkpoint_tokens: int = 1024,
+                 start: bool = True):
+        if max_batch < 1 or prefill_budget < 1 or max_waiting < 0 or checkpoint_tokens < 1:
+            raise ValueError("max_batch, prefill_budget and checkpoint_tokens must be >= 1, max_waiting >= 0")
         self.engine, self.max_batch, self.max_waiting = engine, max_batch, max_waiting
-        self.prefill_budget = prefill_budget
+        self.prefill_budget, self.cache, self.checkpoint_tokens = prefill_budget, cache, checkpoint_tokens
         self.piece = min(engine.chunk_size, prefill_budget)  # prompt pieces: same cuts whatever runs
         cfg = engine.config
         L, D = cfg.num_hidden_layers, cfg.intermediate_size
-        dev = engine.device
         slots = engine.decode_bucket(max_batch)
+        dev = engine.device
         self.conv = torch.zeros(L, slots, D, cfg.conv_kernel - 1, device=dev, dtype=engine.dtype)  # [L, S, D, K-1]
         self.ssm = torch.zeros(L, slots, D, cfg.state_size, device=dev, dtype=torch.float32)  # [L, S, D, N]
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._reading: list[_Request] = []  # admitted, prompt not read yet
-        self._decoding: list[_Request] = []  # in slot order
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._reading: list[_Row] = []  # admitted, prompt not read yet
+        self._decoding: list[_Row] = []  # in slot order
         self._closed = False
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
-        self._counts = dict(steps=0, tokens=0, prefill_tokens=0, busy_refusals=0, errors=0, last_batch=0)
-        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
-        self._thread.start()
+        self._counts = dict(steps=0, tokens=0, prefill_tokens=0, busy_refusals=0, errors=0, failed_requests=0,
+                            last_batch=0, kept_states=0, checkpoints=0, cache_errors=0, cancelled=0)
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+            self._thread.start()
 
     # -- callers -------------------------------------------------------------------------------
-    def prefill(self, state: State, ids: Tensor, progress: Callable[[int, int], None] | None = None) -> State:
-        """Read ids [1, T] into `state` (in place) through the scheduler, in budgeted pieces.
-
-        progress(done, total) runs in the caller's thread after each piece; an exception it raises
-        stops the read between pieces (the state then holds a prefix: the caller discards it).
-        """
-        handle = self.submit(state, ids, max_new_tokens=0, report_progress=progress is not None)
-        try:
-            for item in handle:
-                if progress is not None and isinstance(item, Progress):
-                    progress(item.done, item.total)
-        finally:
-            handle.close()
-        return state
-
-    def stream(self, state: State, ids: Tensor, sampling: SamplingParams | None = None,
-               max_new_tokens: int = 256, stop_token_ids: Iterable[int] = (), tokenizer: object | None = None,
-               context_ids: Tensor | None = None, report_progress: bool = False) -> ReplyHandle:
-        """Like Engine.stream, batched with every other row: read ids [1, T], then sample."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        return self.submit(state, ids, sampling, max_new_tokens, stop_token_ids, tokenizer, context_ids,
-                           report_progress)
-
-    def submit(self, state: State, ids: Tensor, sampling: SamplingParams | None = None, max_new_tokens: int = 0,
-               stop_token_ids: Iterable[int] = (), tokenizer: object | None = None,
-               context_ids: Tensor | None = None, report_progress: bool = False) -> ReplyHandle:
-        eng = self.engine
-        ids = eng._check_ids(ids, 2)
-        eng._check_state(state, 1)
-        if ids.shape[0] != 1:
-            raise ValueError("a request reads one sequence (batch size 1)")
-        sampling = sampling or SamplingParams()
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            ctx = [ids] if context_ids is None else [context_ids.to(eng.device, torch.long), ids]
-            seen = torch.cat(ctx, dim=1)
-        req = _Request(state, ids[0], sampling, max_new_tokens, frozenset(int(t) for t in stop_token_ids),
-                       _Detok(tokenizer) if tokenizer is not None else None, seen, report_progress)
-        req.metrics.prompt_tokens = int(ids.shape[1])
+    def submit(self, req: Request) -> Reply:
+        """Queue `req`; iterate the Reply for its progress and tokens (close() cancels)."""
+        tokens = self._check_request(req)
+        reply = Reply(req)
+        reply.metrics.prompt_tokens = len(tokens)
+        row = _Row(req, reply, tokens, self.piece)
+        reply._cancel = lambda _reply: self._cancel(row)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("this model was unloaded; select it again to continue")
@@ -207,25 +143,77 @@ class Scheduler:
                 self._counts["busy_refusals"] += 1
                 raise SchedulerBusy(f"The server is busy: {self._rows()} replies are running and "
                                     f"{len(self._waiting)} are waiting. Try again in a moment.")
-            self._waiting.append(req)
+            self._waiting.append(row)
             self._cond.notify()
-        return ReplyHandle(self, req)
+        return reply
 
-    def _cancel(self, req: _Request) -> None:
+    def _check_request(self, req: Request) -> list[int]:
+        """The prompt as a list of ints; a request the scheduler cannot serve is refused here, in
+        the caller's thread, with a message for the user."""
+        if not isinstance(req.sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(req.sampling).__name__}")
+        if req.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
+        tokens = [int(t) for t in req.tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty: nothing to read")
+        vocab = self.engine.config.vocab_size
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got min {min(tokens)} max {max(tokens)}")
+        limit = len(tokens) - 1 if req.max_new_tokens else len(tokens)
+        if req.resume is not None:
+            self.engine.check_state(req.resume, 1)
+            if not 0 <= req.resume_at <= limit:
+                raise ValueError(f"the state handed in holds {req.resume_at} tokens; at most {limit} fit here")
+        return tokens
+
+    def stream(self, state: State, ids: Tensor, sampling: SamplingParams | None = None,
+               max_new_tokens: int = 256, stop_token_ids: Iterable[int] = (), tokenizer: object | None = None,
+               context_ids: Tensor | None = None, report_progress: bool = False) -> Reply:
+        """Like Engine.stream, batched with every other row: read ids [1, T] after `state` (advanced
+        in place), then sample. No prefix cache: the caller keeps its own state."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        context = context_ids.reshape(-1).tolist() if context_ids is not None else ()
+        return self.submit(Request(_ids_list(ids), sampling=sampling or SamplingParams(),
+                                   max_new_tokens=max_new_tokens, stop_token_ids=tuple(int(t) for t in stop_token_ids),
+                                   tokenizer=tokenizer, progress=report_progress, cache=False, resume=state,
+                                   context=context))
+
+    def prefill(self, state: State, ids: Tensor, progress: Callable[[int, int], None] | None = None) -> State:
+        """Read ids [1, T] into `state` (in place) through the scheduler, in budgeted pieces.
+
+        progress(done, total) runs in the caller's thread after each piece; an exception it raises
+        stops the read between pieces (the state then holds a prefix: the caller discards it).
+        """
+        reply = self.submit(Request(_ids_list(ids), progress=progress is not None, cache=False, resume=state))
+        try:
+            for item in reply:
+                if progress is not None and isinstance(item, Progress):
+                    progress(item.done, item.total)
+        finally:
+            reply.close()
+        return state
+
+    def _cancel(self, row: _Row) -> None:
         with self._cond:
-            req.cancelled = True
-            if req in self._waiting:
-                self._waiting.remove(req)
-                req.done.set()
+            row.cancelled = True
+            if row in self._waiting:
+                self._waiting.remove(row)
+                self._counts["cancelled"] += 1
+                row.reply._end(None, "cancelled")
             self._cond.notify()
-        req.done.wait()
+        row.reply.done.wait()
 
     def close(self) -> None:
         """Stop the thread; requests still running or waiting end with SchedulerClosed."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        else:
+            self._end_all()
 
     # -- figures -------------------------------------------------------------------------------
     def _rows(self) -> int:
@@ -241,98 +229,183 @@ class Scheduler:
             return {
                 "active_rows": self._rows(), "decoding": len(self._decoding), "reading": len(self._reading),
                 "waiting": len(self._waiting), "max_batch": self.max_batch, "max_waiting": self.max_waiting,
-                "prefill_budget": self.prefill_budget, "agg_tok_s": tokens / span if span else 0.0,
+                "prefill_budget": self.prefill_budget, "checkpoint_tokens": self.checkpoint_tokens,
+                "agg_tok_s": tokens / span if span else 0.0,
                 "state_bytes_active": per_row * self._rows(), "slot_buffer_bytes": per_row * self.conv.shape[1],
                 **self._counts,
             }
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._waiting or self._reading or self._decoding):
-                    self._cond.wait()
-                if self._closed:
-                    break
-                self._drop_cancelled()
-                while self._waiting and self._rows() < self.max_batch:
-                    self._reading.append(self._waiting.popleft())
-            try:
-                self._iteration()
-            except Exception as e:  # a bug or a device error: fail the rows it touched, keep serving
-                log.exception("scheduler iteration failed")
-                self._counts["errors"] += 1
-                with self._cond:
-                    for req in [*self._reading, *self._decoding]:
-                        self._finish(req, e, keep_state=False)
+        while self.run_once(block=True):
+            pass
+        self._end_all()
+
+    def _end_all(self) -> None:
         with self._cond:
-            for req in [*self._waiting, *self._reading, *self._decoding]:
-                self._finish(req, SchedulerClosed("this model was unloaded; select it again to continue"),
-                             keep_state=False)
+            rows = [*self._waiting, *self._reading, *self._decoding]
             self._waiting.clear()
+        for row in rows:
+            self._finish(row, SchedulerClosed("this model was unloaded; select it again to continue"), "error",
+                         keep_state=False)
+
+    def run_once(self, block: bool = False) -> bool:
+        """One iteration (the thread calls it in a loop; tests may call it directly with start=False).
+        Returns False once the scheduler is closed."""
+        with self._cond:
+            while block and not self._closed and not (self._waiting or self._reading or self._decoding):
+                self._cond.wait()
+            if self._closed:
+                return False
+            dropped = [r for r in [*self._reading, *self._decoding] if r.cancelled]
+            admitted = []
+            while self._waiting and self._rows() + len(admitted) < self.max_batch:
+                admitted.append(self._waiting.popleft())
+        for row in dropped:
+            self._counts["cancelled"] += 1
+            self._finish(row, None, "cancelled", keep_state=True)
+        for row in admitted:
+            if self._guarded(row, self._admit, row) and not row.reply.done.is_set():
+                with self._cond:
+                    self._reading.append(row)
+        try:
+            self._iteration()
+        except Exception as e:  # a bug outside the rows' own guards: end the rows it may have touched
+            log.exception("scheduler iteration failed")
+            self._counts["errors"] += 1
+            with self._cond:
+                rows = [*self._reading, *self._decoding]
+            for row in rows:
+                self._finish(row, RequestFailed(f"the server failed while serving this request: {e}"), "error",
+                             keep_state=False)
+        return True
 
     @torch.inference_mode()
     def _iteration(self) -> None:
-        self._read_prompts()
-        if self._decoding:
-            self._decode_step()
-
-    def _drop_cancelled(self) -> None:
-        for req in [r for r in [*self._reading, *self._decoding] if r.cancelled]:
-            self._finish(req, None, keep_state=True)
-
-    def _read_prompts(self) -> None:
-        """Read prompt pieces: within the budget, first come first served, while rows decode; up to
-        a chunk per row otherwise (so a new arrival still starts within one chunk's time)."""
-        decoding = bool(self._decoding)
-        per_row = max(self.engine.chunk_size, self.piece)
-        budget = self.prefill_budget if decoding else len(self._reading) * per_row
-        for req in list(self._reading):
-            row_budget = budget if decoding else per_row
-            while row_budget > 0 and req.read < len(req.ids):
-                t0 = time.perf_counter()
-                end = min(req.read + self.piece, len(req.ids))
-                logits = self.engine.prefill(req.ids[req.read:end].view(1, -1), req.state)
-                n, req.read = end - req.read, end
-                budget, row_budget = budget - n, row_budget - n
-                req.metrics.prefill_s += time.perf_counter() - t0
-                self._counts["prefill_tokens"] += n
-                if req.report_progress:
-                    req.out.put(Progress(req.read, len(req.ids)))
-                if req.read == len(req.ids):
-                    self._prompt_read(req, logits)
-                    break
-                if req.cancelled:
-                    break
-            if budget <= 0:
-                break
-
-    def _prompt_read(self, req: _Request, logits: Tensor) -> None:
         with self._cond:
-            self._reading.remove(req)
-            if req.max_new_tokens == 0 or req.cancelled:
-                self._finish(req, None, keep_state=True)
-                return
-            req.gen = make_generator(req.sampling, self.engine.device)
-            req.pending = self._sample(req, logits)
-            req.slot = len(self._decoding)
-            self.conv[:, req.slot].copy_(req.state.conv[:, 0])
-            self.ssm[:, req.slot].copy_(req.state.ssm[:, 0])
-            self._decoding.append(req)
+            todo = plan([r for r in self._reading if not r.cancelled], self._decoding, self.prefill_budget,
+                        max(self.engine.chunk_size, self.piece))
+        for row, n in todo.reads:
+            self._guarded(row, self._read, row, n)
+        with self._cond:
+            decoding = list(self._decoding)  # rows whose prompt was read just now join this step
+        if decoding:
+            self._decode_step(decoding)
 
-    def _sample(self, req: _Request, logits: Tensor) -> int:
-        """The row's next token from its logits [1, V], with its own settings and generator."""
-        tok = sample(logits, req.sampling, req.gen, req.seen)
-        if req.seen is not None:
-            req.seen = torch.cat([req.seen, tok.view(1, 1)], dim=1)
-        return int(tok)
+    def _guarded(self, row: _Row, fn: Callable, *args) -> bool:
+        """Run one row's work; a failure ends that row alone. False when it failed."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            log.warning("request failed in %s: %s: %s", fn.__name__, type(e).__name__, e)
+            self._counts["failed_requests"] += 1
+            self._finish(row, _failure(e), "error", keep_state=False)
+            return False
 
-    def _decode_step(self) -> None:
-        rows = list(self._decoding)
+    # -- a row's life --------------------------------------------------------------------------
+    def _admit(self, row: _Row) -> None:
+        """Where reading starts: the longest cached prefix, or the caller's state if it holds more."""
+        req, eng = row.req, self.engine
+        limit = row.end - 1 if req.max_new_tokens else row.end  # a reply reads its last token itself
+        start, state, source = 0, None, FRESH
+        if req.cache and self.cache is not None:
+            n, copy, node = self.cache.lookup(row.tokens[:limit], req.namespace, eng.device, lambda: None)
+            if node is not None and n >= req.resume_at:
+                start, state, source = n, copy, HIT
+                if n in req.keep_at or n == limit:
+                    row.reply.kept[n] = node
+        if state is None and req.resume is not None:
+            start, state, source = req.resume_at, req.resume, GIVEN
+        if state is None:
+            state = eng.new_state()
+        if start < req.expect:
+            source = REBUILT
+        row.state, row.start, row.read = state, start, start
+        row.marks = self._marks(req, start, row.end)
+        reply = row.reply
+        reply.start, reply.source = start, source
+        reply.metrics.prompt_tokens = row.end - start
+        reply.admitted.set()
+        if start == row.end:  # a read whose every token was cached
+            self._prompt_read(row, None)
+
+    def _marks(self, req: Request, start: int, end: int) -> dict[int, bool]:
+        """Positions in (start, end] where a state is kept: True for the caller's and the turn
+        points, False for checkpoints (evicted first)."""
+        if not req.cache or self.cache is None:
+            return {}
+        marks = {p: True for p in req.keep_at if start < p <= end}
+        marks[end - 1 if req.max_new_tokens else end] = True  # retry point / a read's end
+        step = self.checkpoint_tokens
+        for p in range((start // step + 1) * step, end, step):
+            marks.setdefault(p, False)
+        if end - start > 2 * TAIL_TOKENS:
+            marks.setdefault(end - TAIL_TOKENS, False)
+        marks.pop(start, None)
+        return marks
+
+    def _read(self, row: _Row, n: int) -> None:
+        """Read the next n prompt tokens (whole pieces), keeping states at the marks passed."""
+        target, logits = row.read + n, None
+        while row.read < target and not row.cancelled:
+            cut = row.cut_after(row.read)
+            t0 = time.perf_counter()
+            logits = self.engine.prefill(torch.tensor([row.tokens[row.read:cut]]), row.state)
+            row.reply.metrics.prefill_s += time.perf_counter() - t0
+            self._counts["prefill_tokens"] += cut - row.read
+            row.read = row.reply.read = cut
+            if cut in row.marks:
+                self._keep(row, cut, row.marks[cut])
+            if row.req.progress:
+                row.reply.out.put(Progress(row.read - row.start, row.end - row.start))
+        if row.read == row.end and not row.cancelled:
+            self._prompt_read(row, logits)
+
+    def _prompt_read(self, row: _Row, logits: Tensor | None) -> None:
+        req = row.req
+        if req.max_new_tokens == 0:
+            self._finish(row, None, "length", keep_state=True)
+            return
+        row.decoder = DecodeRow(req.sampling, req.max_new_tokens, req.stop_token_ids, req.tokenizer,
+                                [*req.context, *row.tokens], self.engine.config.vocab_size, self.engine.device,
+                                row.reply.metrics)
+        row.pending = row.decoder.choose(logits)
+        with self._cond:
+            self._reading.remove(row)
+            row.slot = len(self._decoding)
+            self.conv[:, row.slot].copy_(row.state.conv[:, 0])
+            self.ssm[:, row.slot].copy_(row.state.ssm[:, 0])
+            self._decoding.append(row)
+
+    def _keep(self, row: _Row, pos: int, keep: bool, tokens: Sequence[int] | None = None) -> None:
+        """Put the row's state (after tokens[:pos]) into the prefix cache. A failure here costs
+        only a later re-read: it is counted, and the request goes on."""
+        try:
+            state = row.state
+            snap = state.clone() if state.device == self.cache.device else state  # the cache copies otherwise
+            node = self.cache.insert(list((tokens if tokens is not None else row.tokens)[:pos]), snap,
+                                     row.req.namespace, checkpoint=not keep)
+            self._counts["kept_states" if keep else "checkpoints"] += 1
+            if keep:
+                row.reply.kept[pos] = node
+        except Exception as e:
+            log.warning("could not keep a state: %s: %s", type(e).__name__, e)
+            self._counts["cache_errors"] += 1
+
+    def _decode_step(self, rows: list[_Row]) -> None:
         n = len(rows)
         b = self.engine.decode_bucket(n)  # n on CPU; a captured CUDA-graph size on CUDA (spare slots pad)
         ids = torch.tensor([r.pending for r in rows] + [0] * (b - n), device=self.engine.device)
-        logits = self.engine.decode_step(ids, self.conv[:, :b], self.ssm[:, :b], static=True)[:n]  # [n, V]
+        try:
+            logits = self.engine.decode_step(ids, self.conv[:, :b], self.ssm[:, :b], static=True)[:n]  # [n, V]
+        except Exception as e:  # the batched step itself: no single row to blame
+            log.exception("decode step failed")
+            self._counts["errors"] += 1
+            for row in rows:
+                self._finish(row, RequestFailed(f"the model step failed: {type(e).__name__}: {e}"), "error",
+                             keep_state=False)
+            return
         now = time.perf_counter()
         self._counts["steps"] += 1
         self._counts["tokens"] += n
@@ -341,48 +414,69 @@ class Scheduler:
             self._recent.append((now, n))
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
                 self._recent.popleft()
-        finished = []
-        for i, req in enumerate(rows):
-            tid, index = req.pending, req.emitted
-            m = req.metrics
-            if index == 0:
-                req.t_first = now
-                m.ttft_s = now - req.t_submit
-            req.emitted += 1
-            req.batch_sum += n
-            m.new_tokens, m.decode_s, m.batch_size = req.emitted, now - req.t_first, n
-            m.batch_mean = req.batch_sum / req.emitted
-            finish = "stop" if tid in req.stops else ("length" if req.emitted == req.max_new_tokens else None)
-            text = req.detok.push(tid) if req.detok is not None and tid not in req.stops else ""
-            if finish:
-                finished.append((req, TokenEvent(tid, text, index, m, finish)))
-                continue
-            req.out.put(TokenEvent(tid, text, index, m, None))
-            req.pending = self._sample(req, logits[i:i + 1])
-        with self._cond:
-            for req, event in finished:
-                self._finish(req, event, keep_state=True)
+        for i, row in enumerate(rows):
+            self._guarded(row, self._advance, row, logits[i:i + 1], n, now)
 
-    def _finish(self, req: _Request, last: TokenEvent | BaseException | None, keep_state: bool) -> None:
-        """Take `req` out (lock held): its state back from its slot, its last item, then the end."""
-        if req in self._reading:
-            self._reading.remove(req)
-        if req in self._decoding:
-            slot, last_row = req.slot, len(self._decoding) - 1
-            if keep_state:
-                req.state.conv[:, 0].copy_(self.conv[:, slot])
-                req.state.ssm[:, 0].copy_(self.ssm[:, slot])
-                req.state.seqlen += req.emitted  # every token handed out was fed in the slot
-            if slot != last_row:  # the last row moves into the freed slot
-                moved = self._decoding[last_row]
-                self.conv[:, slot].copy_(self.conv[:, last_row])
-                self.ssm[:, slot].copy_(self.ssm[:, last_row])
-                moved.slot = slot
-                self._decoding[slot] = moved
-            self._decoding.pop()
-            req.slot = -1
-        if last is not None:
-            req.out.put(last)
-        if not isinstance(last, BaseException):
-            req.out.put(_END)
-        req.done.set()
+    def _advance(self, row: _Row, logits: Tensor, batch: int, now: float) -> None:
+        """Hand out the token the step just fed, then sample the row's next one."""
+        tid = row.pending
+        event = row.decoder.emit(tid, row.t_submit, batch, now)
+        row.reply.fed.append(tid)
+        if event.finish_reason:
+            self._finish(row, event, event.finish_reason, keep_state=True)
+            return
+        row.reply.out.put(event)
+        row.pending = row.decoder.choose(logits)
+
+    def _finish(self, row: _Row, last: TokenEvent | BaseException | None, reason: str, keep_state: bool) -> None:
+        """Take the row out: its state back from its slot, kept in the cache, then its end."""
+        with self._cond:
+            if row in self._waiting:
+                self._waiting.remove(row)
+            if row in self._reading:
+                self._reading.remove(row)
+            if row in self._decoding:
+                self._release_slot(row, keep_state)
+        reply = row.reply
+        if keep_state and row.state is not None and row.read == row.end:  # prompt (and reply) whole
+            if row.req.cache and self.cache is not None and reply.fed:
+                self._keep(row, row.end + len(reply.fed), True, [*row.tokens, *reply.fed])
+            reply.end_state = row.state
+        reply._end(last, reason)
+
+    def _release_slot(self, row: _Row, keep_state: bool) -> None:
+        """Free the row's slot (lock held), copying its state back first when it is kept."""
+        slot, last_row = row.slot, len(self._decoding) - 1
+        if keep_state:
+            row.state.conv[:, 0].copy_(self.conv[:, slot])
+            row.state.ssm[:, 0].copy_(self.ssm[:, slot])
+            row.state.seqlen += len(row.reply.fed)  # every token handed out was fed in the slot
+        if slot != last_row:  # the last row moves into the freed slot
+            moved = self._decoding[last_row]
+            self.conv[:, slot].copy_(self.conv[:, last_row])
+            self.ssm[:, slot].copy_(self.ssm[:, last_row])
+            moved.slot = slot
+            self._decoding[slot] = moved
+        self._decoding.pop()
+        row.slot = -1
+
+
+def _ids_list(ids: Tensor) -> list[int]:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"a request reads one sequence: token ids of shape [1, T], got {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be int64 or int32, got {ids.dtype}")
+    return ids[0].tolist()
+
+
+def _failure(e: Exception) -> RequestFailed:
+    """The user's message for a row that failed (the cause stays attached for the logs)."""
+    err = RequestFailed(f"this request failed and was ended: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
+__all__ = ["Progress", "Reply", "Request", "RequestFailed", "Scheduler", "SchedulerBusy", "SchedulerClosed",
+           "StreamMetrics"]

@@ -178,8 +178,9 @@ def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     if not all(0 <= t < vocab for t in ids):
         raise bad(f"token ids must be in [0, {vocab})", param)
     stops = req.stop + (fmt.stop_strings if req.messages else ())
+    keep = chat.message_ends(fmt, lm.tokenizer, req.messages, ids) if req.messages else ()
     creq = CompletionRequest(ids, req.sampling, req.max_tokens, tuple(chat.stop_token_ids(fmt, lm.tokenizer)),
-                             stops, space)
+                             stops, space, keep)
     kind = "chatcmpl" if req.messages else "cmpl"
     shape = Shape(req.messages is not None, f"{kind}-{secrets.token_hex(12)}", int(time.time()), req.model)
     return _Job(lm, creq, shape, fmt.reply_lead if req.messages else "")

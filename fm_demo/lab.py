@@ -157,14 +157,15 @@ def _timed_loop(
 def mamba_decode(
     engine: Engine, n_tokens: int, every: int = 64, time_limit_s: float = float("inf")
 ) -> Iterator[Sample]:
-    """Greedy decode from a one-token prompt; the state never grows."""
+    """Greedy decode from a one-token prompt through Engine.stream (the decode loop every reply
+    uses); the state never grows."""
     state = engine.new_state()
-    logits = [engine.prefill(torch.zeros(1, 1, dtype=torch.long), state)]
-
-    def step() -> None:
-        logits[0] = engine.step(logits[0].argmax(-1), state)
-
-    yield from _timed_loop(MAMBA, engine.device, n_tokens, every, time_limit_s, step, lambda: state.nbytes)
+    events = engine.stream(torch.zeros(1, 1, dtype=torch.long), state, max_new_tokens=n_tokens)
+    try:
+        yield from _timed_loop(MAMBA, engine.device, n_tokens, every, time_limit_s, lambda: next(events),
+                               lambda: state.nbytes)
+    finally:
+        events.close()
 
 
 @torch.inference_mode()

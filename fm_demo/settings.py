@@ -183,9 +183,11 @@ class Settings:
                                           "chat)", ())
     queue_max_size: int = _help("most requests waiting in the queue (set explicitly: ZeroGPU's default is 1)",
                                 64)
-    # Chat replies are exempt (each conversation serialises its own replies); this bounds the
-    # heavier shared events: compare, long-context reads and lab measurements.
-    concurrency_limit: int = _help("events of one kind run at once (on ZeroGPU each holds a GPU slice)", 1)
+    # Off ZeroGPU, reply events (chat, compare, long-context reads, the API endpoints) are not
+    # bounded here: each model's scheduler admits, queues or refuses them. This bounds the rest
+    # (the lab's measurements) everywhere, and every reply event on ZeroGPU.
+    concurrency_limit: int = _help("events of one kind run at once where the scheduler does not decide: the lab's "
+                                   "measurements; on ZeroGPU every reply (each holds a GPU slice)", 1)
     # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
     # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
     host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")

@@ -217,6 +217,7 @@ class RemoteRunner:
             for ev in remote:
                 reply.fed.append(ev.token_id)
                 reason = ev.finish_reason or reason
+                reply.served_by = remote.served_by  # known while it streams (it changes if a replica is lost)
                 yield ev
             reason = reason if req.max_new_tokens else "length"
         finally:

@@ -287,7 +287,10 @@ class Conversation:
         turn.finish_reason, turn.metrics = finish, m
         end = self.context_tokens
         keep = {p for p in set(self._marks()) | {self._retry_point()} if p <= end}
-        self.cache.hold(reply.kept if reply is not None else {}, keep)
+        base = end - len(turn.prompt_ids) - len(turn.reply_ids)
+        whole = reply is not None and finish not in ("error", "stop_string") and len(reply.fed) == len(turn.reply_ids)
+        reach = end if whole else (self._retry_point() if finish == "stop_string" else base)
+        self.cache.hold(reply.kept if reply is not None else {}, keep, reach)
         m.state_bytes = self.lm.engine.state_nbytes()
         m.cache_bytes, m.context_tokens = self.cache_bytes(), end
         m.device_mem_bytes, m.device_peak_bytes = device_memory(self.lm.engine.device)

@@ -56,15 +56,18 @@ class StateCache:
         other.known = set(self.known)
         return other
 
-    def hold(self, kept: Mapping[int, Node], keep: set[int]) -> None:
-        """Hold the nodes a request kept at `keep` positions, and let go of every other position."""
+    def hold(self, kept: Mapping[int, Node], keep: set[int], reach: int = -1) -> None:
+        """Hold the nodes a request kept at `keep` positions and let go of every other position.
+        The positions of `keep` up to `reach` (where the request's state ended, as far as the
+        transcript goes) are expected to have a state from now on, held here or not (a runner in
+        another process may keep it)."""
         for pos, node in kept.items():
             if pos in keep and self.refs.get(pos) is not node:
                 if pos in self.refs:
                     self.tree.release(self.refs[pos])
                 self.refs[pos] = self.tree.hold(node)
         self._keep_only(lambda p: p in keep)
-        self.known = {p for p in self.known if p in keep} | set(self.refs)
+        self.known = {p for p in self.known if p in keep} | {p for p in keep if p <= reach} | set(self.refs)
 
     def _keep_only(self, keep: Callable[[int], bool]) -> None:
         """Let go of the states at positions `keep` rejects (the tree frees what nobody holds)."""

@@ -295,7 +295,9 @@ class PrefixCache:
     def stats(self) -> dict:
         with self._lock:
             c = self._counts
+            checkpoints = [n.state.nbytes for n in self._nodes() if n.state is not None and n.checkpoint]
             return {"states": self._states, "bytes": self._bytes, "budget_bytes": self.budget_bytes,
+                    "checkpoints": len(checkpoints), "checkpoint_bytes": sum(checkpoints),
                     "shared": self.shared, "namespaces": len(self._roots),
                     "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else 0.0,
                     "token_hit_rate": c["hit_tokens"] / c["looked_up_tokens"] if c["looked_up_tokens"] else 0.0,

@@ -167,26 +167,28 @@ def faulty(stage: str, victim: list[int], monkeypatch):
             return real(self, row, n)
         monkeypatch.setattr(sched, "_read", read)
     elif stage in ("sample", "emit"):
-        real_init = scheduler_module.DecodeRow.__init__
+        real = sched._prompt_read
 
-        def init(self, sampling, max_new, stops, tokenizer, context, *args, **kwargs):
-            real_init(self, sampling, max_new, stops, tokenizer, context, *args, **kwargs)
-            if list(context) == victim:
-                if stage == "sample":
-                    calls = iter(range(100))
+        def prompt_read(self, row, logits):
+            real(self, row, logits)
+            if row.tokens != victim:
+                return
+            decoder = row.decoder
+            if stage == "sample":
+                calls = iter(range(100))
 
-                    def choose(logits, real=self.choose):
-                        if next(calls) == 2:
-                            raise Boom("sample")
-                        return real(logits)
-                    self.choose = choose
-                else:
-                    def emit(*a, real=self.emit, **k):
-                        if self.emitted == 1:
-                            raise Boom("emit")
-                        return real(*a, **k)
-                    self.emit = emit
-        monkeypatch.setattr(scheduler_module.DecodeRow, "__init__", init)
+                def choose(logits, real_choose=decoder.choose):
+                    if next(calls) == 1:
+                        raise Boom("sample")
+                    return real_choose(logits)
+                decoder.choose = choose
+            else:
+                def emit(*a, real_emit=decoder.emit, **k):
+                    if decoder.emitted == 1:
+                        raise Boom("emit")
+                    return real_emit(*a, **k)
+                decoder.emit = emit
+        monkeypatch.setattr(sched, "_prompt_read", prompt_read)
     elif stage == "keep":
         real = PrefixCache.insert
 

@@ -154,7 +154,7 @@ class Scheduler:
             raise TypeError(f"sampling must be SamplingParams, got {type(req.sampling).__name__}")
         if req.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
-        tokens = [int(t) for t in req.tokens]
+        tokens = req.tokens.tolist() if isinstance(req.tokens, Tensor) else list(req.tokens)
         if not tokens:
             raise ValueError("the prompt is empty: nothing to read")
         vocab = self.engine.config.vocab_size
@@ -367,9 +367,9 @@ class Scheduler:
         if req.max_new_tokens == 0:
             self._finish(row, None, "length", keep_state=True)
             return
-        row.decoder = DecodeRow(req.sampling, req.max_new_tokens, req.stop_token_ids, req.tokenizer,
-                                [*req.context, *row.tokens], self.engine.config.vocab_size, self.engine.device,
-                                row.reply.metrics)
+        context = [*req.context, *row.tokens] if req.sampling.repetition_penalty != 1.0 else ()  # the penalty's
+        row.decoder = DecodeRow(req.sampling, req.max_new_tokens, req.stop_token_ids, req.tokenizer, context,
+                                self.engine.config.vocab_size, self.engine.device, row.reply.metrics)
         row.pending = row.decoder.choose(logits)
         with self._cond:
             self._reading.remove(row)

@@ -52,18 +52,7 @@ from torch import Tensor
 from ..engine import DecodeRow, Engine, SamplingParams, State, StreamMetrics, TokenEvent
 from .plan import plan
 from .prefix_cache import PrefixCache
-from .request import (
-    FRESH,
-    GIVEN,
-    HIT,
-    REBUILT,
-    Progress,
-    Reply,
-    Request,
-    RequestFailed,
-    SchedulerBusy,
-    SchedulerClosed,
-)
+from .request import FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, SchedulerBusy, SchedulerClosed
 
 log = logging.getLogger("fm_demo.scheduler")
 RATE_WINDOW_S = 5.0  # aggregate tok/s is measured over this trailing window

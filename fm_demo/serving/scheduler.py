@@ -32,9 +32,10 @@ rows, but a matmul's kernel can change with the number of rows (MKL takes a GEMV
 row), so logits may differ from the solo ones in the last bits: greedy tokens agree and states
 agree to fp32 rounding (tests check both).
 
-Locks: `_cond` guards the three row lists, the slot table and the counters; everything else a
-row holds is touched by the scheduler thread only (callers set `cancelled` under `_cond`). The
-prefix cache has its own lock (prefix_cache.py).
+Locks: `_cond` guards the three row lists, the slot table and the counters callers also write
+(busy refusals, cancellations); everything else a row holds, the slot buffers and the other
+counters are the scheduler thread's alone (callers set `cancelled` under `_cond`). The prefix
+cache has its own lock (prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -247,11 +248,11 @@ class Scheduler:
             if self._closed:
                 return False
             dropped = [r for r in [*self._reading, *self._decoding] if r.cancelled]
+            self._counts["cancelled"] += len(dropped)
             admitted = []
             while self._waiting and self._rows() + len(admitted) < self.max_batch:
                 admitted.append(self._waiting.popleft())
         for row in dropped:
-            self._counts["cancelled"] += 1
             self._finish(row, None, "cancelled", keep_state=True)
         for row in admitted:
             if self._guarded(row, self._admit, row) and not row.reply.done.is_set():

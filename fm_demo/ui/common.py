@@ -22,7 +22,7 @@ import gradio as gr
 from ..conversations.turns import ConversationError
 from ..engine import StateError
 from ..models import ModelLoadError, ModelManager
-from ..serving import SchedulerBusy, SchedulerClosed
+from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def throttle(
 # and ConversationBusy). Anything else, a bare ValueError included, is a bug: logged with its trace,
 # and the user is told only that something went wrong.
 USER_FACING = (SettingsError, StateError, ConversationError, ModelLoadError, SchedulerBusy, SchedulerClosed,
-               MemoryError)
+               RequestFailed, MemoryError)
 
 
 def to_user_error(e: BaseException) -> gr.Error:

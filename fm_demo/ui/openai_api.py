@@ -40,7 +40,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import chat
-from ..serving import SchedulerBusy, SchedulerClosed
+from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..serving.completion import CompletionChunk, CompletionRequest, complete
 from ..settings import Settings
 from .openai_schema import ApiError, ApiRequest, Shape, bad, model_json, parse_chat, parse_completion
@@ -317,6 +317,8 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(503, str(e), code="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, SchedulerClosed):
         return ApiError(503, str(e), code="model_unloaded", headers={"Retry-After": "1"})
+    if isinstance(e, RequestFailed):  # this request alone failed in the scheduler; others went on
+        return ApiError(500, str(e), code="request_failed")
     if isinstance(e, ModelLoadError):
         if e.reason == "unknown_model":
             return ApiError(404, str(e), "model", "model_not_found")

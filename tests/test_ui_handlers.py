@@ -81,6 +81,20 @@ def test_throttle_limits_rate_and_keeps_first_and_last():
     assert out == [0, 999]  # the first, and the last still pending when the events end
 
 
+def test_streaming_replies_share_one_update_rate():
+    from fm_demo.ui.common import TOTAL_UPDATES_PER_S, UPDATES_PER_S, StreamCount
+
+    streams = StreamCount()
+    assert streams.hz() == UPDATES_PER_S
+    streams.add(16)
+    assert streams.hz() == TOTAL_UPDATES_PER_S / 16 < UPDATES_PER_S  # 16 replies: fewer updates each
+    times = iter(i / 8 for i in range(800))  # an event every 125 ms
+    out = list(throttle(range(800), hz=streams.hz, is_last=lambda e: e == 799, clock=lambda: next(times)))
+    assert out[:3] == [0, 3, 6] and out[-1] == 799  # 3.75 Hz: every third event
+    streams.add(-16)
+    assert streams.hz() == UPDATES_PER_S
+
+
 def test_empty_message_does_nothing(ctx):
     outs = drain(chat_tab.send(ctx, "   ", knobs(), [], request=request("empty")))
     assert len(outs) == 1 and all(o == gr.skip() for o in outs[0])

@@ -101,11 +101,12 @@ def chat(
     if text is None:  # an empty message does nothing, as in the browser
         yield ""
         return
+    # checked before any model loads: a bad value is a prompt error, never a stalled reply
+    sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed).for_reply()
     with call_session(ctx, request) as session:
         sid, conv = open_conversation(ctx, session, _resolve(ctx, preset), precision, CHAT_SLOT)
-        sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
         reply = ""
-        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling.for_reply())):
+        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling)):
             reply = ev.text
             yield reply
 
@@ -142,6 +143,7 @@ def compare(
     if text is None:
         yield {side: "" for side in SLOTS}
         return
+    reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
     defaults = dict(zip(SLOTS, ctx.settings.compare_presets))
     picks = {
         "left": (left_preset or defaults["left"], left_precision),
@@ -149,7 +151,6 @@ def compare(
     }
     with call_session(ctx, request) as session:
         convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
-        reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
         streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
         texts = {side: "" for side in SLOTS}
         for side, ev in controlled(ctx, session_id(session), COMPARE_SLOT, streams):

@@ -28,7 +28,18 @@ import torch
 from ..engine import State, StateError
 from ..models import LoadedModel, ModelManager
 from ..settings import Settings
-from .protocol import COPIED, NEW, OWN_CACHE, REBUILT, ModelInfo, ReplyEnd, ReplyRequest, ReplyStart, Token
+from .protocol import (
+    COPIED,
+    NEW,
+    OWN_CACHE,
+    REBUILT,
+    ModelInfo,
+    ReplyEnd,
+    ReplyRequest,
+    ReplyStart,
+    Token,
+    checked_request,
+)
 
 STREAM_HZ = 20.0  # messages per second per reply, at most
 _DONE = object()
@@ -70,6 +81,7 @@ def _fetched(lm: LoadedModel, sent: State, held: int | None) -> State:
 def run_reply(lm: LoadedModel, req: ReplyRequest, replica: str, emit: Callable[[object], None],
               cancelled: threading.Event, fetch: Callable) -> None:
     """Serve one request on this replica's runner, emitting ReplyStart, Tokens and a ReplyEnd."""
+    req = checked_request(req)
     tokens, cache, runner = req.tokens, lm.prefix_cache, lm.runner
     reading = req.max_new_tokens == 0
     upto = len(tokens) if reading else len(tokens) - 1  # a reply feeds the last token itself

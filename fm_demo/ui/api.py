@@ -88,12 +88,12 @@ def chat(
 
     Args:
         message: What to say to the model.
-        temperature: Sampling temperature; 0 picks the most likely token every time (deterministic).
-        top_p: Nucleus sampling: sample among the most likely tokens holding this much probability (1: off).
+        temperature: Sampling temperature, 0.01 to 10; 0 always picks the most likely token (deterministic).
+        top_p: Nucleus sampling: sample among the likeliest tokens holding this much probability (1: off).
         top_k: Sample among the k most likely tokens only (0: off).
-        repetition_penalty: Above 1 discourages repeating tokens already in the conversation (1: off).
+        repetition_penalty: 0.01 to 100; above 1 discourages repeating tokens of the conversation (1: off).
         max_new_tokens: Longest reply in tokens (capped by the server).
-        seed: Seed of the sampling, for a reproducible reply; -1 draws a random one.
+        seed: Seed of the sampling (0 to 2**63 - 1), for a reproducible reply; -1 draws a random one.
         preset: Model to ask (e.g. tiny-instruct, 7b-instruct); empty: the server's chat model.
         precision: bf16, fp32 or 4bit; empty: the model's default on this server.
     """
@@ -132,8 +132,8 @@ def compare(
     Args:
         message: What to say to both models.
         max_new_tokens: Longest reply in tokens, for each model.
-        temperature: Sampling temperature; 0 picks the most likely token every time (deterministic).
-        seed: Seed of the sampling; -1 draws a random one.
+        temperature: Sampling temperature, 0.01 to 10; 0 always picks the most likely token (deterministic).
+        seed: Seed of the sampling (0 to 2**63 - 1); -1 draws a random one.
         left_preset: Model on the left; empty: the server's first compare model.
         left_precision: Its precision (bf16, fp32 or 4bit); empty: its default.
         right_preset: Model on the right; empty: the server's second compare model.

@@ -178,7 +178,8 @@ def _request(body: Json, settings: Settings, max_key: str, messages=None, prompt
 def _sampling(body: Json) -> SamplingParams:
     """The body's sampling fields under the engine's LIMITS, temperature also under OpenAI's
     documented cap of 2; a refused value is a 400 naming its field, in the engine's words."""
-    given = {name: default if body.get(name) is None else body[name] for name, default in SAMPLING_DEFAULTS.items()}
+    given = {name: default if body.get(name) is None else body[name]
+             for name, default in SAMPLING_DEFAULTS.items()}
     if type(given["top_k"]) is int and given["top_k"] == -1:
         given["top_k"] = 0  # vLLM's -1 means off, as 0 does here
     try:

@@ -101,10 +101,6 @@ def bind(fn: Callable, *bound: Any) -> Callable:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-def _sampling_error(e: SamplingError) -> gr.Error:
-    return gr.Error(f"Invalid sampling setting: {e}")
-
-
 def _new_tokens(value: object) -> int | None:
     """max_new_tokens as a whole number (Settings.clamp_new_tokens caps it); None: the default."""
     if value is None:
@@ -133,7 +129,7 @@ class Sampling(Inputs):
             return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                   repetition_penalty=self.repetition_penalty, seed=seed_or_random(self.seed))
         except SamplingError as e:
-            raise _sampling_error(e) from None
+            raise gr.Error(f"Invalid sampling setting: {e}") from None
 
     def for_reply(self) -> tuple[SamplingParams, int | None]:
         """(sampling params, max new tokens): what a conversation's reply takes after its text.

@@ -272,7 +272,7 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
     for kw, param in [({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
                       ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"stop": [""]}, "stop"),
                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                      ({"logprobs": True}, "logprobs"), ({"top_p": 0}, None)]:
+                      ({"logprobs": True}, "logprobs"), ({"top_p": 0}, "top_p")]:
         status, err = _status(lambda kw=kw: ask(c, **kw))
         assert status == 400 and err["type"] == "invalid_request_error" and err["param"] == param, (kw, err)
     image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]

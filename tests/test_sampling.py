@@ -32,6 +32,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(0.95) == [0, 1, 2]
     assert kept(1.0) == [0, 1, 2, 3]
     assert kept(0.01) == [0]  # the most likely token always survives
+    assert kept(1e-300) == [0]  # even where p rounds to 0 in float32
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():
@@ -65,7 +66,8 @@ def test_sampling_never_picks_filtered_tokens():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(repetition_penalty=0.0)])
+                                    dict(top_p=1.5), dict(repetition_penalty=0.0), dict(temperature=1e-300),
+                                    dict(seed=2**64), dict(top_k=True)])
 def test_invalid_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -363,9 +363,11 @@ def test_long_context_refuses_an_oversized_document(ctx):
 
 
 @pytest.mark.parametrize("knob, message", [
-    ({"top_p": 0.0}, "Invalid sampling setting: top_p must be in (0, 1], got 0.0"),
-    ({"temperature": -1.0}, "Invalid sampling setting: temperature must be >= 0, got -1.0"),
-    ({"seed": "lucky"}, "Invalid sampling setting: seed must be a whole number, got 'lucky'"),
+    ({"top_p": 0.0}, "Invalid sampling setting: top_p must be a number greater than 0 and at most 1, got 0.0"),
+    ({"temperature": -1.0},
+     "Invalid sampling setting: temperature must be a number: 0 (greedy) or from 0.01 to 10, got -1.0"),
+    ({"seed": "lucky"},
+     "Invalid sampling setting: seed must be an integer from 0 to 9223372036854775807, got 'lucky'"),
     ({"max_new_tokens": "9e"}, "Invalid sampling setting: max_new_tokens must be a whole number, got '9e'"),
 ])
 def test_a_sampling_setting_the_engine_refuses_is_named_to_the_user(ctx, knob, message):

@@ -13,10 +13,11 @@ so losing the replica loses no state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from ..engine import SamplingParams, State
+from ..engine.sampling import revalidated
 
 Key = tuple[str, str]  # (preset key, precision)
 
@@ -43,6 +44,16 @@ class ReplyRequest:
     @property
     def tokens(self) -> list[int]:
         return [*(self.prefix or ()), *self.ids]
+
+
+def checked_request(req: ReplyRequest) -> ReplyRequest:
+    """`req` as a replica may serve it: its sampling checked under the engine's LIMITS again
+    (SamplingError), since a request arrives unpickled and unpickling runs no __post_init__, and
+    its reply length a whole number >= 0 (ValueError). Nothing is read before this passes."""
+    n = req.max_new_tokens
+    if type(n) is not int or n < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+    return replace(req, sampling=revalidated(req.sampling))
 
 
 @dataclass

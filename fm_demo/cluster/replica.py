@@ -27,7 +27,18 @@ from ..engine import State, StateError
 from ..models import LoadedModel, ModelManager
 from ..serving import Progress, Request
 from ..settings import Settings
-from .protocol import COPIED, NEW, OWN_CACHE, REBUILT, ModelInfo, ReplyEnd, ReplyRequest, ReplyStart, Token
+from .protocol import (
+    COPIED,
+    NEW,
+    OWN_CACHE,
+    REBUILT,
+    ModelInfo,
+    ReplyEnd,
+    ReplyRequest,
+    ReplyStart,
+    Token,
+    checked_request,
+)
 
 STREAM_HZ = 20.0  # messages per second per reply, at most
 _DONE = object()
@@ -61,6 +72,7 @@ def _fetched(lm: LoadedModel, sent: State, held: int | None) -> State:
 def run_reply(lm: LoadedModel, req: ReplyRequest, replica: str, emit: Callable[[object], None],
               cancelled: threading.Event, fetch: Callable) -> None:
     """Serve one request on this replica's runner, emitting ReplyStart, Tokens and a ReplyEnd."""
+    req = checked_request(req)
     cacheable = req.prefix is not None
     tokens = req.tokens if cacheable else req.ids
     upto = len(tokens) - (1 if req.max_new_tokens else 0)  # a reply feeds the last token itself

@@ -88,12 +88,12 @@ def chat(
 
     Args:
         message: What to say to the model.
-        temperature: Sampling temperature; 0 picks the most likely token every time (deterministic).
-        top_p: Nucleus sampling: sample among the most likely tokens holding this much probability (1: off).
+        temperature: Sampling temperature, 0.01 to 10; 0 always picks the most likely token (deterministic).
+        top_p: Nucleus sampling: sample among the likeliest tokens holding this much probability (1: off).
         top_k: Sample among the k most likely tokens only (0: off).
-        repetition_penalty: Above 1 discourages repeating tokens already in the conversation (1: off).
+        repetition_penalty: 0.01 to 100; above 1 discourages repeating tokens of the conversation (1: off).
         max_new_tokens: Longest reply in tokens (capped by the server).
-        seed: Seed of the sampling, for a reproducible reply; -1 draws a random one.
+        seed: Seed of the sampling (0 to 2**63 - 1), for a reproducible reply; -1 draws a random one.
         preset: Model to ask (e.g. tiny-instruct, 7b-instruct); empty: the server's chat model.
         precision: bf16, fp32 or 4bit; empty: the model's default on this server.
     """
@@ -101,11 +101,12 @@ def chat(
     if text is None:  # an empty message does nothing, as in the browser
         yield ""
         return
+    # checked before any model loads: a bad value is a prompt error, never a stalled reply
+    sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed).for_reply()
     with call_session(ctx, request) as session:
         sid, conv = open_conversation(ctx, session, _resolve(ctx, preset), precision, CHAT_SLOT)
-        sampling = Sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
         reply = ""
-        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling.for_reply())):
+        for ev in controlled(ctx, sid, CHAT_SLOT, conv.send(text, *sampling)):
             reply = ev.text
             yield reply
 
@@ -131,8 +132,8 @@ def compare(
     Args:
         message: What to say to both models.
         max_new_tokens: Longest reply in tokens, for each model.
-        temperature: Sampling temperature; 0 picks the most likely token every time (deterministic).
-        seed: Seed of the sampling; -1 draws a random one.
+        temperature: Sampling temperature, 0.01 to 10; 0 always picks the most likely token (deterministic).
+        seed: Seed of the sampling (0 to 2**63 - 1); -1 draws a random one.
         left_preset: Model on the left; empty: the server's first compare model.
         left_precision: Its precision (bf16, fp32 or 4bit); empty: its default.
         right_preset: Model on the right; empty: the server's second compare model.
@@ -142,6 +143,7 @@ def compare(
     if text is None:
         yield {side: "" for side in SLOTS}
         return
+    reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
     defaults = dict(zip(SLOTS, ctx.settings.compare_presets))
     picks = {
         "left": (left_preset or defaults["left"], left_precision),
@@ -149,7 +151,6 @@ def compare(
     }
     with call_session(ctx, request) as session:
         convs = {side: open_conversation(ctx, session, *picks[side], side)[1] for side in SLOTS}
-        reply = Sampling(temperature, NO_TOP_P, NO_TOP_K, NO_PENALTY, max_new_tokens, seed).for_reply()
         streams = interleave({side: convs[side].send(text, *reply) for side in SLOTS})
         texts = {side: "" for side in SLOTS}
         for side, ev in controlled(ctx, session_id(session), COMPARE_SLOT, streams):

@@ -101,8 +101,9 @@ def send(
     if text is None:
         yield SKIP_ALL
         return
+    reply = knobs.sampling.for_reply()  # checked before the model loads
     sid, conv = _open(ctx, request, knobs, progress)
-    yield from _stream(ctx, sid, conv, conv.send(text, *knobs.sampling.for_reply()), points, sent=text)
+    yield from _stream(ctx, sid, conv, conv.send(text, *reply), points, sent=text)
 
 
 def _user_turn(messages: list[dict], index) -> int:
@@ -119,10 +120,11 @@ def retry(
 
     The chatbot shows its retry icon on the last reply only, so the button and the icon agree.
     """
+    reply = knobs.sampling.for_reply()
     sid, conv = _open(ctx, request, knobs, progress)
     if not conv.turns:
         raise gr.Error("Nothing to retry yet: send a message first.")
-    yield from _stream(ctx, sid, conv, conv.retry(*knobs.sampling.for_reply()), points)
+    yield from _stream(ctx, sid, conv, conv.retry(*reply), points)
 
 
 @user_errors
@@ -139,8 +141,9 @@ def edit(
     text = check_message(value, ctx.settings.max_input_chars)
     if text is None:
         raise gr.Error("An edited message cannot be empty; use Undo to remove a turn.")
+    reply = knobs.sampling.for_reply()
     sid, conv = _open(ctx, request, knobs, progress)
-    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, *knobs.sampling.for_reply())
+    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, *reply)
     yield from _stream(ctx, sid, conv, events, points)
 
 

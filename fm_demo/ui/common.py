@@ -21,6 +21,7 @@ import gradio as gr
 
 from ..conversations.turns import ConversationError
 from ..engine import StateError
+from ..engine.sampling import SamplingError
 from ..models import ModelLoadError, ModelManager
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
@@ -143,10 +144,11 @@ def throttle(
 
 
 # The domain's errors, whose message is written for the user (ConversationError covers ImportRefused
-# and ConversationBusy). Anything else, a bare ValueError included, is a bug: logged with its trace,
+# and ConversationBusy; SamplingError names the setting and its range, e.g. as a cluster replica
+# refuses a request). Anything else, a bare ValueError included, is a bug: logged with its trace,
 # and the user is told only that something went wrong.
 USER_FACING = (SettingsError, StateError, ConversationError, ModelLoadError, SchedulerBusy, SchedulerClosed,
-               RequestFailed, MemoryError)
+               RequestFailed, SamplingError, MemoryError)
 
 
 def to_user_error(e: BaseException) -> gr.Error:

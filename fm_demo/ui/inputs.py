@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from ..engine import SamplingParams
+from ..engine.sampling import RANDOM_SEED, SamplingError, SamplingParams, seed_or_random
 from ..settings import Settings
 
 
@@ -100,12 +101,15 @@ def bind(fn: Callable, *bound: Any) -> Callable:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-def _as(kind: type, name: str, value: object) -> Any:
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        what = "a whole number" if kind is int else "a number"
-        raise gr.Error(f"Invalid sampling setting: {name} must be {what}, got {value!r}") from None
+def _new_tokens(value: object) -> int | None:
+    """max_new_tokens as a whole number (Settings.clamp_new_tokens caps it); None: the default."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)  # a slider's 512.0; is_integer() is False for nan and inf
+    raise gr.Error(f"Invalid sampling setting: max_new_tokens must be a whole number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -117,27 +121,20 @@ class Sampling(Inputs):
     top_k: int = 50
     repetition_penalty: float = 1.1
     max_new_tokens: int | None = None  # None: the server's default (Settings.max_new_tokens)
-    seed: int = -1  # negative: a random seed
+    seed: int = RANDOM_SEED  # RANDOM_SEED (-1): a random seed
 
     def params(self) -> SamplingParams:
-        """The engine's SamplingParams; a value it refuses is the user's to fix (gr.Error)."""
-        seed = _as(int, "seed", self.seed)
+        """The engine's SamplingParams; a value outside its LIMITS is the user's to fix (gr.Error)."""
         try:
-            return SamplingParams(
-                temperature=_as(float, "temperature", self.temperature),
-                top_p=_as(float, "top_p", self.top_p),
-                top_k=_as(int, "top_k", self.top_k),
-                repetition_penalty=_as(float, "repetition_penalty", self.repetition_penalty),
-                seed=None if seed < 0 else seed,
-            )
-        except ValueError as e:  # the engine's own limits (temperature >= 0, top_p in (0, 1], ...)
+            return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                  repetition_penalty=self.repetition_penalty, seed=seed_or_random(self.seed))
+        except SamplingError as e:
             raise gr.Error(f"Invalid sampling setting: {e}") from None
 
     def for_reply(self) -> tuple[SamplingParams, int | None]:
         """(sampling params, max new tokens): what a conversation's reply takes after its text.
         None tokens: the server's default; the conversation caps the rest."""
-        n = None if self.max_new_tokens is None else _as(int, "max_new_tokens", self.max_new_tokens)
-        return self.params(), n
+        return self.params(), _new_tokens(self.max_new_tokens)
 
 
 def sampling_inputs(settings: Settings, defaults: Sampling = Sampling(),

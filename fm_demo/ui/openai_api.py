@@ -40,6 +40,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import chat
+from ..engine.sampling import SamplingError
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..serving.completion import CompletionChunk, CompletionRequest, complete
 from ..settings import Settings
@@ -313,6 +314,8 @@ def api_error(e: BaseException) -> ApiError:
 
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, SamplingError):  # parsing checks these; a cluster replica checks them again
+        return bad(str(e), e.field)
     if isinstance(e, SchedulerBusy):
         return ApiError(503, str(e), code="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, SchedulerClosed):

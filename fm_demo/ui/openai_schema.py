@@ -17,6 +17,8 @@ Fields this server does not know are ignored, as OpenAI's clients send new ones 
 max_tokens (or max_completion_tokens) above Settings.max_new_tokens_cap is clamped to the cap
 (finish_reason "length" then says the reply was cut), as the browser's slider is; the default is
 Settings.max_new_tokens. Sampling defaults are OpenAI's (temperature 1, top_p 1), not the UI's.
+Sampling fields obey the engine's LIMITS (fm_demo/engine/sampling.py), as on every other entry
+point, and temperature OpenAI's cap of 2 too; no seed (or null) draws a random one.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import SamplingParams
+from ..engine.sampling import SamplingError, SamplingParams, checked, narrowed
 from ..serving.completion import Usage
 from ..settings import Settings
 
 Json = dict[str, Any]
 MAX_STOPS = 16
+OPENAI_MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2], within the engine's LIMITS
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": None}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -172,20 +176,17 @@ def _request(body: Json, settings: Settings, max_key: str, messages=None, prompt
 
 
 def _sampling(body: Json) -> SamplingParams:
-    top_k = _int(body, "top_k", 0, -1)
-    seed = _int(body, "seed", None)
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise bad("'seed' must fit in 64 bits", "seed")
+    """The body's sampling fields under the engine's LIMITS, temperature also under OpenAI's
+    documented cap of 2; a refused value is a 400 naming its field, in the engine's words."""
+    given = {name: default if body.get(name) is None else body[name]
+             for name, default in SAMPLING_DEFAULTS.items()}
+    if type(given["top_k"]) is int and given["top_k"] == -1:
+        given["top_k"] = 0  # vLLM's -1 means off, as 0 does here
     try:
-        return SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-            top_k=max(top_k, 0),  # vLLM's -1 means off, as 0 does here
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf),
-            seed=seed,
-        )
-    except ValueError as e:  # top_p 0 or repetition_penalty 0: the engine's own limits
-        raise bad(str(e)) from None
+        checked("temperature", given["temperature"], narrowed("temperature", OPENAI_MAX_TEMPERATURE))
+        return SamplingParams(**given)
+    except SamplingError as e:
+        raise bad(str(e), e.field) from None
 
 
 def _max_tokens(body: Json, key: str, settings: Settings) -> int:

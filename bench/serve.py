@@ -148,9 +148,11 @@ class Meter:
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         step, prefill = engine.decode_step, engine.prefill
 
-        def timed_step(ids, conv, ssm):
+        # *args, **kwargs pass through whatever the engine's methods take (decode_step gained
+        # `static`); only the leading arguments, the same since the start, are read here
+        def timed_step(ids, *args, **kwargs):
             t0, c0 = time.perf_counter(), time.thread_time()
-            logits = step(ids, conv, ssm)
+            logits = step(ids, *args, **kwargs)
             sync()
             self.n["decode_s"] += time.perf_counter() - t0
             self.n["decode_cpu_s"] += time.thread_time() - c0
@@ -158,9 +160,9 @@ class Meter:
             self.n["rows"] += ids.shape[0]
             return logits
 
-        def timed_prefill(ids, state, *args, **kwargs):
+        def timed_prefill(ids, *args, **kwargs):
             t0, c0 = time.perf_counter(), time.thread_time()
-            logits = prefill(ids, state, *args, **kwargs)
+            logits = prefill(ids, *args, **kwargs)
             sync()
             self.n["prefill_s"] += time.perf_counter() - t0
             self.n["prefill_cpu_s"] += time.thread_time() - c0

@@ -203,7 +203,8 @@ def main() -> None:
         import ray
         from ray import serve
     except ImportError as e:
-        print(json.dumps({"skipped": f"Ray Serve is not installed ({e}); pip install -r requirements-cluster.txt"}))
+        why = f"Ray Serve is not installed ({e}); pip install -r requirements-cluster.txt"
+        print(json.dumps({"skipped": why}))
         return
 
     from fm_demo.engine import SamplingParams

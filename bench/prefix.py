@@ -123,7 +123,8 @@ def api_chat(client, turns: int, max_new: int) -> dict:
         messages = []
         for turn in range(turns):
             messages.append({"role": "user", "content": user_message(turn)})
-            first, text, usage = chat_stream(client, messages, max_new, salt or f"fresh-{turn}-{time.time_ns()}")
+            fresh = f"fresh-{turn}-{time.time_ns()}"
+            first, text, usage = chat_stream(client, messages, max_new, salt or fresh)
             out[key].append(first)
             if salt:
                 out["cached_tokens"].append(usage.prompt_tokens_details.cached_tokens)
@@ -175,8 +176,11 @@ def shared_prefix_tokens(tokenizer, conversations: list[list[dict]]) -> int:
     chat.render with the generation prompt, then chat.encode): what a cache could serve at most."""
     fmt = chat.format_for("instruct")
     ids = [chat.encode(tokenizer, chat.render(fmt, m, add_generation_prompt=True)) for m in conversations]
-    return min(next((i for i, (x, y) in enumerate(zip(ids[0], other)) if x != y), min(len(ids[0]), len(other)))
-               for other in ids[1:])
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return min(common(ids[0], other) for other in ids[1:])
 
 
 def cache_bytes(ctx) -> int:
@@ -197,7 +201,8 @@ def same_prefix_requests(client, ctx, requests: list[list[dict]], max_new: int, 
         cached.append(usage.prompt_tokens_details.cached_tokens)
         prompts.append(usage.prompt_tokens)
     rest = ttfts[1:]
-    return {"requests": len(requests), "shared_tokens": shared, "prompt_tokens": prompts, "cached_tokens": cached,
+    return {"requests": len(requests), "shared_tokens": shared, "prompt_tokens": prompts,
+            "cached_tokens": cached,
             "cached_fraction": sum(min(c, shared) for c in cached[1:]) / (shared * len(rest)),
             "ttft_first_s": ttfts[0], "ttft_rest_s": statistics.median(rest), "ttft_s": ttfts,
             "first_over_rest": ttfts[0] / statistics.median(rest),
@@ -212,10 +217,11 @@ def shared_system(client, ctx, tokens: int, requests: int, max_new: int) -> dict
     """`requests` requests sharing a system prompt of about `tokens` tokens, each with its own
     question; cached_fraction: the share of the system prompt's tokens (the prompts' common start)
     served from the cache over requests 2..n."""
-    system = "You answer questions about the log below.\n" + document(tokens, ctx.manager.get(MODEL).tokenizer)
-    out = same_prefix_requests(client, ctx, [[{"role": "system", "content": system},
-                                              {"role": "user", "content": question(i)}] for i in range(requests)],
-                               max_new, f"shared-system-{time.time_ns()}")
+    tokenizer = ctx.manager.get(MODEL).tokenizer
+    system = "You answer questions about the log below.\n" + document(tokens, tokenizer)
+    asks = [[{"role": "system", "content": system}, {"role": "user", "content": question(i)}]
+            for i in range(requests)]
+    out = same_prefix_requests(client, ctx, asks, max_new, f"shared-system-{time.time_ns()}")
     return {"system_tokens": out.pop("shared_tokens"), **out}
 
 
@@ -224,8 +230,8 @@ def doc_in_message(client, ctx, tokens: int, questions: int, max_new: int) -> di
     each time; cached_fraction: cached tokens over the document's tokens (the prompts' common start)
     over questions 2..n; checkpoint_bytes: what the cache gained over these requests."""
     doc = document(tokens, ctx.manager.get(MODEL).tokenizer)
-    out = same_prefix_requests(client, ctx, [[{"role": "user", "content": f"{doc}\n\n{question(i)}"}]
-                                             for i in range(questions)], max_new, f"doc-in-message-{time.time_ns()}")
+    asks = [[{"role": "user", "content": f"{doc}\n\n{question(i)}"}] for i in range(questions)]
+    out = same_prefix_requests(client, ctx, asks, max_new, f"doc-in-message-{time.time_ns()}")
     return {"doc_tokens": out.pop("shared_tokens"), **out, "checkpoint_bytes": out["cache_bytes_added"],
             "cache_bytes_total": cache_bytes(ctx)}
 
@@ -276,9 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--system-tokens", type=int, default=4_000, help="shared_system: the system prompt's tokens")
+    p.add_argument("--system-tokens", type=int, default=4_000, help="shared_system: system prompt tokens")
     p.add_argument("--system-requests", type=int, default=16, help="shared_system: requests")
-    p.add_argument("--message-doc-tokens", type=int, default=16_000, help="doc_in_message: the document's tokens")
+    p.add_argument("--message-doc-tokens", type=int, default=16_000, help="doc_in_message: document tokens")
     p.add_argument("--questions", type=int, default=8, help="doc_in_message: questions (one request each)")
     p.add_argument("--skip-api", action="store_true", help="leave out the HTTP sections (no server started)")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds: " + " ".join(

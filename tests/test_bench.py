@@ -53,8 +53,9 @@ def positive(*values: float) -> None:
 
 def test_engine_quick():
     out = run_bench("engine", timeout=240)
-    assert set(out) == {"decode_tok_s", "chunked_peak_rss_mb", "parallel_peak_rss_mb", "chunked_rss_increase_mb",
-                        "parallel_rss_increase_mb", "prefill_tok_s_4k", "meta", "summary"}
+    assert set(out) == {"decode_tok_s", "chunked_peak_rss_mb", "parallel_peak_rss_mb",
+                        "chunked_rss_increase_mb", "parallel_rss_increase_mb", "prefill_tok_s_4k", "meta",
+                        "summary"}
     all_finite(out)
     for name in ("3M", "130M"):
         r = out["decode_tok_s"][name]
@@ -67,8 +68,8 @@ def test_engine_quick():
 
 def test_multiturn_quick():
     out = run_bench("multiturn", timeout=120)
-    assert {"ttft_cached_s", "ttft_reencode_s", "history_tokens", "prompt_tokens", "first_token_match", "model",
-            "device", "threads", "repeats", "final_history_tokens", "cached_last_over_first",
+    assert {"ttft_cached_s", "ttft_reencode_s", "history_tokens", "prompt_tokens", "first_token_match",
+            "model", "device", "threads", "repeats", "final_history_tokens", "cached_last_over_first",
             "reencode_over_cached_last", "targets_met"} == set(out)
     all_finite(out)
     assert len(out["ttft_cached_s"]) == len(out["ttft_reencode_s"]) == 4
@@ -159,7 +160,8 @@ def test_cluster_quick():
     out = run_bench("cluster", timeout=300)
     assert set(out) == CLUSTER_KEYS
     all_finite(out)
-    positive(out["agg_tok_s"]["1"], out["agg_tok_s"]["2"], out["recover_s"], out["speedup"], out["batching_bound"])
+    positive(out["agg_tok_s"]["1"], out["agg_tok_s"]["2"], out["recover_s"], out["speedup"],
+             out["batching_bound"])
     assert out["users"] == 4 and out["moved_bytes"] > 0  # the state the other replica resumed from
 
 

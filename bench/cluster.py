@@ -1,6 +1,9 @@
 """The app on a local Ray cluster: throughput with 1 vs 2 model replicas, and a lost replica.
 
     python bench/cluster.py --json          # ~3 minutes on 2 CPU cores
+    python bench/cluster.py --quick --json  # 4 users, 1 turn of 16 tokens: a smoke run (the same keys)
+
+Without Ray (`pip install -r requirements-cluster.txt`) it prints {"skipped": "<why>"} and exits 0.
 
 Starts a local Ray cluster (--cpus CPUs, a small object store, no dashboard), deploys the app
 (fm_demo/cluster) with a tiny-shaped Falcon Mamba of random weights, which writes as many tokens
@@ -25,6 +28,7 @@ Other processes on the machine share its cores: run it on an idle machine for st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -45,6 +49,7 @@ GREEDY = None  # SamplingParams(), set in main after the imports
 # Model shapes (random weights, the bundled tokenizer): the tiny one's decode step is mostly fixed
 # per-step cost on a CPU, so a batch of 16 costs little more than a batch of 8; the small one's
 # per-row compute weighs more, as a real model's does.
+QUICK = {"users": 4, "turns": 1, "new_tokens": 16, "limit_s": 30.0}
 SHAPES = {"tiny": {}, "small": {"hidden_size": 768, "intermediate_size": 1536, "num_hidden_layers": 8}}
 
 
@@ -186,17 +191,29 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--limit-s", type=float, default=90.0, help="time limit of each throughput run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     opts = parser.parse_args()
+    if opts.quick:  # quick values where the flag was left at its default
+        for k, v in QUICK.items():
+            if getattr(opts, k) == parser.get_default(k):
+                setattr(opts, k, v)
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        why = f"Ray Serve is not installed ({e}); pip install -r requirements-cluster.txt"
+        print(json.dumps({"skipped": why}))
+        return
 
     from fm_demo.engine import SamplingParams
     from fm_demo.metrics import kv_cache_bytes
 
     GREEDY = SamplingParams()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    with tempfile.TemporaryDirectory() as tmp:
+    # stdout carries the JSON only: Ray's own messages (a killed replica's tasks) go to stderr
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         ckpt = rambler_checkpoint(Path(tmp), opts.shape)
         bound = batching_bound(ckpt, opts.users)
         say(f"a decode step of {opts.users} rows costs {bound:.2f}x one of {opts.users // 2}")

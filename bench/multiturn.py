@@ -1,6 +1,7 @@
 """Time to first token per chat turn: the cached recurrent state vs re-encoding the whole history.
 
     python bench/multiturn.py --json            # tiny instruct model on CPU, 30 turns
+    python bench/multiturn.py --quick --json    # 4 turns, 2 runs each: a smoke run (the same keys)
     python bench/multiturn.py --preset 7b-instruct --device cuda --json
 
 Cached: a Conversation reads only the new turn's tokens on top of the state it kept.
@@ -102,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest for tiny models)")
+    p.add_argument("--quick", action="store_true", help="--turns 4 --repeats 2 --max-new-tokens 8 (a smoke run)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.quick:
+        args.turns, args.repeats, args.max_new_tokens = 4, 2, 8
     out = run(args)
     if args.json:
         print(json.dumps(out, indent=1))

@@ -1,7 +1,7 @@
 """Many users at once: continuous batching measured through the conversation layer.
 
-    python bench/serve.py --json                 # two random-weight models on CPU, N = 1..32 (~9 min)
-    python bench/serve.py --quick --json         # N = 1, 4, 16
+    python bench/serve.py --json                 # two random-weight models on CPU, N = 1..32 (~12 min)
+    python bench/serve.py --quick --json         # N = 1, 4, 16, every section smaller (~40 s; the same keys)
     python bench/serve.py --budgets 16,32,64     # also: the document read at other prefill budgets
     python bench/serve.py --rows --config kernels_check/falcon-mamba-7b.config.json \
         --device cuda --dtype bf16 --streams 1,2,4,8,16,32,64 --json      # 7B shape, straight to the scheduler
@@ -37,21 +37,40 @@ Prefill interference: --interference-streams users decode while another user sen
 once every stream has its first token and stopped between pieces when the streams are done. The
 figure: the streams' p95 inter-token latency over the read against the same streams without it.
 
---rows skips conversations and tokenizers: requests of random token ids go straight to a Scheduler
-over a random-weight model of --config's shape (kernels_check/models.py builds it in place, so a
-7B-shaped model needs no download and no checkpoint on disk); scripts/gpu_check.sh runs it on a GPU.
+short_during_long_read: the time to first token of a 20-token prompt sent while another
+request's prompt of --long-prompt-tokens is being read and --short-streams rows decode, over the
+same prompt's time to first token on the idle model (the median of 3), straight to the model's
+Scheduler (stream / prefill); long_read_tokens_at_first_token says how much of the long prompt had
+been read when the short one got its first token (all of it where the short prompt waits for the
+whole read).
+
+http: the app itself (Gradio and /v1, in this process) on 127.0.0.1 serving --http-model:
+  gradio   --http-users gradio_client users (a Client, a session, each) sending /chat at once, and
+           the same messages one by one in fresh sessions: aggregate tok/s of each and their ratio
+  v1       the same with streaming /v1/chat/completions requests (the official openai client),
+           each in a cache namespace of its own (cache_salt), so no run finds another's prompt
+  context_decode  decode tok/s of one /v1 stream after --contexts tokens of context (a document in
+           the message), as ratios to the first context (0); the best of two requests per context
+Every reply at once is compared with its one-by-one reply, text for text (greedy).
+
+--rows skips conversations, tokenizers and the HTTP section: requests of random token ids go
+straight to a Scheduler over a random-weight model of --config's shape (kernels_check/models.py
+builds it in place, so a 7B-shaped model needs no download and no checkpoint on disk); scripts/gpu_check.sh runs it on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -68,7 +87,9 @@ from fm_demo.settings import Preset, Settings, tiny_checkpoint  # noqa: E402
 from fm_demo.tiny.config import TinyDims  # noqa: E402
 
 STREAMS = (1, 2, 4, 8, 16, 32)
-QUICK_STREAMS = (1, 4, 16)
+QUICK = {"streams": (1, 4, 16), "max_new_tokens": 32, "doc_tokens": 2048, "interference_streams": 4,
+         "solo_runs": 2, "short_streams": 4, "long_prompt_tokens": 8192, "http_users": 4, "contexts": (0, 2048),
+         "context_decode_tokens": 32}
 SHAPES = {  # name -> (TinyDims overrides, what it is)
     "tiny-shape": ({}, "random weights, the bundled tiny shape (4 layers, hidden 256)"),
     "random-22m": ({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 12, "time_step_rank": 32},
@@ -148,9 +169,11 @@ class Meter:
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         step, prefill = engine.decode_step, engine.prefill
 
-        def timed_step(ids, conv, ssm):
+        # *args, **kwargs pass through whatever the engine's methods take (decode_step gained
+        # `static`); only the leading arguments, the same since the start, are read here
+        def timed_step(ids, *args, **kwargs):
             t0, c0 = time.perf_counter(), time.thread_time()
-            logits = step(ids, conv, ssm)
+            logits = step(ids, *args, **kwargs)
             sync()
             self.n["decode_s"] += time.perf_counter() - t0
             self.n["decode_cpu_s"] += time.thread_time() - c0
@@ -158,9 +181,9 @@ class Meter:
             self.n["rows"] += ids.shape[0]
             return logits
 
-        def timed_prefill(ids, state, *args, **kwargs):
+        def timed_prefill(ids, *args, **kwargs):
             t0, c0 = time.perf_counter(), time.thread_time()
-            logits = prefill(ids, state, *args, **kwargs)
+            logits = prefill(ids, *args, **kwargs)
             sync()
             self.n["prefill_s"] += time.perf_counter() - t0
             self.n["prefill_cpu_s"] += time.thread_time() - c0
@@ -315,10 +338,11 @@ class Reader:
 class Bench:
     """One model: makes users and readers of either kind, meters its engine, keeps solo replies."""
 
-    def __init__(self, name: str, engine: Engine, make_user: Callable[[int], object],
+    def __init__(self, name: str, scheduler: Scheduler, make_user: Callable[[int], object],
                  make_reader: Callable[[], Reader], info: dict, close: Callable[[], None]):
         self.name, self.make_user, self.make_reader, self.info = name, make_user, make_reader, info
-        self.meter = Meter(engine)
+        self.scheduler = scheduler  # the model's one scheduler (the app's, for a chat model)
+        self.meter = Meter(scheduler.engine)
         self.close = close  # stops the model's scheduler thread
         self.solo: dict[int, tuple[Stream, dict]] = {}
 
@@ -337,8 +361,8 @@ def chat_bench(name: str, lm, settings: Settings, max_new: int, doc_tokens: int,
         return Reader(lambda progress: list(conv.send(doc, SamplingParams(), 1, progress=progress,
                                                       allow_long=True)))
 
-    return Bench(name, lm.engine, lambda i: ChatUser(lm, settings, user_message(i), max_new), make_reader,
-                 info, lm.runner.close)
+    return Bench(name, lm.runner.scheduler, lambda i: ChatUser(lm, settings, user_message(i), max_new),
+                 make_reader, info, lm.runner.close)
 
 
 def row_bench(name: str, sched: Scheduler, max_new: int, doc_tokens: int, info: dict) -> Bench:
@@ -351,7 +375,7 @@ def row_bench(name: str, sched: Scheduler, max_new: int, doc_tokens: int, info: 
         doc = ids(-1, doc_tokens)
         return Reader(lambda progress: sched.prefill(sched.engine.new_state(), doc, progress))
 
-    return Bench(name, sched.engine, lambda i: RowUser(sched, ids(i, 24 + i % 17), max_new), make_reader, info,
+    return Bench(name, sched, lambda i: RowUser(sched, ids(i, 24 + i % 17), max_new), make_reader, info,
                  sched.close)
 
 
@@ -440,6 +464,236 @@ def interference(bench: Bench, n: int, budget: int, alone: tuple[list[Stream], d
     }
 
 
+def random_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
+    """[1, n] token ids, the same for the same seed."""
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def first_token(sched: Scheduler, ids: torch.Tensor, max_new: int,
+                on_first: Callable[[], None] = lambda: None) -> tuple[float, list[int]]:
+    """(seconds from the call to the first token, the reply's tokens) of one request (greedy);
+    on_first() runs at the first token."""
+    t0, first, out = time.perf_counter(), None, []
+    for ev in sched.stream(sched.engine.new_state(), ids, SamplingParams(), max_new):
+        if isinstance(ev, TokenEvent):
+            if first is None:
+                first = time.perf_counter() - t0
+                on_first()
+            out.append(ev.token_id)
+    return first, out
+
+
+class Decoder:
+    """A row that decodes until stop is set (a random-weight model never ends by itself), then closes."""
+
+    def __init__(self, sched: Scheduler, ids: torch.Tensor):
+        self.sched, self.ids, self.stop, self.first = sched, ids, threading.Event(), threading.Event()
+        self.tokens, self.error = 0, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            handle = self.sched.stream(self.sched.engine.new_state(), self.ids, SamplingParams(), 1 << 30)
+            for ev in handle:
+                if isinstance(ev, TokenEvent):
+                    self.tokens += 1
+                    self.first.set()
+                    if self.stop.is_set():
+                        break
+            handle.close()
+        except Exception as e:  # counted and reported, never hidden
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.first.set()
+
+
+def short_during_long_read(bench: Bench, streams: int, long_tokens: int, short_tokens: int = 20,
+                           max_new: int = 8, idle_runs: int = 3) -> dict:
+    """Time to first token of a short prompt sent while another request's long prompt is being read
+    and `streams` rows decode, against the same prompt's time to first token on an idle model.
+    Straight to the model's scheduler (Scheduler.stream / Scheduler.prefill), so only the serving
+    policy is measured: how long the short prompt waits behind the long read."""
+    sched = bench.scheduler
+    vocab = sched.engine.config.vocab_size
+    short = random_ids(vocab, short_tokens, 7)
+    idle = [first_token(sched, short, max_new) for _ in range(idle_runs)]
+    idle_ttft = statistics.median(t for t, _ in idle)
+    decoders = [Decoder(sched, random_ids(vocab, 24 + i % 17, 2000 + i)) for i in range(streams)]
+    for d in decoders:
+        d.first.wait(600)
+    ids = random_ids(vocab, long_tokens, 9)
+    reader = Reader(lambda progress: sched.prefill(sched.engine.new_state(), ids, progress))
+    read = threading.Thread(target=reader, daemon=True)
+    read.start()
+    end = time.perf_counter() + 600
+    while reader.done_tokens == 0 and read.is_alive() and time.perf_counter() < end:
+        time.sleep(0.005)  # sent once the read is under way
+    sent_at, at_first = reader.done_tokens, {}
+    busy_ttft, tokens = first_token(sched, short, max_new, lambda: at_first.update(
+        tokens=reader.done_tokens, reading=read.is_alive()))
+    reader.stop.set()
+    read.join(600)
+    for d in decoders:
+        d.stop.set()
+    for d in decoders:
+        d.thread.join(600)
+    return {
+        "model": bench.name, "streams": streams, "long_prompt_tokens": long_tokens,
+        "short_prompt_tokens": short_tokens,
+        "prefill_budget": sched.prefill_budget, "ttft_idle_s": idle_ttft, "ttft_during_read_s": busy_ttft,
+        "ratio": busy_ttft / idle_ttft, "long_read_tokens_when_sent": sent_at,
+        "long_read_tokens_at_first_token": at_first["tokens"],
+        "long_read_finished_first": not at_first["reading"],
+        "same_tokens_as_idle": all(toks == tokens for _, toks in idle),
+        "errors": sum(d.error is not None for d in decoders),
+        "decoded_tokens": sum(d.tokens for d in decoders),
+    }
+
+
+# -- through the app's HTTP server ---------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_server(settings: Settings):
+    """The app (Gradio and /v1) on 127.0.0.1 at a free port, in this process: its base URL."""
+    from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
+
+    demo = build_demo(settings).queue(**queue_kwargs(settings))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                quiet=True, **launch_kwargs(settings))
+    try:
+        yield url.rstrip("/")
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):
+            demo.close()
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    tokens: int = 0  # new tokens
+    prompt_tokens: int = 0
+    t_start: float = 0.0
+    t_first: float = 0.0  # perf_counter at the first piece of text
+    t_last: float = 0.0  # at the last piece of text
+    t_end: float = 0.0
+
+
+def at_once(fn: Callable[[int], Reply], n: int) -> tuple[list[Reply], float]:
+    """fn(0..n-1) on n threads released together: the replies and the wall time to the last one."""
+    gate = threading.Barrier(n)
+
+    def run(i: int) -> Reply:
+        gate.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        replies = list(pool.map(run, range(n)))
+    return replies, max(r.t_end for r in replies) - min(r.t_start for r in replies)
+
+
+def one_by_one(fn: Callable[[int], Reply], n: int) -> tuple[list[Reply], float]:
+    replies = [fn(i) for i in range(n)]
+    return replies, sum(r.t_end - r.t_start for r in replies)
+
+
+def compare_runs(fn_for: Callable[[str], Callable[[int], Reply]], n: int) -> dict:
+    """The same n requests one by one, then all at once: aggregate tok/s of each, their ratio, and
+    whether every reply at once equals its one-by-one reply."""
+    solo, solo_wall = one_by_one(fn_for("solo"), n)
+    crowd, crowd_wall = at_once(fn_for("crowd"), n)
+    tokens = sum(r.tokens for r in crowd)
+    agg, solo_agg = tokens / crowd_wall, sum(r.tokens for r in solo) / solo_wall
+    return {"users": n, "concurrent_agg_tok_s": agg, "one_by_one_agg_tok_s": solo_agg, "ratio": agg / solo_agg,
+            "concurrent_wall_s": crowd_wall, "one_by_one_wall_s": solo_wall, "tokens": tokens,
+            "min_new_tokens": min(r.tokens for r in [*crowd, *solo]),
+            "ttft_concurrent_s": statistics.median(r.t_first - r.t_start for r in crowd),
+            "ttft_one_by_one_s": statistics.median(r.t_first - r.t_start for r in solo),
+            "identical_to_solo": all(a.text == b.text for a, b in zip(crowd, solo)),
+            "mismatched_users": [i for i, (a, b) in enumerate(zip(crowd, solo)) if a.text != b.text]}
+
+
+def gradio_user(url: str, preset: str, max_new: int, n: int) -> Callable[[str], Callable[[int], Reply]]:
+    """User i of a run: a gradio_client Client of its own (a fresh session: a new conversation),
+    opened before the clock starts, sending user_message(i) to /chat; its tokens from /stats."""
+    from gradio_client import Client
+
+    def for_run(run: str) -> Callable[[int], Reply]:
+        clients = [Client(url, verbose=False) for _ in range(n)]
+
+        def send(i: int) -> Reply:
+            c, r = clients[i], Reply()
+            r.t_start = time.perf_counter()
+            job = c.submit(user_message(i), max_new_tokens=max_new, preset=preset, api_name="/chat")
+            for _ in job:  # partial replies as they stream
+                r.t_first = r.t_first or time.perf_counter()
+            r.text = job.result()
+            r.t_end = r.t_last = time.perf_counter()
+            r.t_first = r.t_first or r.t_end
+            r.tokens = c.predict(api_name="/stats")["last_reply"]["new_tokens"]
+            return r
+
+        return send
+
+    return for_run
+
+
+def v1_stream(url: str, model: str, content: str, max_new: int, salt: str) -> Reply:
+    """One streamed /v1/chat/completions request (the official openai client), greedy."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    r = Reply(t_start=time.perf_counter())
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_new, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"cache_salt": salt})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            r.t_last = time.perf_counter()
+            r.t_first = r.t_first or r.t_last
+            r.text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            r.tokens, r.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+    r.t_end = time.perf_counter()
+    return r
+
+
+def http_section(args: argparse.Namespace, path: Path, name: str) -> dict:
+    """The app's server over HTTP with the random-weight model `name` (checkpoint `path`)."""
+    from transformers import AutoTokenizer
+
+    n, max_new = args.http_users, args.max_new_tokens
+    settings = Settings(device="cpu", extra_models=(f"{path}:instruct",), default_preset=name,
+                        max_new_tokens=max_new, max_new_tokens_cap=max(2048, max_new, args.context_decode_tokens),
+                        max_batch=max(n, 8), max_upload_chars=10_000_000, cpu_threads=args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    out: dict = {"model": name, "users": n, "max_new_tokens": max_new}
+    with app_server(settings) as url:
+        v1_stream(url, name, "Hello!", 2, "warm-up")  # loads the model: no run times the load
+        out["gradio"] = compare_runs(gradio_user(url, name, max_new, n), n)
+        out["v1"] = compare_runs(lambda run: (lambda i: v1_stream(url, name, user_message(i), max_new,
+                                                                    f"{run}-{i}-{time.time_ns()}")), n)
+        rates, prompts = {}, {}
+        for ctx in args.contexts:
+            text = (document(tokenizer, ctx) + "\n\n" if ctx else "") + user_message(0)
+            salt = f"context-{ctx}-{time.time_ns()}"
+            # twice with one salt: the second finds the prompt's state in the cache; the better
+            # decode rate of the two counts (one stream's rate moves with the machine's load)
+            got = [v1_stream(url, name, text, args.context_decode_tokens, salt) for _ in range(2)]
+            rates[str(ctx)] = max((r.tokens - 1) / max(r.t_last - r.t_first, 1e-9) for r in got)
+            prompts[str(ctx)] = got[0].prompt_tokens
+        out["context_decode"] = {"contexts": list(args.contexts), "new_tokens": args.context_decode_tokens,
+                                 "decode_tok_s": rates, "prompt_tokens": prompts,
+                                 "ratio_to_0": {k: v / rates[str(args.contexts[0])] for k, v in rates.items()}}
+    return out
+
+
 # -- building the models -------------------------------------------------------------------------
 def random_checkpoint(name: str, out: Path, seed: int = 0) -> tuple[Path, int]:
     """A random-weight Falcon Mamba of SHAPES[name] with the bundled tokenizer, saved to out/name."""
@@ -459,7 +713,8 @@ def random_checkpoint(name: str, out: Path, seed: int = 0) -> tuple[Path, int]:
 
 
 def settings_for(args: argparse.Namespace, budget: int | None = None) -> Settings:
-    rows = max(*args.streams, args.interference_streams + 1)  # every user gets a row: none waits or is refused
+    # every user gets a row: none waits or is refused
+    rows = max(*args.streams, args.interference_streams + 1, args.short_streams + 2)
     return Settings(device=args.device, max_new_tokens=args.max_new_tokens, max_batch=rows,
                     prefill_budget=args.prefill_budget if budget is None else budget,
                     max_new_tokens_cap=max(2048, args.max_new_tokens))
@@ -557,6 +812,7 @@ def run(args: argparse.Namespace) -> dict:
            "sampling": "greedy", "path": "scheduler rows (token ids)" if args.rows else
            "Conversation.send through ModelManager and the batched runner", "models": {},
            "prefill_interference": {"by_model": {}}}
+    short_model = args.interference_model if args.interference_model in args.models else args.models[0]
     with tempfile.TemporaryDirectory() as tmp:
         models = row_models(args) if args.rows else chat_models(args, Path(tmp))
         for name, make in models:
@@ -573,6 +829,9 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             alone = run_crowd(bench, range(n))
             out["prefill_interference"]["by_model"][name] = interference(bench, n, budget, alone)
+            if args.rows or name == short_model:
+                out["short_during_long_read"] = short_during_long_read(bench, args.short_streams,
+                                                                       args.long_prompt_tokens)
             for b in args.budgets:
                 if time.perf_counter() > deadline:
                     break
@@ -583,9 +842,16 @@ def run(args: argparse.Namespace) -> dict:
                 other.close()
             bench.close()
             out["models"][name]["seconds"] = time.perf_counter() - t0
+        if args.rows or args.skip_http:
+            out["http"] = {"skipped": "--rows: no app server" if args.rows else "--skip-http"}
+        else:
+            t0 = time.perf_counter()
+            path, _ = random_checkpoint(args.http_model, Path(tmp) / "http")
+            out["http"] = {**http_section(args, path, args.http_model), "seconds": time.perf_counter() - t0}
     by_model = out["prefill_interference"]["by_model"]
     pick = args.interference_model if args.interference_model in by_model else name
     out["prefill_interference"].update(by_model[pick])
+    out.setdefault("short_during_long_read", {"skipped": "past --deadline-s"})
     out["targets"] = targets(out)
     return out
 
@@ -598,7 +864,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", type=lambda t: t.split(","), default=list(SHAPES), help=", ".join(SHAPES))
     p.add_argument("--streams", type=ints, default=STREAMS, help="concurrent users per run, comma separated")
-    p.add_argument("--quick", action="store_true", help=f"--streams {','.join(map(str, QUICK_STREAMS))}")
+    p.add_argument("--quick", action="store_true", help="a smoke run in about a minute: " + " ".join(
+        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for k, v in QUICK.items()))
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--doc-tokens", type=int, default=16_384, help="tokens of the document read")
     p.add_argument("--interference-streams", type=int, default=8)
@@ -613,10 +881,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", action="store_true", help="token-id requests straight to a Scheduler (see above)")
     p.add_argument("--config", default="tiny-shape", help="--rows: a config.json or a name of " + ", ".join(SHAPES))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="--rows: weights' dtype")
+    p.add_argument("--short-streams", type=int, default=8, help="rows decoding while the long prompt is read")
+    p.add_argument("--long-prompt-tokens", type=int, default=65_536,
+                   help="the long prompt read while a short one is sent")
+    p.add_argument("--http-model", default="tiny-shape", choices=list(SHAPES), help="the model the app serves")
+    p.add_argument("--http-users", type=int, default=16, help="users at once through HTTP")
+    p.add_argument("--contexts", type=ints, default=(0, 8192, 32768),
+                   help="context tokens before one /v1 stream's decode rate is measured")
+    p.add_argument("--context-decode-tokens", type=int, default=128, help="new tokens of that stream")
+    p.add_argument("--skip-http", action="store_true", help="leave out the app server over HTTP")
     p.add_argument("--json", action="store_true", help="print one JSON object (targets go to stderr)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.streams = QUICK_STREAMS
+    if args.quick:  # quick values where the flag was left at its default
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
     args.solo_runs = min(args.solo_runs, max(args.streams), args.solo_check)
     out = run(args)
     for line, r in out["targets"].items():
@@ -636,6 +915,21 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"{name}: read while {r['streams']} decode: p95 ITL {r['p95_itl_without_s'] * 1e3:.1f} -> "
               f"{r['p95_itl_with_s'] * 1e3:.1f} ms ({r['ratio']:.2f}x)")
+    r = out["short_during_long_read"]
+    if "ratio" in r:
+        print(f"{r['model']}: a {r['short_prompt_tokens']}-token prompt while {r['long_prompt_tokens']} "
+              f"tokens are read and {r['streams']} decode: TTFT {r['ttft_idle_s'] * 1e3:.1f} -> "
+              f"{r['ttft_during_read_s'] * 1e3:.1f} ms ({r['ratio']:.1f}x)")
+    h = out["http"]
+    for kind in ("gradio", "v1"):
+        if kind in h:
+            r = h[kind]
+            print(f"HTTP {kind}: {r['users']} users at once {r['concurrent_agg_tok_s']:.1f} tok/s, "
+                  f"one by one {r['one_by_one_agg_tok_s']:.1f} ({r['ratio']:.2f}x), identical: {r['identical_to_solo']}")
+    if "context_decode" in h:
+        print("HTTP /v1 decode tok/s by context: " + ", ".join(
+            f"{k}: {v:.1f} ({h['context_decode']['ratio_to_0'][k]:.2f}x)"
+            for k, v in h["context_decode"]["decode_tok_s"].items()))
 
 
 if __name__ == "__main__":

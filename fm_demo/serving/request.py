@@ -138,6 +138,7 @@ class Reply:
             try:
                 item = self.out.get_nowait()
             except queue.Empty:
+                self.out.put(_END)  # a reader blocked on another thread ends too
                 return rest
             if isinstance(item, TokenEvent):
                 rest.append(item)

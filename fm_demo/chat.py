@@ -90,18 +90,18 @@ def render(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: 
     return "".join(out)
 
 
-def message_ends(fmt: ChatFormat, tokenizer, messages: Sequence[Message], ids: Sequence[int]) -> tuple[int, ...]:
-    """Token positions in `ids` (the encoding of render(messages, generation prompt)) where each
-    message ends: states kept there serve every later request that shares those messages (one
-    system prompt for many users, one document asked many questions). A position is given only
-    where no token straddles the boundary, so the prefix encodes the same alone."""
+def encode_messages(fmt: ChatFormat, tokenizer, messages: Sequence[Message]) -> tuple[list[int], tuple[int, ...]]:
+    """(ids, ends): the encoding of render(messages, generation prompt), and the token positions
+    where each message ends. States kept there serve every later request that shares those
+    messages (one system prompt for many users, one document asked many questions). A position is
+    given only where no token straddles the boundary, so the prefix encodes the same alone. One
+    tokenizer call gives both (a slow tokenizer without offsets gives no positions)."""
     text = render(fmt, messages, add_generation_prompt=True)
     try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer has no offsets
-        return ()
-    if len(offsets) != len(ids):
-        return ()
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        return encode(tokenizer, text), ()
     starts = [s for s, _ in offsets]
     out, chars = [], 0
     for m in messages:
@@ -109,7 +109,7 @@ def message_ends(fmt: ChatFormat, tokenizer, messages: Sequence[Message], ids: S
         n = bisect.bisect_left(starts, chars)  # tokens starting before the boundary
         if 0 < n < len(ids) and offsets[n - 1][1] <= chars:
             out.append(n)
-    return tuple(dict.fromkeys(out))
+    return ids, tuple(dict.fromkeys(out))
 
 
 def prompt_text(fmt: ChatFormat, user_text: str, *, first: bool, system: str = "",

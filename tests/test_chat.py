@@ -106,3 +106,15 @@ def test_unknown_kind_and_role():
         chat.format_for("chat")
     with pytest.raises(ValueError, match="role"):
         chat.render(chat.INSTRUCT, [{"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize("kind", ["instruct", "base"])
+def test_message_ends_are_where_each_prefix_of_the_conversation_encodes_alone(tokenizer, kind):
+    fmt = chat.format_for(kind)
+    msgs = _messages([("What is 2 plus 2?", "4."), ("And 3 plus 3?", "6.")], system="Be brief. " * 20)
+    msgs.append({"role": "user", "content": "Thanks!"})
+    ids, ends = chat.encode_messages(fmt, tokenizer, msgs)
+    assert ids == chat.encode(tokenizer, chat.render(fmt, msgs, add_generation_prompt=True))
+    assert len(ends) == len(msgs) and list(ends) == sorted(ends)
+    for i, n in enumerate(ends):
+        assert ids[:n] == chat.encode(tokenizer, chat.render(fmt, msgs[:i + 1]))

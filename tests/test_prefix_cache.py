@@ -142,6 +142,26 @@ def test_a_resent_history_resumes_from_the_cached_reply_and_replies_as_from_scra
     assert u3.cached_tokens == 0 and text3 == text2
 
 
+def test_requests_sharing_a_system_prompt_resume_from_its_end(lms):
+    lm = lms[False]
+    fmt = chat.format_for("instruct")
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer briefly." for i in range(40))}
+    stops = tuple(chat.stop_token_ids(fmt, lm.tokenizer, lm.model.generation_config.eos_token_id))
+    usages, texts = [], []
+    for question in ("What is 2 plus 3?", "Spell the word cat backwards.", "What is 2 plus 3?"):
+        ids, ends = chat.encode_messages(fmt, lm.tokenizer, [system, {"role": "user", "content": question}])
+        req = CompletionRequest(ids, SamplingParams(), 12, stops, namespace="api:system", keep_at=ends)
+        chunks = list(complete(lm, req))
+        usages.append(chunks[-1].usage)
+        texts.append("".join(c.text for c in chunks))
+    assert usages[0].cached_tokens == 0 and usages[1].cached_tokens == ends[0]  # the system message's end
+    assert usages[2].cached_tokens == usages[2].prompt_tokens - 1 and texts[2] == texts[0]
+    fresh = list(complete(lm, CompletionRequest(chat.encode_messages(
+        fmt, lm.tokenizer, [system, {"role": "user", "content": "Spell the word cat backwards."}])[0],
+        SamplingParams(), 12, stops, namespace="api:fresh")))
+    assert "".join(c.text for c in fresh) == texts[1]  # resumed at the boundary, the reply is the same
+
+
 def test_the_repetition_penalty_sees_the_cached_part_of_the_prompt_too(lms):
     lm = lms[False]
     fmt = chat.format_for("instruct")

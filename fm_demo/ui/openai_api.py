@@ -172,14 +172,17 @@ def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     if size > ctx.settings.max_upload_chars:
         raise _too_long(f"the prompt is {size:,} characters", ctx.settings, param)
     lm = ctx.manager.get(req.model)
-    ids = chat.encode(lm.tokenizer, text) if isinstance(text, str) else list(text)
+    keep: tuple[int, ...] = ()  # message ends: states kept there serve requests that share them
+    if req.messages:
+        ids, keep = chat.encode_messages(fmt, lm.tokenizer, req.messages)
+    else:
+        ids = chat.encode(lm.tokenizer, text) if isinstance(text, str) else list(text)
     if not ids:
         raise bad("the prompt is empty", param)
     vocab = lm.engine.config.vocab_size
     if not all(0 <= t < vocab for t in ids):
         raise bad(f"token ids must be in [0, {vocab})", param)
     stops = req.stop + (fmt.stop_strings if req.messages else ())
-    keep = chat.message_ends(fmt, lm.tokenizer, req.messages, ids) if req.messages else ()
     creq = CompletionRequest(ids, req.sampling, req.max_tokens, tuple(chat.stop_token_ids(fmt, lm.tokenizer)),
                              stops, space, keep)
     kind = "chatcmpl" if req.messages else "cmpl"

@@ -53,6 +53,9 @@ http: the app itself (Gradio and /v1, in this process) on 127.0.0.1 serving --ht
            the message), as ratios to the first context (0); the best of two requests per context
 Every reply at once is compared with its one-by-one reply, text for text (greedy).
 
+context_decode_engine: the same decode rate after --contexts tokens, straight to the scheduler
+(a Request of token ids), without HTTP.
+
 --rows skips conversations, tokenizers and the HTTP section: requests of random token ids go
 straight to a Scheduler over a random-weight model of --config's shape (kernels_check/models.py
 builds it in place, so a 7B-shaped model needs no download and no checkpoint on disk); scripts/gpu_check.sh runs it on a GPU.
@@ -82,7 +85,7 @@ import torch  # noqa: E402
 from fm_demo.conversations.sessions import Conversation  # noqa: E402
 from fm_demo.engine import Engine, SamplingParams, TokenEvent  # noqa: E402
 from fm_demo.models import ModelManager  # noqa: E402
-from fm_demo.serving import Scheduler  # noqa: E402
+from fm_demo.serving import Request, Scheduler  # noqa: E402
 from fm_demo.settings import Preset, Settings, tiny_checkpoint  # noqa: E402
 from fm_demo.tiny.config import TinyDims  # noqa: E402
 
@@ -551,6 +554,23 @@ def short_during_long_read(bench: Bench, streams: int, long_tokens: int, short_t
     }
 
 
+def context_decode_engine(bench: Bench, contexts: tuple[int, ...], new_tokens: int, runs: int = 2) -> dict:
+    """Decode tok/s of one request after `contexts` tokens of prompt, straight to the scheduler
+    (a Request of token ids): a recurrent model's step does not depend on the context, and nothing
+    in the serving path should either. The better of `runs` counts (the machine's load moves it)."""
+    sched = bench.scheduler
+    rates = {}
+    for ctx in contexts:
+        ids = random_ids(sched.engine.config.vocab_size, ctx + 1, 11)[0].tolist()
+        best = 0.0
+        for _ in range(runs):
+            events = list(sched.submit(Request(ids, max_new_tokens=new_tokens, cache=False)).tokens())
+            best = max(best, events[-1].metrics.decode_tok_s)
+        rates[str(ctx)] = best
+    return {"model": bench.name, "contexts": list(contexts), "new_tokens": new_tokens, "decode_tok_s": rates,
+            "ratio_to_0": {k: v / rates[str(contexts[0])] for k, v in rates.items()}}
+
+
 # -- through the app's HTTP server ---------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -832,6 +852,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.rows or name == short_model:
                 out["short_during_long_read"] = short_during_long_read(bench, args.short_streams,
                                                                        args.long_prompt_tokens)
+                out["context_decode_engine"] = context_decode_engine(bench, args.contexts, args.context_decode_tokens)
             for b in args.budgets:
                 if time.perf_counter() > deadline:
                     break
@@ -852,6 +873,7 @@ def run(args: argparse.Namespace) -> dict:
     pick = args.interference_model if args.interference_model in by_model else name
     out["prefill_interference"].update(by_model[pick])
     out.setdefault("short_during_long_read", {"skipped": "past --deadline-s"})
+    out.setdefault("context_decode_engine", {"skipped": "past --deadline-s"})
     out["targets"] = targets(out)
     return out
 

@@ -90,7 +90,8 @@ def render(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: 
     return "".join(out)
 
 
-def encode_messages(fmt: ChatFormat, tokenizer, messages: Sequence[Message]) -> tuple[list[int], tuple[int, ...]]:
+def encode_messages(fmt: ChatFormat, tokenizer,
+                    messages: Sequence[Message]) -> tuple[list[int], tuple[int, ...]]:
     """(ids, ends): the encoding of render(messages, generation prompt), and the token positions
     where each message ends. States kept there serve every later request that shares those
     messages (one system prompt for many users, one document asked many questions). A position is

@@ -110,7 +110,7 @@ def test_prefix_quick():
 
 
 SERVE_KEYS = {"device", "threads", "max_new_tokens", "sampling", "path", "models", "prefill_interference",
-              "max_batch", "prefill_budget", "short_during_long_read", "http", "targets"}
+              "max_batch", "prefill_budget", "short_during_long_read", "context_decode_engine", "http", "targets"}
 
 
 def test_serve_quick():
@@ -137,6 +137,10 @@ def test_serve_quick():
     assert 0 < short["long_read_tokens_when_sent"] <= short["long_read_tokens_at_first_token"]
     assert short["long_read_tokens_at_first_token"] <= short["long_prompt_tokens"] == 8192
     assert short["streams"] == 4 and short["short_prompt_tokens"] == 20
+
+    engine_ctx = out["context_decode_engine"]
+    assert engine_ctx["contexts"] == [0, 2048] and set(engine_ctx["decode_tok_s"]) == {"0", "2048"}
+    positive(*engine_ctx["decode_tok_s"].values(), *engine_ctx["ratio_to_0"].values())
 
     http = out["http"]
     assert http["users"] == 4

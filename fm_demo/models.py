@@ -107,7 +107,8 @@ class GpuCalls:
         return cls(zerogpu.make_gpu_stream(resolve), zerogpu.gpu_task(prefill, duration=duration))
 
 
-def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings, cache: PrefixCache) -> Runner:
+def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settings,
+                cache: PrefixCache) -> Runner:
     """The ZeroGPU runner on ZeroGPU, else a batched scheduler sized by `settings`; both keep
     states in `cache`."""
     from .serving import BatchedRunner, ZeroGpuRunner

@@ -201,10 +201,11 @@ class RemoteRunner:
         if req.resume is not None and (state is None or req.resume_at > start):
             start, state, node = req.resume_at, req.resume, None
         sent = state if state is not None else self.new_state()
+        prefix = (req.namespace, tokens[:start]) if req.cache else None
         remote = RemoteReply(self, self._request(sent, tokens[start:], req.sampling, req.max_new_tokens,
-                                                 req.stop_token_ids, (req.namespace, tokens[:start]) if req.cache
-                                                 else None), req.tokenizer)
-        reply = Reply(req, start=start, source=HIT if node is not None else (GIVEN if state is not None else FRESH))
+                                                 req.stop_token_ids, prefix), req.tokenizer)
+        source = HIT if node is not None else (GIVEN if state is not None else FRESH)
+        reply = Reply(req, start=start, source=source)
         if node is not None and (start in req.keep_at or start == limit):
             reply.kept[start] = node
         reply.admitted.set()

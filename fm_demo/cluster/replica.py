@@ -77,9 +77,10 @@ def run_reply(lm: LoadedModel, req: ReplyRequest, replica: str, emit: Callable[[
     tokens = req.tokens if cacheable else req.ids
     upto = len(tokens) - (1 if req.max_new_tokens else 0)  # a reply feeds the last token itself
     state, source, moved = _resume(lm, req, upto, fetch)
-    reply = lm.runner.submit(Request(tokens, req.namespace, req.sampling, req.max_new_tokens, req.stop_token_ids,
-                                     progress=True, cache=cacheable, resume=state,
-                                     resume_at=len(req.prefix or ()) if state is not None and cacheable else 0))
+    resume_at = len(req.prefix or ()) if state is not None and cacheable else 0
+    reply = lm.runner.submit(Request(tokens, req.namespace, req.sampling, req.max_new_tokens,
+                                     req.stop_token_ids, progress=True, cache=cacheable, resume=state,
+                                     resume_at=resume_at))
     try:
         reply.admitted.wait()
         emit(ReplyStart(replica, reply.start if cacheable else 0, source, moved))

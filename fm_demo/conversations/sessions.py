@@ -292,7 +292,8 @@ class Conversation:
         end = self.context_tokens
         keep = {p for p in set(self._marks()) | {self._retry_point()} if p <= end}
         base = end - len(turn.prompt_ids) - len(turn.reply_ids)
-        whole = reply is not None and finish not in ("error", "stop_string") and len(reply.fed) == len(turn.reply_ids)
+        whole = (reply is not None and finish not in ("error", "stop_string")
+                 and len(reply.fed) == len(turn.reply_ids))
         reach = end if whole else (self._retry_point() if finish == "stop_string" else base)
         self.cache.hold(reply.kept if reply is not None else {}, keep, reach)
         m.state_bytes = self.lm.engine.state_nbytes()
@@ -305,7 +306,8 @@ class Conversation:
         """The state after tokens[:pos], from the nearest cached one (a read-only request)."""
         lm = self._require_model()
         tokens = self.token_ids()[:pos]
-        reply = lm.runner.submit(Request(tokens, self.namespace, keep_at=tuple(p for p in self._marks() if p <= pos),
+        keep = tuple(p for p in self._marks() if p <= pos)
+        reply = lm.runner.submit(Request(tokens, self.namespace, keep_at=keep,
                                          expect=self.cache.expected(pos)))
         for _ in reply:
             pass

@@ -14,8 +14,8 @@ Invariants:
   wrote it (up to float rounding between prefill and decode steps).
 - Memory is a byte budget over all stored states. Checkpoints (states a long prompt left every
   few thousand tokens on its way) go first, then the states callers asked for (turn and message
-  ends); within each, the least recently used unpinned states go first, leaves before inner nodes. Eviction loses only time: whoever needs an evicted state
-  reads its tokens again.
+  ends); within each, the least recently used unpinned states go first, leaves before inner
+  nodes. Eviction loses only time: whoever needs an evicted state reads its tokens again.
 
 Privacy: a hit is visible (speed, cached_tokens), so sharing across sessions is a setting, off by
 default. Off, each namespace (a browser session, an API key or `cache_salt`) has its own root and

@@ -49,9 +49,10 @@ class Runner(Protocol):
 
 
 class BatchedRunner:
-    def __init__(self, engine: Engine, max_batch: int, prefill_budget: int, max_waiting: int, name: str = "model",
-                 cache: PrefixCache | None = None, checkpoint_tokens: int = 1024):
-        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting, name, cache, checkpoint_tokens)
+    def __init__(self, engine: Engine, max_batch: int, prefill_budget: int, max_waiting: int,
+                 name: str = "model", cache: PrefixCache | None = None, checkpoint_tokens: int = 1024):
+        self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting, name, cache,
+                                   checkpoint_tokens)
         self.state_device = engine.device
 
     def submit(self, req: Request) -> Reply:
@@ -103,8 +104,9 @@ class ZeroGpuRunner:
             self._finish(reply, tokens, end, "length")
             return
         context = torch.tensor([[*req.context, *tokens[:start]]]) if req.context or start else None
-        events = self.gpu.stream(self.key, state, ids, sampling=req.sampling, max_new_tokens=req.max_new_tokens,
-                                 stop_token_ids=req.stop_token_ids, context_ids=context)
+        events = self.gpu.stream(self.key, state, ids, sampling=req.sampling,
+                                 max_new_tokens=req.max_new_tokens, stop_token_ids=req.stop_token_ids,
+                                 context_ids=context)
         reason = "cancelled"
         try:
             for item in events:

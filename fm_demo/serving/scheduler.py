@@ -53,7 +53,8 @@ from torch import Tensor
 from ..engine import DecodeRow, Engine, SamplingParams, State, StreamMetrics, TokenEvent
 from .plan import plan
 from .prefix_cache import PrefixCache
-from .request import FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, SchedulerBusy, SchedulerClosed
+from .request import (FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, SchedulerBusy,
+                      SchedulerClosed)
 
 log = logging.getLogger("fm_demo.scheduler")
 RATE_WINDOW_S = 5.0  # aggregate tok/s is measured over this trailing window
@@ -165,10 +166,10 @@ class Scheduler:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         context = context_ids.reshape(-1).tolist() if context_ids is not None else ()
+        stops = tuple(int(t) for t in stop_token_ids)
         return self.submit(Request(_ids_list(ids), sampling=sampling or SamplingParams(),
-                                   max_new_tokens=max_new_tokens, stop_token_ids=tuple(int(t) for t in stop_token_ids),
-                                   tokenizer=tokenizer, progress=report_progress, cache=False, resume=state,
-                                   context=context))
+                                   max_new_tokens=max_new_tokens, stop_token_ids=stops, tokenizer=tokenizer,
+                                   progress=report_progress, cache=False, resume=state, context=context))
 
     def prefill(self, state: State, ids: Tensor, progress: Callable[[int, int], None] | None = None) -> State:
         """Read ids [1, T] into `state` (in place) through the scheduler, in budgeted pieces.
@@ -357,7 +358,8 @@ class Scheduler:
         if req.max_new_tokens == 0:
             self._finish(row, None, "length", keep_state=True)
             return
-        context = [*req.context, *row.tokens] if req.sampling.repetition_penalty != 1.0 else ()  # the penalty's
+        penalty = req.sampling.repetition_penalty != 1.0
+        context = [*req.context, *row.tokens] if penalty else ()  # what the penalty sees
         row.decoder = DecodeRow(req.sampling, req.max_new_tokens, req.stop_token_ids, req.tokenizer, context,
                                 self.engine.config.vocab_size, self.engine.device, row.reply.metrics)
         row.pending = row.decoder.choose(logits)

@@ -17,6 +17,7 @@ import torch
 
 from fm_demo.engine import REFERENCE, Engine, OpSet
 from fm_demo.engine.kernels import OP_NAMES
+from fm_demo.engine.state import state_bytes
 
 from .checks import CASES, REF_OPS
 from .env import gpu_info
@@ -98,9 +99,8 @@ def _decode_rows(model, label: str, opsets: dict[str, OpSet | None], bound_tok_s
 
 def _bound(model, bandwidth_tb_s: float | None) -> dict:
     cfg = model.config
-    state_bytes = cfg.num_hidden_layers * cfg.intermediate_size * (
-        (cfg.conv_kernel - 1) * model.backbone.embeddings.weight.element_size() + cfg.state_size * 4)
-    per_token = bytes_read_per_token(model) + 2 * state_bytes
+    state = state_bytes(cfg, model.backbone.embeddings.weight.dtype)
+    per_token = bytes_read_per_token(model) + 2 * state
     tok_s = bandwidth_tb_s * 1e12 / per_token if bandwidth_tb_s else None
     return {"bytes_per_token": per_token, "bandwidth_tb_s": bandwidth_tb_s,
             "bound_tok_s": round(tok_s, 1) if tok_s else None}

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..engine import Detokenizer, SamplingParams, State, StreamMetrics, TokenEvent
-from ..engine.state import state_bytes
+from ..engine.state import state_bytes, zero_state
 from ..models import Key, LoadedModel, ModelLoadError, ModelManager
 from ..serving import FRESH, GIVEN, HIT, Reply, Request, SchedulerBusy
 from ..serving import REBUILT as START_REBUILT
@@ -283,11 +283,7 @@ class RemoteEngine:
 
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
         """The empty state (sent as nothing: a replica starts from its own)."""
-        c = self.config
-        L, D = c.num_hidden_layers, c.intermediate_size
-        conv = torch.zeros(L, batch_size, D, c.conv_kernel - 1, dtype=self.dtype)
-        ssm = torch.zeros(L, batch_size, D, c.state_size, dtype=torch.float32)
-        return State(conv, ssm, self.signature)
+        return State(*zero_state(self.config, batch_size, self.dtype), self.signature)
 
     def state_nbytes(self, batch_size: int = 1) -> int:
         return state_bytes(self.config, self.dtype, torch.float32, batch_size)

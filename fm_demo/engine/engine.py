@@ -17,7 +17,7 @@ from .decode import DecodeRow, StreamMetrics, TokenEvent
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
 from .sampling import SamplingParams
-from .state import State, StateError, model_signature, state_bytes
+from .state import State, StateError, model_signature, state_bytes, zero_state
 
 DEFAULT_CHUNK = 256
 
@@ -46,11 +46,7 @@ class Engine:
     # -- state -------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
         """A zero state (the empty context), on the model's device unless `device` says otherwise."""
-        c = self.config
-        L, D = c.num_hidden_layers, c.intermediate_size
-        device = self.device if device is None else device
-        conv = torch.zeros(L, batch_size, D, c.conv_kernel - 1, device=device, dtype=self.dtype)
-        ssm = torch.zeros(L, batch_size, D, c.state_size, device=device, dtype=torch.float32)
+        conv, ssm = zero_state(self.config, batch_size, self.dtype, self.device if device is None else device)
         return State(conv, ssm, self.signature)
 
     def state_nbytes(self, batch_size: int = 1) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .kernels import OpSet
 from .ops import rms_norm_ref
+from .state import zero_state
 
 
 @dataclass
@@ -141,9 +142,6 @@ def model_forward(model: nn.Module, input_ids: Tensor, ops: OpSet | None = None)
     ops = ops or REFERENCE
     consts = [layer_consts(b.mixer, detach=not torch.is_grad_enabled()) for b in model.backbone.layers]
     cfg = model.config
-    L, Bsz = cfg.num_hidden_layers, input_ids.shape[0]
-    dev, dtype = input_ids.device, model.backbone.embeddings.weight.dtype
-    conv = torch.zeros(L, Bsz, cfg.intermediate_size, cfg.conv_kernel - 1, device=dev, dtype=dtype)
-    ssm = torch.zeros(L, Bsz, cfg.intermediate_size, cfg.state_size, device=dev)
+    conv, ssm = zero_state(cfg, input_ids.shape[0], model.backbone.embeddings.weight.dtype, input_ids.device)
     hidden, _, _ = forward_chunk(model, consts, ops, input_ids, conv, ssm)
     return head(model, hidden)

@@ -44,6 +44,16 @@ def model_signature(model) -> str:
     return h.hexdigest()[:16]
 
 
+def zero_state(config, batch_size: int = 1, conv_dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The empty context's tensors, the one place their shapes are written: conv [L, B, D, K-1] in
+    the weights' dtype, ssm [L, B, D, N] in fp32."""
+    L, D = config.num_hidden_layers, config.intermediate_size
+    conv = torch.zeros(L, batch_size, D, config.conv_kernel - 1, device=device, dtype=conv_dtype)
+    ssm = torch.zeros(L, batch_size, D, config.state_size, device=device, dtype=torch.float32)
+    return conv, ssm
+
+
 def state_bytes(config, conv_dtype: torch.dtype = torch.bfloat16, ssm_dtype: torch.dtype = torch.float32,
                 batch_size: int = 1) -> int:
     """Bytes of one State for `config`: conv [L, B, D, K-1] + ssm [L, B, D, N], whatever the context.

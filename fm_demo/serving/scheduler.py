@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..engine import DecodeRow, Engine, SamplingParams, State, StreamMetrics, TokenEvent
+from ..engine.state import zero_state
 from .plan import plan
 from .prefix_cache import PrefixCache
 from .request import (FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, SchedulerBusy,
@@ -100,12 +101,8 @@ class Scheduler:
         self.engine, self.max_batch, self.max_waiting = engine, max_batch, max_waiting
         self.prefill_budget, self.cache, self.checkpoint_tokens = prefill_budget, cache, checkpoint_tokens
         self.piece = min(engine.chunk_size, prefill_budget)  # prompt pieces: same cuts whatever runs
-        cfg = engine.config
-        L, D = cfg.num_hidden_layers, cfg.intermediate_size
         slots = engine.decode_bucket(max_batch)
-        dev = engine.device
-        self.conv = torch.zeros(L, slots, D, cfg.conv_kernel - 1, device=dev, dtype=engine.dtype)  # [L, S, D, K-1]
-        self.ssm = torch.zeros(L, slots, D, cfg.state_size, device=dev, dtype=torch.float32)  # [L, S, D, N]
+        self.conv, self.ssm = zero_state(engine.config, slots, engine.dtype, engine.device)  # [L, S, D, K-1], [L, S, D, N]
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._reading: list[_Row] = []  # admitted, prompt not read yet

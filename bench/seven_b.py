@@ -95,7 +95,7 @@ def build(layers: int, device: str, settings: Settings) -> tuple[LoadedModel, di
     before = model_memory(device)
     t0 = time.perf_counter()
     model = build_random_model(config, device, torch.bfloat16)
-    confine_head_(model, len(tokenizer), tokenizer.all_special_ids)
+    confine_head_(model, len(tokenizer), [*tokenizer.all_special_ids, config.eos_token_id])
     _sync(device)
     load_s = time.perf_counter() - t0
     figures = {"load_s": load_s, "rss_bytes": model_memory(device) - before,

@@ -11,7 +11,6 @@ confine_head_), so greedy replies write only ids it can decode and always run th
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import httpx
 import pytest

@@ -287,7 +287,6 @@ include = ["app.py", "fm_demo"]
 
 def test_a_spacefile_offering_the_falcon3_presets_validates_and_bundles(tmp_path):
     import tomllib
-
     from huggingface_hub import metadata_load
 
     path = tmp_path / "Spacefile"

@@ -120,10 +120,12 @@ def make_runner(engine: Engine, gpu: GpuCalls | None, key: Key, settings: Settin
                          checkpoint_tokens=settings.checkpoint_interval())
 
 
-def estimate_model_bytes(config, precision: str) -> int:
-    """Weight bytes of a Falcon Mamba config in `precision` (no load needed).
+def estimate_model_bytes(config, precision: str, device: str = "cuda") -> int:
+    """Weight bytes of a Falcon Mamba config in `precision` on `device` (no load needed).
 
-    bitsandbytes quantizes the mixers' Linear layers; embeddings and lm_head stay in bf16.
+    bitsandbytes quantizes the mixers' Linear layers; everything else (embeddings, lm_head, conv,
+    norms) stays in the compute dtype the load asks for: bf16 on CUDA, fp32 on the CPU, where the
+    embeddings and lm_head then take twice the bytes.
     """
     H, D, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     N, K, R = config.state_size, config.conv_kernel, config.time_step_rank
@@ -131,7 +133,8 @@ def estimate_model_bytes(config, precision: str) -> int:
     small = D * K + 3 * D + D * N + H  # conv weight/bias, dt bias, D, A_log, norm
     embed = V * H * (1 if config.tie_word_embeddings else 2)
     if precision == "4bit":
-        return int(L * (linear * LINEAR_BYTES_4BIT + small * 4) + embed * 2)
+        rest = 2 if device.startswith("cuda") else 4
+        return int(L * (linear * LINEAR_BYTES_4BIT + small * rest) + (embed + H) * rest)
     per = 4 if precision == "fp32" else 2
     return (L * (linear + small) + embed + H) * per
 
@@ -253,7 +256,7 @@ class ModelManager:
             if getattr(config, "model_type", None) not in ("falcon_mamba", "mamba"):
                 raise ModelLoadError(f"{preset.source} is a {config.model_type} model, not Falcon Mamba.",
                                      "incompatible")
-            need = estimate_model_bytes(config, precision)
+            need = estimate_model_bytes(config, precision, self.settings.device)
             self._make_room(need, preset, precision)
             progress(PROGRESS_WEIGHTS, f"Loading {preset.label} weights in {precision}")
             model = _from_pretrained(path, precision, self.settings.device, preset.prequantized)

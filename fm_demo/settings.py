@@ -61,13 +61,19 @@ def _presets() -> dict[str, Preset]:
                tiny_prec, "fp32"),
         Preset("tiny-instruct", "Falcon Mamba tiny (instruct, bundled)", tiny_checkpoint("instruct"),
                "instruct", tiny_prec, "fp32"),
-        Preset("7b-base", "Falcon Mamba 7B (base)", "tiiuae/falcon-mamba-7b", "base", big_prec, "bf16"),
-        Preset("7b-instruct", "Falcon Mamba 7B Instruct", "tiiuae/falcon-mamba-7b-instruct", "instruct",
+        # Labels carry the release: Falcon3-Mamba (Dec 2024) continues Falcon Mamba (Aug 2024) in the
+        # same architecture, so the two are told apart by name alone in every picker.
+        Preset("7b-base", "Falcon Mamba 7B (base, 2024)", "tiiuae/falcon-mamba-7b", "base", big_prec, "bf16"),
+        Preset("7b-instruct", "Falcon Mamba 7B Instruct (2024)", "tiiuae/falcon-mamba-7b-instruct", "instruct",
                big_prec, "bf16"),
-        Preset("7b-base-4bit", "Falcon Mamba 7B (base, TII 4-bit)", "tiiuae/falcon-mamba-7b-4bit", "base",
+        Preset("7b-base-4bit", "Falcon Mamba 7B (base, 2024, TII 4-bit)", "tiiuae/falcon-mamba-7b-4bit", "base",
                ("4bit",), "4bit", prequantized=True),
-        Preset("7b-instruct-4bit", "Falcon Mamba 7B Instruct (TII 4-bit)",
+        Preset("7b-instruct-4bit", "Falcon Mamba 7B Instruct (2024, TII 4-bit)",
                "tiiuae/falcon-mamba-7b-instruct-4bit", "instruct", ("4bit",), "4bit", prequantized=True),
+        Preset("falcon3-mamba-7b-base", "Falcon3-Mamba 7B (base, Dec 2024)", "tiiuae/Falcon3-Mamba-7B-Base",
+               "base", big_prec, "bf16"),
+        Preset("falcon3-mamba-7b-instruct", "Falcon3-Mamba 7B Instruct (Dec 2024)",
+               "tiiuae/Falcon3-Mamba-7B-Instruct", "instruct", big_prec, "bf16"),
     ]
     return {p.key: p for p in rows}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -101,3 +102,22 @@ def bytes_read_per_token(model: nn.Module) -> int:
             if getattr(qs, "state2", None) is not None:
                 total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
     return total + emb.shape[1] * emb.element_size()
+
+
+@torch.no_grad()
+def confine_head_(model: nn.Module, vocab_used: int, silenced: Iterable[int] = ()) -> nn.Module:
+    """Zero lm_head's rows of ids >= vocab_used and of `silenced` ids, in place.
+
+    Random weights paired with a smaller tokenizer than the config's vocab (the 7B's 65,024 rows,
+    a demo tokenizer's few thousand ids): a zero row's logit is 0, below the best of thousands of
+    random logits, so greedy decoding only picks ids the tokenizer can write and never a silenced
+    one (the stop tokens: every reply then runs its full length). The shapes stay the config's.
+    """
+    head = model.get_output_embeddings().weight
+    if model.config.tie_word_embeddings:  # a zero row would also silence these ids as inputs
+        model.lm_head.weight = nn.Parameter(head.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        head = model.lm_head.weight
+    head[vocab_used:] = 0
+    head[sorted(set(silenced))] = 0
+    return model

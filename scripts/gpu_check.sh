@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # The prepared GPU check: `python -m kernels_check --json --bench` on a CUDA machine with no network,
 # then the serving sweep: bench/serve.py --rows on the 7B shape in bf16 (random weights built in
-# place, no download), 1..64 concurrent greedy requests of 128 tokens through the batched scheduler.
+# place, no download), 1..64 concurrent greedy requests of 128 tokens through the batched scheduler,
+# then bench/seven_b.py on the GPU: load, memory against the estimate, state size, decode at 1 and
+# 4 requests against the HBM bandwidth bound, time to first token at turn 1 and turn 10.
 #
-#   bash scripts/gpu_check.sh [cap_seconds [serve_cap_seconds]]   (from anywhere; default caps 280 s, 200 s;
-#                                                                   a serve cap of 0 skips the sweep)
+#   bash scripts/gpu_check.sh [cap_seconds [serve_cap_seconds [seven_b_cap_seconds]]]
+#       (from anywhere; default caps 280 s, 200 s, 150 s; a cap of 0 skips that bench)
 #
 # Packages the machine lacks (mamba-ssm, causal-conv1d, bitsandbytes), as wheels built for its
 # Python/torch/CUDA, travel in .whl/ at the repository root; they are installed offline into a
 # private folder first. Without them the check still runs: the reference-path checks, the CUDA
 # graph check, and the 7B-shaped bf16 decode bench on the reference ops, and the report says
 # which ops run where and why. Output: the JSON report on stdout (and in $OUT, or /tmp, with its
-# text form), then the sweep's JSON (also in serve_7b.json there); exit status that of
-# kernels_check (1 = a check failed, 124 = its cap was hit), else that of the sweep.
+# text form), then the sweep's JSON (also in serve_7b.json there), then seven_b.json; exit status
+# that of kernels_check (1 = a check failed, 124 = its cap was hit), else the first failing bench's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CAP=${1:-280}
 SERVE_CAP=${2:-200}
+SEVEN_CAP=${3:-150}
 DEST=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1
 
@@ -56,5 +59,13 @@ if [ "$SERVE_CAP" -gt 0 ]; then
   cat "$DEST/serve_7b.json"
   echo "serving sweep exit status: $serve_rc" >&2
 fi
+seven_rc=0
+if [ "$SEVEN_CAP" -gt 0 ]; then
+  timeout --signal=INT --kill-after=15 "$SEVEN_CAP" "$PY" bench/seven_b.py --device cuda --json >"$DEST/seven_b.json"
+  seven_rc=$?
+  cat "$DEST/seven_b.json"
+  echo "seven_b exit status: $seven_rc" >&2
+fi
 [ "$rc" -ne 0 ] && exit $rc
-exit $serve_rc
+[ "$serve_rc" -ne 0 ] && exit $serve_rc
+exit $seven_rc

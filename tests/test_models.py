@@ -141,6 +141,8 @@ def test_estimate_matches_the_published_7b():
     assert abs(estimate_model_bytes(cfg, "bf16") / 2 - 7.27e9) < 0.05e9
     # NF4 mixers (~3.8 GB) plus embeddings and lm_head, which bitsandbytes leaves in bf16 (~1.07 GB)
     assert 4.6e9 < estimate_model_bytes(cfg, "4bit") < 5.1e9
+    # on the CPU bitsandbytes computes in fp32, so embeddings and lm_head take 4 bytes a value
+    assert estimate_model_bytes(cfg, "4bit", "cpu") - estimate_model_bytes(cfg, "4bit") > 1.0e9
 
 
 def test_preload_and_gpu_calls(presets, monkeypatch):

@@ -11,13 +11,34 @@ from fm_demo.settings import PRESETS, Settings, SettingsError, extra_preset, par
 
 def test_presets_table():
     assert set(PRESETS) == {"tiny-base", "tiny-instruct", "7b-base", "7b-instruct", "7b-base-4bit",
-                            "7b-instruct-4bit"}
+                            "7b-instruct-4bit", "falcon3-mamba-7b-base", "falcon3-mamba-7b-instruct"}
     assert PRESETS["7b-instruct"].source == "tiiuae/falcon-mamba-7b-instruct"
     assert PRESETS["7b-base-4bit"].source == "tiiuae/falcon-mamba-7b-4bit"
     assert PRESETS["7b-instruct-4bit"].prequantized and PRESETS["7b-instruct-4bit"].precisions == ("4bit",)
     assert PRESETS["tiny-instruct"].source.endswith("falcon-mamba-tiny-instruct")
     for p in PRESETS.values():
         assert p.kind in ("base", "instruct") and p.default_precision in p.precisions
+
+
+def test_falcon3_presets_are_told_apart_from_the_2024_models():
+    base, instruct = PRESETS["falcon3-mamba-7b-base"], PRESETS["falcon3-mamba-7b-instruct"]
+    assert (base.source, base.kind) == ("tiiuae/Falcon3-Mamba-7B-Base", "base")
+    assert (instruct.source, instruct.kind) == ("tiiuae/Falcon3-Mamba-7B-Instruct", "instruct")
+    for p in (base, instruct):
+        assert {"bf16", "4bit"} <= set(p.precisions) and p.default_precision == "bf16" and not p.prequantized
+        assert "Falcon3" in p.label and "Dec 2024" in p.label
+    labels = [p.label for p in PRESETS.values()]
+    assert len(set(labels)) == len(labels)
+    assert all("Falcon3" not in PRESETS[k].label and "2024" in PRESETS[k].label
+               for k in ("7b-base", "7b-instruct", "7b-base-4bit", "7b-instruct-4bit"))
+    s = Settings.from_env({"FM_DEMO_DEVICE": "cpu",
+                           "FM_DEMO_COMPARE_PRESETS": "falcon3-mamba-7b-base,falcon3-mamba-7b-instruct",
+                           "FM_DEMO_OFFERED_PRESETS": "falcon3-mamba-7b-instruct,falcon3-mamba-7b-base",
+                           "FM_DEMO_DEFAULT_PRESET": "falcon3-mamba-7b-instruct"})
+    assert list(s.presets()) == ["falcon3-mamba-7b-base", "falcon3-mamba-7b-instruct"]
+    assert s.compare_presets == ("falcon3-mamba-7b-base", "falcon3-mamba-7b-instruct")
+    assert s.precision_for("falcon3-mamba-7b-instruct") == "fp32"
+    assert s.replace(precision="4bit").precision_for("falcon3-mamba-7b-base") == "4bit"
 
 
 def test_cpu_defaults_are_tiny_and_fp32():

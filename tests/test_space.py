@@ -266,6 +266,56 @@ def test_bundle_front_matter_parses_with_huggingface_hub(name, tmp_path):
     assert sorted(str(p.relative_to(out).as_posix()) for p in out.rglob("*") if p.is_file()) == files
 
 
+FALCON3_SPACEFILE = """
+[space]
+id = "your-name/falcon3-mamba-chat"
+short_description = "Falcon3-Mamba 7B next to Falcon Mamba 7B"
+hardware = "zerogpu"
+python_version = "3.10"
+
+[models]
+presets = ["falcon3-mamba-7b-instruct", "falcon3-mamba-7b-base", "7b-instruct"]
+default = "falcon3-mamba-7b-instruct"
+
+[variables]
+FM_DEMO_COMPARE_PRESETS = "falcon3-mamba-7b-base,falcon3-mamba-7b-instruct"
+
+[bundle]
+include = ["app.py", "fm_demo"]
+"""
+
+
+def test_a_spacefile_offering_the_falcon3_presets_validates_and_bundles(tmp_path):
+    import tomllib
+    from huggingface_hub import metadata_load
+
+    path = tmp_path / "Spacefile"
+    path.write_text(FALCON3_SPACEFILE)
+    sf = load_spacefile(path)
+    assert sf.presets == ("falcon3-mamba-7b-instruct", "falcon3-mamba-7b-base", "7b-instruct")
+    variables = space_variables(sf)
+    assert variables["FM_DEMO_OFFERED_PRESETS"] == ",".join(sf.presets)
+    assert variables["FM_DEMO_COMPARE_PRESETS"] == "falcon3-mamba-7b-base,falcon3-mamba-7b-instruct"
+
+    out = tmp_path / "space"  # the command a deployer runs
+    made = subprocess.run([sys.executable, "-m", "deploy.space", "bundle", str(out), "--spacefile", str(path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    repos = ["tiiuae/Falcon3-Mamba-7B-Instruct", "tiiuae/Falcon3-Mamba-7B-Base", "tiiuae/falcon-mamba-7b-instruct"]
+    meta = metadata_load(out / "README.md")
+    assert meta["models"] == repos and meta["suggested_hardware"] == "zero-a10g"
+    assert meta["preload_from_hub"] == [f"{r} *.json,*.safetensors" for r in repos]
+    readme = (out / "README.md").read_text()
+    assert "Falcon3-Mamba 7B Instruct (Dec 2024)" in readme and "Falcon Mamba 7B Instruct (2024)" in readme
+    assert not list(out.rglob("checkpoints/*"))  # no tiny preset offered: no checkpoint carried
+
+    # The Space checks the offered presets against the hardware like any 7B preset's.
+    raw = tomllib.loads(FALCON3_SPACEFILE)
+    raw["space"]["hardware"] = "t4-small"
+    with pytest.raises(SpacefileError, match=r"'falcon3-mamba-7b-instruct' cannot run on t4-small: .*bfloat16"):
+        parse_spacefile(raw)
+
+
 def test_bundle_refuses_a_non_empty_folder(tmp_path):
     sf = load_spacefile(EXAMPLES / "zerogpu.Spacefile")
     (tmp_path / "keep.txt").write_text("mine")

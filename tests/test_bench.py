@@ -175,3 +175,19 @@ def test_cluster_without_ray_says_it_skipped(tmp_path):
     (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('no Ray here')\n")
     out = run_bench("cluster", timeout=60, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
     assert set(out) == {"skipped"} and "no Ray here" in out["skipped"]
+
+
+SEVEN_B_KEYS = {"load_s", "rss_bytes", "estimate_bytes", "state_values", "decode_tok_s", "bandwidth_bound_tok_s",
+                "ttft_turn1_s", "ttft_turn10_s"}
+
+
+def test_seven_b_quick():
+    """The 7B bench's own code at 2 layers of the 7B's shape."""
+    out = run_bench("seven_b")
+    assert set(out) == SEVEN_B_KEYS and set(out["decode_tok_s"]) == {"1", "4"}
+    all_finite(out)
+    assert out["state_values"] == 2 * 8192 * (16 + 3)
+    assert out["estimate_bytes"] == 1_486_610_432  # 2 layers of the 7B and its embeddings, in bf16
+    assert 0.75 < out["estimate_bytes"] / out["rss_bytes"] < 1.25  # resident bytes move with the allocator
+    positive(out["load_s"], out["bandwidth_bound_tok_s"], out["ttft_turn1_s"], out["ttft_turn10_s"],
+             *out["decode_tok_s"].values())

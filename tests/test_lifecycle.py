@@ -266,8 +266,10 @@ def test_plan_reads_shortest_first_in_whole_pieces_while_rows_decode():
     p = plan([long, short], decoding=["d"] * 8, budget=16, chunk=256)
     assert p.reads == [(short, 16)] and p.decode == ["d"] * 8  # the short prompt first; the long waits
     short.read = 16
-    p = plan([long, short], decoding=["d"], budget=16, chunk=256)
+    p = plan([long, short], decoding=["d"] * 2, budget=16, chunk=256)
     assert p.reads == [(short, 4), (long, 8)]
+    p = plan([long, short], decoding=["d"], budget=16, chunk=256)  # two waiting to join one: twice the budget
+    assert p.reads == [(short, 4), (long, 24)]
     p = plan([long], decoding=[], budget=16, chunk=256)  # nothing decodes: a chunk per row
     assert p.reads == [(long, 256)]
     p = plan([Row(0, 100, piece=32)], decoding=["d"], budget=16, chunk=256)  # one whole piece regardless

@@ -7,7 +7,10 @@ function of plain values, so fairness can be tested without threads or a model.
 Fair reading: while rows decode, the per-iteration budget of prompt tokens (a step's decode waits
 for it) is shared shortest-remaining-first, so a short prompt that arrives during a 100k-token read
 starts within about one piece's time; the row served first always gets at least one piece, so
-every read moves. With nothing decoding, every reading row reads up to a chunk per iteration.
+every read moves. The budget grows with the rows waiting to join the batch per row already in it
+(budget x ceil(reading / decoding)): a burst of new chats joins the batch within a few steps
+(batching pays only once they decode) while one long read next to many streams still costs each
+step one budget. With nothing decoding, every reading row reads up to a chunk per iteration.
 Reads are whole pieces, cut where the row's own cuts fall (ReadingRow.cut_after), never where the
 budget happens to end: a prompt is read the same way whatever else runs.
 """
@@ -56,7 +59,7 @@ def plan(reading: Sequence[ReadingRow], decoding: Sequence, budget: int, chunk: 
             if (n := whole_pieces(row, chunk, at_least_one=True)) > 0:
                 out.reads.append((row, n))
         return out
-    left = budget
+    left = budget * -(-len(reading) // len(decoding))  # budget x ceil(reading / decoding)
     for row in sorted(reading, key=lambda r: r.end - r.read):  # stable: arrival order breaks ties
         n = whole_pieces(row, left, at_least_one=not out.reads)
         if n > 0:

@@ -44,7 +44,8 @@ Scheduler (stream / prefill); long_read_tokens_at_first_token says how much of t
 been read when the short one got its first token (all of it where the short prompt waits for the
 whole read).
 
-http: the app itself (Gradio and /v1, in this process) on 127.0.0.1 serving --http-model:
+http: the app itself (Gradio and /v1, in this process) on 127.0.0.1 serving --http-model (random-22m
+by default: on the tiny shape a decode step costs less than Gradio's own work per update):
   gradio   --http-users gradio_client users (a Client, a session, each) sending /chat at once, and
            the same messages one by one in fresh sessions: aggregate tok/s of each and their ratio
   v1       the same with streaming /v1/chat/completions requests (the official openai client),
@@ -92,7 +93,7 @@ from fm_demo.tiny.config import TinyDims  # noqa: E402
 STREAMS = (1, 2, 4, 8, 16, 32)
 QUICK = {"streams": (1, 4, 16), "max_new_tokens": 32, "doc_tokens": 2048, "interference_streams": 4,
          "solo_runs": 2, "short_streams": 4, "long_prompt_tokens": 8192, "http_users": 4, "contexts": (0, 2048),
-         "context_decode_tokens": 32}
+         "context_decode_tokens": 32, "http_model": "tiny-shape"}
 SHAPES = {  # name -> (TinyDims overrides, what it is)
     "tiny-shape": ({}, "random weights, the bundled tiny shape (4 layers, hidden 256)"),
     "random-22m": ({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 12, "time_step_rank": 32},
@@ -906,7 +907,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--short-streams", type=int, default=8, help="rows decoding while the long prompt is read")
     p.add_argument("--long-prompt-tokens", type=int, default=65_536,
                    help="the long prompt read while a short one is sent")
-    p.add_argument("--http-model", default="tiny-shape", choices=list(SHAPES), help="the model the app serves")
+    p.add_argument("--http-model", default="random-22m", choices=list(SHAPES),
+                   help="the model the app serves (quick: tiny-shape)")
     p.add_argument("--http-users", type=int, default=16, help="users at once through HTTP")
     p.add_argument("--contexts", type=ints, default=(0, 8192, 32768),
                    help="context tokens before one /v1 stream's decode rate is measured")

@@ -322,3 +322,21 @@ def test_lab_draws_falcon_mamba_and_the_transformer(page, app):
     wait_plot(page, "lab-prefill", {PARALLEL, CHUNKED})
     time.sleep(1)
     save_shot(page, "lab.png")
+
+
+def test_the_model_picker_offers_falcon3_beside_the_2024_models(page, app):
+    """The preset list as a visitor sees it: the Falcon3-Mamba presets next to the 2024 ones."""
+    page.click("#chat-model input")
+    options = page.get_by_role("option")
+    wait_for(lambda: options.count() > 0, "the model list to open")
+    labels = [options.nth(i).inner_text() for i in range(options.count())]
+    settings = app[1].settings
+    for key in ("falcon3-mamba-7b-instruct", "falcon3-mamba-7b-base", "7b-instruct"):
+        assert settings.preset(key).label in labels, (key, labels)
+    assert len(set(labels)) == len(labels)  # every label tells its model apart
+    page.set_viewport_size({"width": 960, "height": 900})
+    try:
+        save_shot(page, "model-picker.png")
+    finally:
+        page.keyboard.press("Escape")
+        page.set_viewport_size({"width": 1280, "height": 900})

@@ -326,6 +326,7 @@ def test_lab_draws_falcon_mamba_and_the_transformer(page, app):
 
 def test_the_model_picker_offers_falcon3_beside_the_2024_models(page, app):
     """The preset list as a visitor sees it: the Falcon3-Mamba presets next to the 2024 ones."""
+    page.get_by_role("tab", name="Chat").click()
     page.click("#chat-model input")
     options = page.get_by_role("option")
     wait_for(lambda: options.count() > 0, "the model list to open")

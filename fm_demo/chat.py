@@ -180,6 +180,8 @@ def turn_end_id(fmt: ChatFormat, tokenizer) -> int | None:
 def prompt_ids(fmt: ChatFormat, tokenizer, user_text: str, prev_reply_ids: Sequence[int] | None,
                system: str = "") -> list[int]:
     """Token delta before the reply to `user_text`; prev_reply_ids is None for the first turn."""
+    if fmt.template:  # what a template writes after a reply depends on the whole conversation
+        raise ValueError("a chat template's prompt follows the whole conversation: chat.next_prompt")
     end = turn_end_id(fmt, tokenizer)
     closed = bool(prev_reply_ids) and end is not None and prev_reply_ids[-1] == end
     text = prompt_text(fmt, user_text, first=prev_reply_ids is None, system=system,

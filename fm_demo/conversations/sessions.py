@@ -1,6 +1,7 @@
 """Conversations that keep their recurrent state (the store that holds them: store.py).
 
-A Conversation owns a token transcript (see chat.py for how turns are cut into tokens). Every
+A Conversation owns a token transcript (see chat.py and templates.py for how turns are cut into
+tokens: by the checkpoint's chat template, or a hand-written format). Every
 reply is one Request to the model's runner with the whole transcript: the scheduler resumes from
 the longest prefix the model's prefix cache holds (serving/), reads only the rest, and keeps the
 states the conversation asks for (turn boundaries, a document's end, the point before the reply,

@@ -11,7 +11,7 @@ so a new turn appends only the text the rendering has after them (`extend`): the
 model did not write itself, the new user message and the generation prompt. That holds while the
 template is prefix-stable: rendering N+1 turns starts with the text of N turns plus the reply.
 A template that rewrites earlier turns (some drop the reasoning of past replies) breaks it; the
-transcript is then the new rendering's tokens, cut into turns again (`_layout`), and the reply
+transcript is then the new rendering's tokens, cut into turns again (`_rewrite`), and the reply
 re-reads from where the rendering changed. `check` tries a sample conversation at load.
 
 Token ids are compared as text (decoded with their special tokens): a model may generate a
@@ -26,10 +26,10 @@ from typing import Protocol
 
 Message = dict[str, str]
 REWRITE_REASON = "the chat template rewrote earlier turns"
-# A sample with a system prompt, two replies and a third question: enough for a template to show
-# whether it renders past turns as it rendered them when they were the latest.
-SAMPLE = (("Be brief.", ""), ("Hi there", "Hello! How can I help?"), ("What is 2+2?", "4."),
-          ("And 3+3?", ""))
+# A system prompt, two exchanges and a third question: enough for a template to show whether it
+# renders past turns as it rendered them when they were the latest.
+SAMPLE_SYSTEM = "Be brief."
+SAMPLE = (("Hi there", "Hello! How can I help?"), ("What is 2+2?", "4."), ("And 3+3?", ""))
 
 
 class PastTurn(Protocol):
@@ -52,6 +52,14 @@ class Extension:
     prompt: list[int]
     layout: list[tuple[list[int], list[int]]] | None = None
     changed_at: int = 0
+
+
+@dataclass
+class _SampleTurn:
+    user: str
+    reply: str
+    prompt_ids: list[int]
+    reply_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -93,13 +101,14 @@ def extend(tokenizer, system: str, turns: Sequence[PastTurn], user_text: str,
     if not turns:
         return Extension(encode(tokenizer, whole))
     held = [i for t in turns for i in (*t.prompt_ids, *t.reply_ids)]
-    rest = _rest(tokenizer, whole, held, turns[-1].reply_ids)
+    rest = _rest(tokenizer, whole, held, turns[-1].reply_ids, stop_ids)
     if rest is not None:
         return Extension(encode(tokenizer, rest))
     return _rewrite(tokenizer, system, turns, user_text, whole, held, stop_ids)
 
 
-def _rest(tokenizer, whole: str, held: list[int], last_reply: list[int]) -> str | None:
+def _rest(tokenizer, whole: str, held: list[int], last_reply: list[int],
+          stop_ids: Collection[int]) -> str | None:
     """The text of `whole` after what the transcript holds, or None where the rendering differs.
 
     A reply that ended with a stop token other than the closing the template writes there (the
@@ -108,12 +117,8 @@ def _rest(tokenizer, whole: str, held: list[int], last_reply: list[int]) -> str 
     text = tokenizer.decode(held, skip_special_tokens=False)
     if whole.startswith(text):
         return whole[len(text):]
-    special = set(tokenizer.all_special_ids)
-    n = 0
-    while n < len(last_reply) and last_reply[len(last_reply) - 1 - n] in special:
-        n += 1
-    if n:
-        text = tokenizer.decode(held[:len(held) - n], skip_special_tokens=False)
+    if last_reply and last_reply[-1] in stop_ids:
+        text = tokenizer.decode(held[:-1], skip_special_tokens=False)
         if whole.startswith(text):
             return whole[len(text):]
     return None
@@ -163,18 +168,9 @@ def message_ends(tokenizer, messages: Sequence[Message], ids: list[int]) -> tupl
 def check(tokenizer, stop_ids: Collection[int]) -> TemplateCheck:
     """Render SAMPLE whole and turn by turn (each reply as the model would write it: its text's
     tokens and the stop token the template closes it with) and say whether they agree."""
-
-    @dataclass
-    class _Turn:
-        user: str
-        reply: str
-        prompt_ids: list[int]
-        reply_ids: list[int]
-
-    system, exchanges = SAMPLE[0][0], SAMPLE[1:]
-    turns: list[_Turn] = []
+    system, turns = SAMPLE_SYSTEM, []
     try:
-        for user, reply in exchanges:
+        for user, reply in SAMPLE:
             ext = extend(tokenizer, system, turns, user, stop_ids)
             whole = encode(tokenizer, render(tokenizer, conversation(system, turns, user), True))
             built = [i for t in turns for i in (*t.prompt_ids, *t.reply_ids)] + ext.prompt
@@ -183,13 +179,10 @@ def check(tokenizer, stop_ids: Collection[int]) -> TemplateCheck:
                                             "rewrite re-reads the conversation from where it changed)")
             text = encode(tokenizer, reply)
             after = encode(tokenizer, render(tokenizer, conversation(
-                system, [*turns, _Turn(user, reply, [], [])], "?"), True))
+                system, [*turns, _SampleTurn(user, reply, [], [])], "?"), True))
             closing = after[len(built) + len(text):][:1]
-            turns.append(_Turn(user, reply, ext.prompt, text + [i for i in closing if i in stop_ids]))
+            turns.append(_SampleTurn(user, reply, ext.prompt, text + [i for i in closing if i in stop_ids]))
     except Exception as e:  # a template is code from the checkpoint: any error is reported, not raised
         return TemplateCheck(False, f"chat template: could not render a sample conversation ({e})")
     return TemplateCheck(True, "chat template: prefix-stable (a turn reads only its new tokens)")
 
-
-__all__ = ["Extension", "REWRITE_REASON", "TemplateCheck", "check", "conversation", "encode", "extend",
-           "has_template", "message_ends", "render"]

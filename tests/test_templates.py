@@ -8,6 +8,7 @@ these roles are whatever they are; the tests check the tokens around them).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -200,3 +201,14 @@ def test_the_tiny_instruct_template_gives_the_hand_written_formats_tokens(closed
         assert ext.layout is None and ext.prompt == chat.prompt_ids(chat.INSTRUCT, tok, user, prev, system=SYSTEM)
         prev = chat.encode(tok, reply) + (chat.encode(tok, "<|im_end|>") if closed else [])
         turns.append(SimpleNamespace(user=user, reply=reply, prompt_ids=ext.prompt, reply_ids=prev))
+
+
+@pytest.mark.parametrize("variant", ["base", "instruct"])
+def test_the_tiny_checkpoints_keep_their_template_in_the_tokenizer_config_training_writes(tmp_path, variant):
+    from fm_demo.tiny.tokenizer import CHAT_TEMPLATE, load_tokenizer, save_tokenizer
+
+    save_tokenizer(load_tokenizer(), tmp_path, variant)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == CHAT_TEMPLATE and not (tmp_path / "chat_template.jinja").exists()
+    bundled = Path(bundled_checkpoint(variant)) / "tokenizer_config.json"
+    assert json.loads(bundled.read_text()) == written

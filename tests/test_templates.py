@@ -102,7 +102,7 @@ def falcon3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rewriting(tmp_path_factory):
-    path, eos = template_checkpoint(tmp_path_factory, "rewriting-tiny", REWRITING)
+    path, _ = template_checkpoint(tmp_path_factory, "rewriting-tiny", REWRITING)
     ctx, key = app_context(path)
     return ctx, key
 

@@ -14,8 +14,10 @@ A template that rewrites earlier turns (some drop the reasoning of past replies)
 transcript is then the new rendering's tokens, cut into turns again (`_rewrite`), and the reply
 re-reads from where the rendering changed. `check` tries a sample conversation at load.
 
-Token ids are compared as text (decoded with their special tokens): a model may generate a
-reply in other pieces than the tokenizer would cut its text into, and those tokens stay.
+The transcript is compared with a rendering as text: each prompt's tokens decoded (they are the
+template's own text) and each reply as shown (what the template renders). A model may generate a
+reply in other pieces than the tokenizer would cut its text into, or with special tokens that
+never show; those tokens stay, since the state holds them.
 """
 
 from __future__ import annotations
@@ -100,28 +102,29 @@ def extend(tokenizer, system: str, turns: Sequence[PastTurn], user_text: str,
     whole = render(tokenizer, conversation(system, turns, user_text), add_generation_prompt=True)
     if not turns:
         return Extension(encode(tokenizer, whole))
-    held = [i for t in turns for i in (*t.prompt_ids, *t.reply_ids)]
-    rest = _rest(tokenizer, whole, held, turns[-1].reply_ids, stop_ids)
+    rest = _rest(tokenizer, whole, turns, stop_ids)
     if rest is not None:
         return Extension(encode(tokenizer, rest))
+    held = [i for t in turns for i in (*t.prompt_ids, *t.reply_ids)]
     return _rewrite(tokenizer, system, turns, user_text, whole, held, stop_ids)
 
 
-def _rest(tokenizer, whole: str, held: list[int], last_reply: list[int],
-          stop_ids: Collection[int]) -> str | None:
+def _rest(tokenizer, whole: str, turns: Sequence[PastTurn], stop_ids: Collection[int]) -> str | None:
     """The text of `whole` after what the transcript holds, or None where the rendering differs.
 
     A reply that ended with a stop token other than the closing the template writes there (the
     tiny instruct model may end with <|endoftext|> where its template writes <|im_end|>) keeps
-    it: the state holds it; the template's closing is read after it."""
-    text = tokenizer.decode(held, skip_special_tokens=False)
-    if whole.startswith(text):
-        return whole[len(text):]
-    if last_reply and last_reply[-1] in stop_ids:
-        text = tokenizer.decode(held[:-1], skip_special_tokens=False)
-        if whole.startswith(text):
-            return whole[len(text):]
-    return None
+    it: the state holds it; the template's closing is read after it, in the next prompt."""
+    pos = 0
+    for t in turns:
+        for piece in (tokenizer.decode(t.prompt_ids, skip_special_tokens=False), t.reply):
+            if not whole.startswith(piece, pos):
+                return None
+            pos += len(piece)
+        if t.reply_ids and t.reply_ids[-1] in stop_ids:
+            end = tokenizer.decode(t.reply_ids[-1:], skip_special_tokens=False)
+            pos += len(end) if whole.startswith(end, pos) else 0
+    return whole[pos:]
 
 
 def _rewrite(tokenizer, system: str, turns: Sequence[PastTurn], user_text: str, whole: str,

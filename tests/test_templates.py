@@ -212,3 +212,21 @@ def test_the_tiny_checkpoints_keep_their_template_in_the_tokenizer_config_traini
     assert written["chat_template"] == CHAT_TEMPLATE and not (tmp_path / "chat_template.jinja").exists()
     bundled = Path(bundled_checkpoint(variant)) / "tokenizer_config.json"
     assert json.loads(bundled.read_text()) == written
+
+
+def test_a_reply_the_tokenizer_would_cut_otherwise_or_with_hidden_tokens_stays_as_generated():
+    """The state holds the tokens the model generated: a reply written in other pieces than its
+    text encodes to, or with a special token that never shows, stays; the next prompt is only
+    what the template writes after the reply's text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled_checkpoint("instruct"))
+    fmt = chat.format_for("instruct", tok, [2, 0])
+    first = chat.next_prompt(fmt, tok, [], "Spell cat.", system=SYSTEM).prompt
+    pieces = [i for c in "t a c" for i in chat.encode(tok, c)]  # one token per character
+    reply = pieces[:2] + chat.encode(tok, "<|im_start|>") + pieces[2:]  # a hidden special token
+    assert pieces != chat.encode(tok, "t a c")
+    turns = [SimpleNamespace(user="Spell cat.", reply="t a c", prompt_ids=first, reply_ids=reply)]
+    ext = chat.next_prompt(fmt, tok, turns, "Spell dog.", system=SYSTEM)
+    assert ext.layout is None
+    assert tok.decode(ext.prompt) == "<|im_end|>\n<|im_start|>user\nSpell dog.<|im_end|>\n<|im_start|>assistant\n"

@@ -1,5 +1,10 @@
 """Prompt formats and per-turn token deltas.
 
+Where an instruct checkpoint's tokenizer has a chat template, prompts are rendered by it
+(templates.py: the TEMPLATE format below only says so). The hand-written formats here serve the
+rest: BASE, the plain transcript of base models, and INSTRUCT, falcon-mamba-7b-instruct's format,
+for an instruct checkpoint whose tokenizer has no template.
+
 A conversation's token transcript is the concatenation, turn after turn, of
     prompt_ids(turn)  = [closing of the previous reply] + [system block] + user block + assistant prefix
     reply_ids(turn)   = the tokens the model generated (its stop token included, when it stopped)
@@ -20,9 +25,10 @@ apply_chat_template does; that can only affect the user's own conversation.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
 
+from . import templates
 from .stops import first_stop, partial_stop
 
 Message = dict[str, str]
@@ -38,6 +44,9 @@ class ChatFormat:
     turn_sep: str  # written after turn_end, before the next block
     reply_lead: str = ""  # what separates assistant_prefix from a rendered reply's text
     stop_strings: tuple[str, ...] = ()  # text that ends a reply (base models keep going otherwise)
+    template: bool = False  # rendered by the tokenizer's chat template (templates.py), not by these strings
+    stop_ids: tuple[int, ...] = ()  # the checkpoint's own stop tokens (its generation config's eos ids)
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # the template's, when template
 
 
 # falcon-mamba-7b-instruct: <|im_start|>role\n...<|im_end|>\n, generation prompt <|im_start|>assistant\n
@@ -63,17 +72,36 @@ BASE = ChatFormat(
 )
 
 
-def format_for(kind: str) -> ChatFormat:
+# The checkpoint's own chat template (transformers' apply_chat_template) renders the prompts.
+TEMPLATE = ChatFormat(name="chat-template", system=("", ""), user=("", ""), assistant_prefix="",
+                      turn_end="", turn_sep="", template=True)
+
+
+def format_for(kind: str, tokenizer=None, eos: Iterable[int] | int | None = ()) -> ChatFormat:
+    """The prompt format of a `kind` model: an instruct tokenizer's chat template where it has one
+    (its stop tokens: `eos`, the generation config's eos ids); a base model continues a plain
+    transcript, whatever template its tokenizer carries (the bundled tiny base shares the instruct
+    tokenizer's)."""
     if kind == "instruct":
+        if tokenizer is not None and templates.has_template(tokenizer):
+            return replace(TEMPLATE, stop_ids=tuple(sorted(_ids(eos))), tokenizer=tokenizer)
         return INSTRUCT
     if kind == "base":
         return BASE
     raise ValueError(f"unknown model kind '{kind}' (base or instruct)")
 
 
+def _ids(extra: Iterable[int] | int | None) -> set[int]:
+    if isinstance(extra, int):
+        extra = [extra]
+    return {int(i) for i in extra or ()}
+
+
 # -- text ------------------------------------------------------------------------------------
 def render(fmt: ChatFormat, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
     """The whole transcript as text, as the tokenizer's chat template would write it."""
+    if fmt.template:
+        return templates.render(fmt.tokenizer, messages, add_generation_prompt)
     out = []
     for m in messages:
         role, content = m["role"], m["content"]
@@ -96,7 +124,11 @@ def encode_messages(fmt: ChatFormat, tokenizer,
     where each message ends. States kept there serve every later request that shares those
     messages (one system prompt for many users, one document asked many questions). A position is
     given only where no token straddles the boundary, so the prefix encodes the same alone. One
-    tokenizer call gives both (a slow tokenizer without offsets gives no positions)."""
+    tokenizer call gives both (a slow tokenizer without offsets gives no positions). A chat
+    template's ends come from rendering each prefix of the messages (templates.message_ends)."""
+    if fmt.template:
+        ids = templates.encode(tokenizer, templates.render(tokenizer, messages, add_generation_prompt=True))
+        return ids, templates.message_ends(tokenizer, messages, ids)
     text = render(fmt, messages, add_generation_prompt=True)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -148,6 +180,8 @@ def turn_end_id(fmt: ChatFormat, tokenizer) -> int | None:
 def prompt_ids(fmt: ChatFormat, tokenizer, user_text: str, prev_reply_ids: Sequence[int] | None,
                system: str = "") -> list[int]:
     """Token delta before the reply to `user_text`; prev_reply_ids is None for the first turn."""
+    if fmt.template:  # what a template writes after a reply depends on the whole conversation
+        raise ValueError("a chat template's prompt follows the whole conversation: chat.next_prompt")
     end = turn_end_id(fmt, tokenizer)
     closed = bool(prev_reply_ids) and end is not None and prev_reply_ids[-1] == end
     text = prompt_text(fmt, user_text, first=prev_reply_ids is None, system=system,
@@ -155,14 +189,23 @@ def prompt_ids(fmt: ChatFormat, tokenizer, user_text: str, prev_reply_ids: Seque
     return encode(tokenizer, text)
 
 
+def next_prompt(fmt: ChatFormat, tokenizer, turns: Sequence[templates.PastTurn], user_text: str,
+                system: str = "") -> templates.Extension:
+    """The prompt after `turns` for a new user message: a chat template's (templates.extend: it
+    may rewrite the earlier turns' tokens), or the hand-written format's delta."""
+    if fmt.template:
+        return templates.extend(tokenizer, system, turns, user_text, stop_token_ids(fmt, tokenizer))
+    prev = turns[-1].reply_ids if turns else None
+    return templates.Extension(prompt_ids(fmt, tokenizer, user_text, prev, system=system))
+
+
 def stop_token_ids(fmt: ChatFormat, tokenizer, extra: Iterable[int] | int | None = ()) -> set[int]:
-    """Ids that end a reply: the tokenizer's eos, the format's turn end, the model's own eos ids."""
+    """Ids that end a reply: the tokenizer's eos, the format's turn end, the model's own eos ids
+    (a template format carries them: its generation config's, e.g. Falcon3-Mamba's [10, 11])."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     if (end := turn_end_id(fmt, tokenizer)) is not None:
         ids.add(end)
-    if isinstance(extra, int):
-        extra = [extra]
-    return ids | {int(i) for i in extra or ()}
+    return ids | set(fmt.stop_ids) | _ids(extra)
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -195,17 +238,3 @@ def _tidy(fmt: ChatFormat, text: str) -> str:
     if fmt.reply_lead and text.startswith(fmt.reply_lead):
         text = text[len(fmt.reply_lead):]
     return text
-
-
-def template_mismatch(fmt: ChatFormat, tokenizer) -> str | None:
-    """None when the tokenizer's own chat template renders a sample exactly as `fmt` does."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return None
-    sample = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
-    ours = render(fmt, sample, add_generation_prompt=True)
-    theirs = tokenizer.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
-    if ours == theirs:
-        return None
-    return f"chat template differs from the {fmt.name} format: {theirs!r} vs {ours!r}"

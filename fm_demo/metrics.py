@@ -19,6 +19,7 @@ class ReplyMetrics:
     reused_tokens: int = 0  # history tokens taken from the cached state, not read again
     prefilled_tokens: int = 0  # tokens read by prefill for this reply (rebuilt + new turn)
     rebuilt_tokens: int = 0  # of those, history re-read because its cached state was evicted
+    rebuilt_reason: str = ""  # why, when not eviction (templates.REWRITE_REASON: the chat template rewrote earlier turns)
     new_tokens: int = 0  # generated tokens
     ttft_s: float = 0.0  # from the request to the first generated token
     prefill_s: float = 0.0

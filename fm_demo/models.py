@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import zerogpu
+from .chat import ChatFormat, format_for, stop_token_ids
 from .engine import Engine, State
 from .metrics import free_device_memory
 from .serving.prefix_cache import PrefixCache
@@ -61,14 +62,23 @@ class LoadedModel:
     engine: Engine
     nbytes: int  # weights and buffers in memory
     load_s: float
-    notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. a chat template that differs
+    notes: tuple[str, ...] = field(default_factory=tuple)  # e.g. whether its chat template is prefix-stable
     gpu: GpuCalls | None = None  # on ZeroGPU: replies run through these, not engine.stream
     runner: Runner | None = None  # how replies run (serving/runner.py); made by the manager
     prefix_cache: PrefixCache | None = None  # states by token prefix, shared by its requests; made by the manager
+    # its chat template renders N+1 turns as N turns plus the reply (templates.check, at load);
+    # None: prompts come from a hand-written format (chat.py)
+    prefix_stable: bool | None = None
 
     @property
     def kind(self) -> str:
         return self.preset.kind
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How prompts are written: the tokenizer's chat template (stop tokens: the generation
+        config's eos ids) or a hand-written format."""
+        return format_for(self.kind, self.tokenizer, self.model.generation_config.eos_token_id)
 
     @property
     def device(self) -> str:
@@ -265,12 +275,12 @@ class ModelManager:
             engine = Engine(model, chunk_size=self.settings.chunk_size)
         except Exception as e:
             raise _explain(e, preset, precision) from e
-        notes = _notes(preset, tokenizer, engine)
         key = (preset.key, precision)
         cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
         lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
-                         time.perf_counter() - t0, notes, self.gpu,
+                         time.perf_counter() - t0, (f"kernels: {engine.ops.reason}",), self.gpu,
                          make_runner(engine, self.gpu, key, self.settings, cache), cache)
+        check_template(lm)
         progress(PROGRESS_READY, f"{preset.label} ready in {lm.load_s:.1f} s")
         return lm
 
@@ -362,13 +372,17 @@ def _tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _notes(preset: Preset, tokenizer, engine: Engine) -> tuple[str, ...]:
-    from .chat import format_for, template_mismatch
+def check_template(lm: LoadedModel) -> None:
+    """Render a sample conversation whole and turn by turn with lm's chat template (if it has one)
+    and record whether they agree on it and in its notes (the System tab shows them)."""
+    from .templates import check
 
-    notes = [f"kernels: {engine.ops.reason}"]
-    if preset.kind == "instruct" and (diff := template_mismatch(format_for("instruct"), tokenizer)):
-        notes.append(diff)
-    return tuple(notes)
+    fmt = lm.chat_format
+    if not fmt.template:
+        return
+    result = check(lm.tokenizer, stop_token_ids(fmt, lm.tokenizer))
+    lm.prefix_stable = result.prefix_stable
+    lm.notes = (*lm.notes, result.note)
 
 
 def _explain(e: Exception, preset: Preset, precision: str) -> ModelLoadError:

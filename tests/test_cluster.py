@@ -121,7 +121,7 @@ def test_a_replica_resumes_from_its_cache_the_state_sent_or_the_tokens_alike(loc
     _turn(conv, TURN1)
     history = conv.token_ids()
     kept = conv.cache.at(len(history)).clone()
-    delta = chat.prompt_ids(conv.fmt, lm.tokenizer, TURN2, conv.turns[-1].reply_ids, system=conv.system)
+    delta = chat.next_prompt(conv.fmt, lm.tokenizer, conv.turns, TURN2, system=conv.system).prompt
     stops = tuple(chat.stop_token_ids(conv.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id))
     _turn(conv, TURN2)  # the single-machine reply, for reference
 

@@ -26,6 +26,7 @@ LAYERS = {
     "fm_demo.tiny": 1,
     "fm_demo.settings": 2,
     "fm_demo.chat": 2,
+    "fm_demo.templates": 2,
     "fm_demo.models": 3,
     "fm_demo.lab": 3,
     "fm_demo.conversations": 4,

@@ -435,8 +435,10 @@ def test_system_report_lists_versions_and_loaded_models(ctx):
         "cpu", fmt_bytes(lm.nbytes), f"{lm.load_s:.1f} s",
         "conv: reference, conv_update: reference, scan: reference, state_update: reference, "
         "decode_graph: off (not on CUDA, or FM_DEMO_CUDA_GRAPHS=0)",
-        "no fused kernels for device 'cpu'", "kernels: no fused kernels for device 'cpu'",
+        "no fused kernels for device 'cpu'",
+        "kernels: no fused kernels for device 'cpu'; chat template: prefix-stable (a turn reads only its new tokens)",
     ]
+    assert lm.prefix_stable is True
     assert len(rows) == len(ctx.manager.loaded()) and stats == ctx.store.stats()
 
 

@@ -1,6 +1,7 @@
 """Conversations that keep their recurrent state (the store that holds them: store.py).
 
-A Conversation owns a token transcript (see chat.py for how turns are cut into tokens). Every
+A Conversation owns a token transcript (see chat.py and templates.py for how turns are cut into
+tokens: by the checkpoint's chat template, or a hand-written format). Every
 reply is one Request to the model's runner with the whole transcript: the scheduler resumes from
 the longest prefix the model's prefix cache holds (serving/), reads only the rest, and keeps the
 states the conversation asks for (turn boundaries, a document's end, the point before the reply,
@@ -38,6 +39,7 @@ from ..models import LoadedModel
 from ..serving import Progress, Reply, Request
 from ..settings import Settings
 from ..stops import first_stop
+from ..templates import REWRITE_REASON, Extension
 from .state_cache import StateCache
 from .transfer import export_bytes, import_parts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
@@ -56,12 +58,15 @@ class ReplyEvent:
     finish_reason: str | None = None
 
 
-def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int) -> None:
+def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int, rewritten: int | None = None) -> None:
     """Record how a reply got its state: reused up to reply.start, and the tokens re-read because
-    a state the conversation held (at reply.request.expect) was evicted."""
+    a state the conversation held (at reply.request.expect) was evicted, or because the chat
+    template rewrote earlier turns (`rewritten`: where the history now ends)."""
     start, expect = reply.start, reply.request.expect
     m.reused_tokens, m.rebuilt_tokens = start, max(0, expect - start)
     m.prefilled_tokens, m.cache_hit = pos - start + 1, start >= expect
+    if rewritten is not None and rewritten > start:
+        m.rebuilt_tokens, m.rebuilt_reason = rewritten - start, REWRITE_REASON
     m.served_by = reply.served_by or m.served_by
     m.state_source = reply.state_source or m.state_source
 
@@ -80,7 +85,7 @@ class Conversation:
                  namespace: str | None = None):
         self.settings = settings or Settings(device="cpu" if lm.device == "cpu" else "cuda")
         self.lm: LoadedModel | None = lm
-        self.fmt = chat.format_for(lm.kind)
+        self.fmt = lm.chat_format
         self.system = self.settings.system_prompt if system_prompt is None else system_prompt
         self.turns: list[Turn] = []
         self.last_metrics: ReplyMetrics | None = None
@@ -186,7 +191,7 @@ class Conversation:
                          document_chars=None) -> Iterator[ReplyEvent]:
         lm = self._require_model()
         t0 = time.perf_counter()
-        turn, base = self._begin_turn(keep, user_text)
+        turn, rewritten = self._begin_turn(keep, user_text)
         if document_chars:
             turn.keep_at = self._document_end(turn, document_chars)
         tokens = self.token_ids()
@@ -200,7 +205,7 @@ class Conversation:
                     progress(item.done, item.total)
                     continue
                 if not turn.reply_ids:
-                    _note_reuse(m, reply, pre)  # admitted: where reading started is known
+                    _note_reuse(m, reply, pre, rewritten)  # admitted: where reading started is known
                 turn.reply_ids.append(item.token_id)
                 raw += item.text
                 _time_event(m, item, t0)
@@ -220,7 +225,7 @@ class Conversation:
         finally:
             if reply is not None:
                 reply.close()  # tokens fed beyond those shown stay out of the transcript
-                _note_reuse(m, reply, pre)
+                _note_reuse(m, reply, pre, rewritten)
             if finish == "stop_string":
                 self._cut_at_stop(turn, raw)
             if finish == "error" and user_text is not None and not turn.reply_ids:
@@ -239,30 +244,41 @@ class Conversation:
                        progress=progress,
                        expect=self.cache.expected(len(tokens) - 1))
 
-    def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int]:
-        """Cut the transcript back for the new reply; returns the turn and where it starts."""
+    def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int | None]:
+        """Cut the transcript back for the new reply; returns the turn and, where the chat template
+        rewrote earlier turns, where the history now ends (the reply re-reads it from the change)."""
         if user_text is None:  # retry: keep the last prompt, drop its reply
             turn = self.turns[keep]
             del self.turns[keep + 1:]
             base = self._boundaries()[keep]
             turn.reply_ids, turn.reply, turn.finish_reason = [], "", None
             self.cache.truncate(base + len(turn.prompt_ids) - 1)
-            return turn, base
+            return turn, None
         del self.turns[keep:]
-        base = self._boundaries()[keep]
-        self.cache.truncate(base)
-        prev = self.turns[-1].reply_ids if self.turns else None
-        prompt = chat.prompt_ids(self.fmt, self.lm.tokenizer, user_text, prev, system=self.system)
-        turn = Turn(user_text, prompt)
+        self.cache.truncate(self._boundaries()[keep])
+        ext = chat.next_prompt(self.fmt, self.lm.tokenizer, self.turns, user_text, system=self.system)
+        rewritten = self._relayout(ext)
+        turn = Turn(user_text, ext.prompt)
         self.turns.append(turn)
-        return turn, base
+        return turn, rewritten
+
+    def _relayout(self, ext: Extension) -> int | None:
+        """Give the earlier turns the tokens a template rewrote them to (ext.layout); states past
+        the first changed token no longer hold this transcript. Returns the history's new end."""
+        if ext.layout is None:
+            return None
+        for t, (prompt, reply) in zip(self.turns, ext.layout):
+            if (t.prompt_ids, t.reply_ids) != (prompt, reply):
+                t.prompt_ids, t.reply_ids, t.keep_at = prompt, reply, None
+        self.cache.truncate(ext.changed_at)
+        return self.context_tokens
 
     def _document_end(self, turn: Turn, chars: int) -> int | None:
         """Tokens of turn.prompt_ids that hold only the first `chars` characters of the message:
         the common prefix with the prompt of the document alone (token boundaries can merge
         across the cut, so the point is where both encodings still agree)."""
-        prev = self.turns[-2].reply_ids if len(self.turns) > 1 else None
-        alone = chat.prompt_ids(self.fmt, self.lm.tokenizer, turn.user[:chars], prev, system=self.system)
+        alone = chat.next_prompt(self.fmt, self.lm.tokenizer, self.turns[:-1], turn.user[:chars],
+                                 system=self.system).prompt
         n = 0
         for a, b in zip(alone, turn.prompt_ids):
             if a != b:
@@ -363,9 +379,7 @@ class Conversation:
                 return
             self.system = text
             if self.turns:
-                self.turns[0].prompt_ids = chat.prompt_ids(self.fmt, self.lm.tokenizer, self.turns[0].user,
-                                                           None, system=text)
-                self.turns[0].keep_at = None
+                self._reprompt(lambda t: None)
                 self.cache.invalidate(self.context_tokens)
 
     def fork(self) -> Conversation:
@@ -386,7 +400,7 @@ class Conversation:
             self.cache.clear()  # the old model's states
             self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
             if old is None or (old.preset.source, old.kind) != (lm.preset.source, lm.kind):
-                self.fmt = chat.format_for(lm.kind)
+                self.fmt = lm.chat_format
                 self._retokenize()
             self.cache.invalidate(self.context_tokens)
 
@@ -408,11 +422,23 @@ class Conversation:
                 self._lock.release()
 
     def _retokenize(self) -> None:
-        tok, prev = self.lm.tokenizer, None
-        for t in self.turns:
-            t.prompt_ids = chat.prompt_ids(self.fmt, tok, t.user, prev, system=self.system)
-            t.reply_ids = chat.encode(tok, self.fmt.reply_lead + t.reply) if t.reply else []
-            t.keep_at, prev = None, t.reply_ids
+        tok = self.lm.tokenizer
+        self._reprompt(lambda t: chat.encode(tok, self.fmt.reply_lead + t.reply) if t.reply else [])
+
+    def _reprompt(self, reply_ids: Callable[[Turn], list[int] | None]) -> None:
+        """Every turn's prompt again, in order (another system prompt, format or tokenizer);
+        reply_ids(turn) gives a reply's new tokens, or None to keep them. A prompt that changes
+        drops its turn's document mark (it was a position in the old tokens)."""
+        turns, self.turns = self.turns, []
+        for t in turns:
+            ext = chat.next_prompt(self.fmt, self.lm.tokenizer, self.turns, t.user, system=self.system)
+            self._relayout(ext)
+            if ext.prompt != t.prompt_ids:
+                t.prompt_ids, t.keep_at = ext.prompt, None
+            new = reply_ids(t)
+            if new is not None and new != t.reply_ids:
+                t.reply_ids, t.keep_at = new, None
+            self.turns.append(t)
 
     def _require_model(self) -> LoadedModel:
         if self.lm is None:

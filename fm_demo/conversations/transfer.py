@@ -4,8 +4,9 @@ Layout: tensors `conv` [L, 1, D, K-1] and `ssm` [L, 1, D, N] (the state), and in
 JSON payload (format, version, model identity, system prompt, turns with their token ids, state
 metadata) plus a sha256 over payload and tensors. Reading checks, in order: size, format and
 version, checksum, model signature, state shape, every turn's tokens against this model's prompt
-format, and that the state holds exactly the transcript's tokens. Any failure is an
-ImportRefused whose message says what is wrong; nothing is half-imported.
+format (the prompt its chat template or hand-written format gives after the turns before it),
+and that the state holds exactly the transcript's tokens. Any failure is an ImportRefused whose
+message says what is wrong; nothing is half-imported.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> lis
     """Rebuild turns, checking every id and that each prompt is what this model's format writes."""
     if not isinstance(rows, list) or not isinstance(system, str):
         raise ImportRefused("the transcript in the file is malformed")
-    tok, vocab, turns, prev = lm.tokenizer, lm.engine.config.vocab_size, [], None
+    tok, vocab, turns = lm.tokenizer, lm.engine.config.vocab_size, []
     for i, row in enumerate(rows):
         try:
             user, prompt, reply = row["user"], list(row["prompt_ids"]), list(row["reply_ids"])
@@ -122,11 +123,11 @@ def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> lis
             ok = False
         if not ok:
             raise ImportRefused(f"turn {i + 1} of the transcript is malformed")
-        if prompt != chat.prompt_ids(fmt, tok, user, prev, system=system):
+        ext = chat.next_prompt(fmt, tok, turns, user, system=system)
+        if ext.layout is not None or prompt != ext.prompt:
             raise ImportRefused(f"turn {i + 1} does not match this model's prompt format (edited file or "
                                 f"another tokenizer)")
         text = chat.visible_reply(fmt, tok.decode(reply, skip_special_tokens=True), final=True)[0]
         finish = row.get("finish_reason")
         turns.append(Turn(user, prompt, reply, text, finish if isinstance(finish, str) else None))
-        prev = reply
     return turns

@@ -23,7 +23,7 @@ class ImportRefused(ConversationError):
 @dataclass
 class Turn:
     user: str
-    prompt_ids: list[int]  # delta read before the reply (chat.prompt_ids)
+    prompt_ids: list[int]  # delta read before the reply (chat.next_prompt)
     reply_ids: list[int] = field(default_factory=list)  # generated tokens, all of them in the state
     reply: str = ""  # text shown for the reply
     finish_reason: str | None = None

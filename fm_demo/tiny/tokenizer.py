@@ -51,7 +51,10 @@ def save_tokenizer(tok, out_dir: Path, variant: str) -> None:
     """Write tokenizer.json + tokenizer_config.json so AutoTokenizer.from_pretrained(out_dir) works.
 
     Base ends documents with <|endoftext|>; instruct's end of turn, <|im_end|>, is its eos so that
-    generate() and the app stop at the end of a reply.
+    generate() and the app stop at the end of a reply. The chat template goes into
+    tokenizer_config.json, where checkpoints on the hub keep it (falcon-mamba-7b-instruct,
+    Falcon3-Mamba-7B-Instruct), rather than transformers 5's separate chat_template.jinja: the app
+    renders every instruct prompt with it (fm_demo/templates.py).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -61,4 +64,4 @@ def save_tokenizer(tok, out_dir: Path, variant: str) -> None:
         unk_token=None, additional_special_tokens=[IM_START, IM_END],
         chat_template=CHAT_TEMPLATE, model_max_length=1 << 20, clean_up_tokenization_spaces=False,
     )
-    fast.save_pretrained(str(out_dir))
+    fast.save_pretrained(str(out_dir), save_jinja_files=False)

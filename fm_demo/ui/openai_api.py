@@ -164,16 +164,17 @@ def namespace(request: Request, req: ApiRequest) -> str:
 
 def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     """Model, prompt ids and completion request (in a worker thread: it may load the model)."""
-    preset, _ = ctx.manager.resolve(req.model)  # an unknown model is refused before anything loads
-    fmt = chat.format_for(preset.kind)
+    ctx.manager.resolve(req.model)  # an unknown model is refused before anything loads
     param = "messages" if req.messages else "prompt"
-    text = chat.render(fmt, req.messages, add_generation_prompt=True) if req.messages else req.prompt
-    size = len(text)  # characters, or token ids (each stands for at least one character)
-    if size > ctx.settings.max_upload_chars:
-        raise _too_long(f"the prompt is {size:,} characters", ctx.settings, param)
+    # characters (a message's, before the format's own text is counted), or token ids (each stands
+    # for at least one character): a prompt over the limit is refused before the model loads
+    text = req.prompt if not req.messages else "".join(m["content"] for m in req.messages)
+    _check_size(ctx, len(text), param)
     lm = ctx.manager.get(req.model)
+    fmt = lm.chat_format
     keep: tuple[int, ...] = ()  # message ends: states kept there serve requests that share them
     if req.messages:
+        _check_size(ctx, len(chat.render(fmt, req.messages, add_generation_prompt=True)), param)
         ids, keep = chat.encode_messages(fmt, lm.tokenizer, req.messages)
     else:
         ids = chat.encode(lm.tokenizer, text) if isinstance(text, str) else list(text)
@@ -188,6 +189,11 @@ def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     kind = "chatcmpl" if req.messages else "cmpl"
     shape = Shape(req.messages is not None, f"{kind}-{secrets.token_hex(12)}", int(time.time()), req.model)
     return _Job(lm, creq, shape, fmt.reply_lead if req.messages else "")
+
+
+def _check_size(ctx: AppContext, size: int, param: str) -> None:
+    if size > ctx.settings.max_upload_chars:
+        raise _too_long(f"the prompt is {size:,} characters", ctx.settings, param)
 
 
 class _Reply:

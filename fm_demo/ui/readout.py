@@ -55,6 +55,8 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
     kv = kv_cache_bytes(m.context_tokens)
     ratio = f"{kv / m.state_bytes:,.1f}x the Mamba state" if m.state_bytes else ""
     reuse_sub = "cache hit" if m.cache_hit else f"{m.rebuilt_tokens:,} re-read after eviction"
+    if m.rebuilt_reason:
+        reuse_sub = f"{m.rebuilt_tokens:,} re-read: {m.rebuilt_reason}"
     mem_kind = "CUDA allocated" if m.device.startswith("cuda") else "process RSS"
     status = "streaming..." if streaming else (m.finish_reason or "")
     cards = [

@@ -9,7 +9,10 @@ half-registered and the server keeps serving the models it has.
 
 On ZeroGPU the manager also makes the GPU calls replies go through (GpuCalls), once, before the
 app launches, and `preload()` loads the offered models then: `spaces` moves to the GPU worker
-only weights that were on "cuda" when the app started.
+only weights that were on "cuda" when the app started. So there every offered model must fit
+together (a load never unloads another), each loads once, at start-up, and after `preload()` a
+request for anything else is refused with a message instead of loading a model the GPU worker
+would never see.
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ class ModelManager:
         self._models: OrderedDict[Key, LoadedModel] = OrderedDict()  # least recently used first
         self._key_locks: dict[Key, threading.Lock] = {}
         self._unload_listeners: list[Callable[[LoadedModel], None]] = []
+        self._sealed = False  # on ZeroGPU, once preload() is done: nothing loads any more
         # made here, before launch, because `spaces` registers its GPU functions at start-up
         self.gpu = GpuCalls.make(self._engine_and_tokenizer) if zerogpu.on_zerogpu() else None
 
@@ -207,6 +211,8 @@ class ModelManager:
                 if key in self._models:
                     self._models.move_to_end(key)
                     return self._models[key]
+                if self._sealed:
+                    raise ModelLoadError(self._sealed_message(preset, precision), "not_preloaded")
             with self._load_lock:
                 lm = self._load(preset, precision, progress or _no_progress)
             with self._lock:
@@ -215,8 +221,21 @@ class ModelManager:
 
     def preload(self, keys: list[str] | None = None,
                 progress: ProgressFn | None = None) -> list[LoadedModel]:
-        """Load `keys` (default: every offered preset) in their default precision, in order."""
-        return [self.get(key, None, progress) for key in (keys if keys is not None else self._presets)]
+        """Load `keys` (default: every offered preset) in their default precision, in order.
+
+        On ZeroGPU this is the one time models load (see the module docstring): afterwards the
+        manager serves what it holds and refuses to load anything else.
+        """
+        loaded = [self.get(key, None, progress) for key in (keys if keys is not None else self._presets)]
+        if self.gpu is not None:
+            with self._lock:
+                self._sealed = True
+        return loaded
+
+    def _sealed_message(self, preset: Preset, precision: str) -> str:
+        held = ", ".join(f"{lm.preset.label} ({lm.precision})" for lm in self._models.values()) or "none"
+        return (f"{preset.label} ({precision}) is not served here: on ZeroGPU the models load once, when "
+                f"the Space starts, and this Space loaded {held}.")
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
@@ -289,6 +308,12 @@ class ModelManager:
             raise ModelLoadError(
                 f"{preset.label} in {precision} needs about {need / 1e9:.1f} GB, more than the "
                 f"{self.budget_bytes / 1e9:.1f} GB this server allows for models. Try 4-bit or a smaller model.",
+                "out_of_memory")
+        if self.gpu is not None and self.loaded_bytes() + need > self.budget_bytes:
+            raise ModelLoadError(  # unloading would take a model from the GPU worker for good
+                f"{preset.label} in {precision} needs about {need / 1e9:.1f} GB, and with the models "
+                f"already loaded that is more than the {self.budget_bytes / 1e9:.1f} GB this server allows. "
+                f"On ZeroGPU every offered model stays loaded: offer fewer models or a smaller precision.",
                 "out_of_memory")
         while self.loaded_bytes() + need > self.budget_bytes:
             with self._lock:

@@ -591,3 +591,55 @@ def test_hardware_info_names_the_space_and_its_hardware():
     local = zerogpu.hardware_info({})
     assert local["space"] == "local run" and local["hardware"] == "not a Space"
     assert local["device"].startswith("CPU" if not torch.cuda.is_available() else "CUDA")
+
+
+def test_zerogpu_start_up_loads_each_offered_model_once_and_visitors_only_use_them(monkeypatch):
+    """app.py's start-up on ZeroGPU (its GPU calls run in-process here): the offered models load once,
+    before launch; visitors' replies load nothing; a model that was not loaded then is refused."""
+    from gradio_client import Client
+
+    import app
+    from fm_demo.models import ModelManager
+    from fm_demo.settings import Settings
+
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda env=None: True)
+    monkeypatch.setattr(app, "on_zerogpu", zerogpu.on_zerogpu)
+    monkeypatch.setattr(zerogpu, "gpu_task", lambda fn=None, *, duration=60: fn or (lambda f: f))
+    loads = []
+    real_load = ModelManager._load
+    monkeypatch.setattr(ModelManager, "_load",
+                        lambda self, preset, precision, progress: loads.append((preset.key, precision))
+                        or real_load(self, preset, precision, progress))
+    settings = Settings(device="cpu", offered_presets=("tiny-instruct", "tiny-base"))
+    demo = app.build(settings)
+    offered = [("tiny-base", "fp32"), ("tiny-instruct", "fp32")]
+    assert sorted(loads) == offered  # each once, at start-up, before any visitor
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
+                            quiet=True)
+    try:
+        for visitor in range(3):
+            client = Client(url, verbose=False)
+            for preset in ("tiny-instruct", "tiny-base"):
+                reply = client.predict("Hello", max_new_tokens=4, preset=preset, api_name="/chat")
+                assert isinstance(reply, str) and reply, (visitor, preset, reply)
+        assert sorted(loads) == offered
+        with pytest.raises(Exception, match=r"not served here: on ZeroGPU the models load once"):
+            Client(url, verbose=False).predict("Hello", preset="tiny-base", precision="bf16", api_name="/chat")
+        assert len(loads) == 2 and len(demo.fm_context.manager.loaded()) == 2
+    finally:
+        demo.close()
+
+
+def test_zerogpu_offered_models_must_fit_together(monkeypatch):
+    """On ZeroGPU a load never unloads another model (the GPU worker would lose it for good): the
+    start-up fails with a message instead."""
+    from fm_demo.models import ModelLoadError, ModelManager
+    from fm_demo.settings import Settings
+
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda env=None: True)
+    monkeypatch.setattr(zerogpu, "gpu_task", lambda fn=None, *, duration=60: fn or (lambda f: f))
+    one = ModelManager(Settings(device="cpu")).preload(["tiny-instruct"])[0]
+    manager = ModelManager(Settings(device="cpu", model_memory_budget_bytes=int(one.nbytes * 1.5)))
+    with pytest.raises(ModelLoadError, match="On ZeroGPU every offered model stays loaded"):
+        manager.preload(["tiny-instruct", "tiny-base"])
+    assert [lm.key for lm in manager.loaded()] == [("tiny-instruct", "fp32")]

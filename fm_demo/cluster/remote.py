@@ -32,6 +32,7 @@ from ..models import Key, LoadedModel, ModelLoadError, ModelManager
 from ..serving import FRESH, GIVEN, HIT, Reply, Request, SchedulerBusy
 from ..serving import REBUILT as START_REBUILT
 from ..serving.prefix_cache import PrefixCache
+from ..serving.request import refuse_beyond
 from ..settings import Preset, Settings
 from .placement import ReplicaIndex
 from .protocol import COPIED, NEW, OWN_CACHE, REBUILT, ModelInfo, ReplyEnd, ReplyRequest, ReplyStart, Token
@@ -190,6 +191,7 @@ class RemoteRunner:
     def submit(self, req: Request) -> Reply:
         """Send the request to a replica with the nearest state the ingress keeps (by reference:
         fetched only by a replica without its own); keep the state that comes back."""
+        refuse_beyond(req, "by a cluster (one reply per replica call)", options=False)
         self.count("replies")
         tokens = [int(t) for t in req.tokens]
         if not tokens:

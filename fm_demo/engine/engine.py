@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs
-from .decode import DecodeRow, StreamMetrics, TokenEvent
+from .decode import PLAIN, DecodeOptions, DecodeRow, StreamMetrics, TokenEvent
 from .kernels import OpSet, select_ops
 from .mixer import forward_chunk, forward_step, head, layer_consts
 from .sampling import SamplingParams
@@ -138,7 +138,8 @@ class Engine:
 
     def stream(self, input_ids: Tensor, state: State, sampling: SamplingParams | None = None,
                max_new_tokens: int = 256, stop_token_ids: Iterable[int] = (),
-               tokenizer: object | None = None, context_ids: Tensor | None = None) -> Iterator[TokenEvent]:
+               tokenizer: object | None = None, context_ids: Tensor | None = None,
+               options: DecodeOptions = PLAIN) -> Iterator[TokenEvent]:
         """Prefill input_ids [1, T] into `state`, then sample up to max_new_tokens tokens.
 
         Each token is fed into the state before it is yielded, so whenever the consumer stops
@@ -150,7 +151,7 @@ class Engine:
             raise ValueError("stream decodes one sequence at a time (batch size 1)")
         context = ids[0] if context_ids is None else torch.cat([context_ids.reshape(-1).to(self.device), ids[0]])
         row = DecodeRow(sampling or SamplingParams(), max_new_tokens, stop_token_ids, tokenizer, context,
-                        self.config.vocab_size, self.device, StreamMetrics(prompt_tokens=ids.shape[1]))
+                        self.config.vocab_size, self.device, StreamMetrics(prompt_tokens=ids.shape[1]), options)
         t0 = time.perf_counter()
         logits = self.prefill(ids, state)
         row.metrics.prefill_s = time.perf_counter() - t0

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from ..engine import SamplingParams, State, StreamMetrics, TokenEvent
+from ..engine import DecodeOptions, SamplingParams, State, StreamMetrics, TokenEvent
+from ..engine.decode import PLAIN
 from .prefix_cache import Node
 
 # Where a reply's reading started (Reply.source)
@@ -54,6 +55,21 @@ class Request:
     resume_at: int = 0
     expect: int = 0  # tokens the caller expected to find kept: finding fewer is REBUILT, not FRESH
     context: Sequence[int] = ()  # tokens before `tokens` that the repetition penalty also sees
+    options: DecodeOptions = PLAIN  # log-probabilities, bias, penalties, min length, grammar
+    n: int = 1  # replies to this prompt: it is read once, then its state is copied into n rows
+    prompt_logprobs: int | None = None  # k: each prompt token's log-probability and k alternatives
+
+
+def refuse_beyond(req: Request, runner: str, options: bool) -> None:
+    """Refuse, in words for the user, what a runner that streams one reply per call cannot do:
+    n > 1 and prompt log-probabilities (and, where `options` is False, any DecodeOptions)."""
+    if req.n != 1:
+        raise ValueError(f"n > 1 is not served {runner}: send one request per reply")
+    if req.prompt_logprobs is not None:
+        raise ValueError(f"prompt log-probabilities are not served {runner}")
+    if not options and req.options != PLAIN:
+        raise ValueError(f"log-probabilities, logit bias, frequency and presence penalties, min_tokens and "
+                         f"structured output are not served {runner}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,10 @@ class Reply:
     finish_reason: str | None = None  # stop | length | cancelled | error
     served_by: str = ""  # where it ran, when that is worth saying (a cluster replica)
     state_source: str = ""  # how the state got there, in words, where the runner knows more
+    siblings: list[Reply] = field(default_factory=list)  # Request.n > 1: the other replies, in order
+    # Request.prompt_logprobs: per prompt token (None for the first) its log-probability and the
+    # likeliest alternatives, filled as the prompt is read
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]] | None] = field(default_factory=list)
     out: queue.Queue = field(default_factory=queue.Queue, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     admitted: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -22,7 +22,7 @@ import torch
 from ..engine import Engine, State, TokenEvent
 from ..zerogpu import StateUpdate
 from .prefix_cache import PrefixCache
-from .request import FRESH, HIT, REBUILT, Reply, Request
+from .request import FRESH, HIT, REBUILT, Reply, Request, refuse_beyond
 from .scheduler import Scheduler
 
 ProgressFn = Callable[[int, int], None]
@@ -74,6 +74,7 @@ class ZeroGpuRunner:
 
     def submit(self, req: Request) -> Reply:
         """Find the nearest state here, run the rest in one GPU call, keep what comes back."""
+        refuse_beyond(req, "on ZeroGPU (one GPU call per reply)", options=True)
         self._replies += 1
         tokens = [int(t) for t in req.tokens]
         if not tokens:
@@ -106,7 +107,7 @@ class ZeroGpuRunner:
         context = torch.tensor([[*req.context, *tokens[:start]]]) if req.context or start else None
         events = self.gpu.stream(self.key, state, ids, sampling=req.sampling,
                                  max_new_tokens=req.max_new_tokens, stop_token_ids=req.stop_token_ids,
-                                 context_ids=context)
+                                 context_ids=context, options=req.options)
         reason = "cancelled"
         try:
             for item in events:

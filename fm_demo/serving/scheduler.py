@@ -16,6 +16,16 @@ A request (request.py) names its whole prompt. The scheduler thread, each iterat
   5. ends finished rows and keeps the state after prompt and reply in the cache.
 Checkpoints are evicted before the states callers asked for (prefix_cache.py).
 
+n replies to one prompt (Request.n): one row reads the prompt; when it is read, its state is
+copied into the n - 1 other rows (followers, admitted with it: admission counts all n), and all
+n sample their first tokens from the same logits with their own generators (a seeded request's
+reply i uses seed + i), then decode in the batch like any rows.
+
+Prompt log-probabilities (Request.prompt_logprobs): the row reads its prompt from the start (the
+prefix cache keeps states, not logits, so a cached prefix's positions are computed again), each
+piece with every position's logits, reduced at once to the log-probability of the token that
+follows and its alternatives: memory stays that of one piece, whatever the prompt's length.
+
 Fault isolation: each row's admission, reading, sampling, detokenizing and cache keeping run
 under their own guard. A failure there ends that row alone with RequestFailed; every other row
 goes on as it would have. Only a failure of the batched model step itself (a device error: it
@@ -44,13 +54,14 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..engine import DecodeRow, Engine, SamplingParams, State, StreamMetrics, TokenEvent
+from ..engine.decode import MAX_TOP_LOGPROBS
 from ..engine.state import zero_state
 from .plan import plan
 from .prefix_cache import PrefixCache
@@ -77,10 +88,18 @@ class _Row:
     slot: int = -1  # decode slot, -1 while reading
     pending: int = -1  # sampled token not yet fed
     cancelled: bool = False
+    followers: list[_Row] = field(default_factory=list)  # Request.n > 1: rows that fork at the prompt's end
+    leader: _Row | None = None  # a follower's leader, until the fork
+    last_logits: Tensor | None = None  # prompt log-probabilities: the previous piece's last position
 
     @property
     def end(self) -> int:
         return len(self.tokens)
+
+    @property
+    def width(self) -> int:
+        """Rows this takes: itself and the followers it will fork into."""
+        return 1 + len(self.followers)
 
     def cut_after(self, pos: int) -> int:
         """The end of the piece that starts at `pos`: the next multiple of `piece` from the
@@ -120,20 +139,31 @@ class Scheduler:
     def submit(self, req: Request) -> Reply:
         """Queue `req`; iterate the Reply for its progress and tokens (close() cancels)."""
         tokens = self._check_request(req)
-        reply = Reply(req)
-        reply.metrics.prompt_tokens = len(tokens)
-        row = _Row(req, reply, tokens, self.piece)
-        reply._cancel = lambda _reply: self._cancel(row)
+        row = self._new_row(req, tokens)
+        for i in range(1, req.n):
+            seed = req.sampling.seed
+            sampling = req.sampling if seed is None else replace(req.sampling, seed=(seed + i) % 2**63)
+            follower = self._new_row(replace(req, sampling=sampling, n=1), tokens)
+            follower.leader = row
+            row.followers.append(follower)
+            row.reply.siblings.append(follower.reply)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("this model was unloaded; select it again to continue")
-            if self._rows() + len(self._waiting) >= self.max_batch + self.max_waiting:
+            if self._rows() + sum(r.width for r in self._waiting) + row.width > self.max_batch + self.max_waiting:
                 self._counts["busy_refusals"] += 1
                 raise SchedulerBusy(f"The server is busy: {self._rows()} replies are running and "
                                     f"{len(self._waiting)} are waiting. Try again in a moment.")
             self._waiting.append(row)
             self._cond.notify()
-        return reply
+        return row.reply
+
+    def _new_row(self, req: Request, tokens: list[int]) -> _Row:
+        reply = Reply(req)
+        reply.metrics.prompt_tokens = len(tokens)
+        row = _Row(req, reply, tokens, self.piece)
+        reply._cancel = lambda _reply: self._cancel(row)
+        return row
 
     def _check_request(self, req: Request) -> list[int]:
         """The prompt as a list of ints; a request the scheduler cannot serve is refused here, in
@@ -148,6 +178,13 @@ class Scheduler:
         vocab = self.engine.config.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got min {min(tokens)} max {max(tokens)}")
+        if not 1 <= req.n <= self.max_batch:
+            raise ValueError(f"n must be from 1 to {self.max_batch} (the rows this model decodes at once), "
+                             f"got {req.n}")
+        if req.n > 1 and not req.max_new_tokens:
+            raise ValueError("n > 1 needs max_new_tokens >= 1: replies, not a read")
+        if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {req.prompt_logprobs}")
         limit = len(tokens) - 1 if req.max_new_tokens else len(tokens)
         if req.resume is not None:
             self.engine.check_state(req.resume, 1)
@@ -186,8 +223,9 @@ class Scheduler:
     def _cancel(self, row: _Row) -> None:
         with self._cond:
             row.cancelled = True
-            if row in self._waiting:
-                self._waiting.remove(row)
+            if row in self._waiting or row.leader is not None:  # not started, or not forked yet
+                if row in self._waiting:
+                    self._waiting.remove(row)
                 self._counts["cancelled"] += 1
                 row.reply._end(None, "cancelled")
             self._cond.notify()
@@ -205,7 +243,7 @@ class Scheduler:
 
     # -- figures -------------------------------------------------------------------------------
     def _rows(self) -> int:
-        return len(self._reading) + len(self._decoding)
+        return sum(r.width for r in self._reading) + len(self._decoding)
 
     def stats(self) -> dict:
         with self._cond:
@@ -247,9 +285,10 @@ class Scheduler:
                 return False
             dropped = [r for r in [*self._reading, *self._decoding] if r.cancelled]
             self._counts["cancelled"] += len(dropped)
-            admitted = []
-            while self._waiting and self._rows() + len(admitted) < self.max_batch:
+            admitted, width = [], 0
+            while self._waiting and self._rows() + width + self._waiting[0].width <= self.max_batch:
                 admitted.append(self._waiting.popleft())
+                width += admitted[-1].width
         for row in dropped:
             self._finish(row, None, "cancelled", keep_state=True)
         for row in admitted:
@@ -297,13 +336,14 @@ class Scheduler:
         req, eng = row.req, self.engine
         limit = row.end - 1 if req.max_new_tokens else row.end  # a reply reads its last token itself
         start, state, source = 0, None, FRESH
-        if req.cache and self.cache is not None:
+        scoring = req.prompt_logprobs is not None  # reads from the start: the cache holds no logits
+        if req.cache and self.cache is not None and not scoring:
             n, copy, node = self.cache.lookup(row.tokens[:limit], req.namespace, eng.device, lambda: None)
             if node is not None and n >= req.resume_at:
                 start, state, source = n, copy, HIT
                 if n in req.keep_at or n == limit:
                     row.reply.kept[n] = node
-        if state is None and req.resume is not None:
+        if state is None and req.resume is not None and not scoring:
             start, state, source = req.resume_at, req.resume, GIVEN
         if state is None:
             state = eng.new_state()
@@ -314,6 +354,8 @@ class Scheduler:
         reply = row.reply
         reply.start, reply.source = start, source
         reply.metrics.prompt_tokens = row.end - start
+        if scoring:
+            reply.prompt_logprobs.append(None)  # the first token follows nothing
         reply.admitted.set()
         if start == row.end:  # a read whose every token was cached
             self._prompt_read(row, None)
@@ -339,7 +381,11 @@ class Scheduler:
         while row.read < target and not row.cancelled:
             cut = row.cut_after(row.read)
             t0 = time.perf_counter()
-            logits = self.engine.prefill(torch.tensor([row.tokens[row.read:cut]]), row.state)
+            piece = torch.tensor([row.tokens[row.read:cut]])
+            if row.req.prompt_logprobs is None:
+                logits = self.engine.prefill(piece, row.state)
+            else:
+                logits = self._score(row, piece)
             row.reply.metrics.prefill_s += time.perf_counter() - t0
             self._counts["prefill_tokens"] += cut - row.read
             row.read = row.reply.read = cut
@@ -350,18 +396,56 @@ class Scheduler:
         if row.read == row.end and not row.cancelled:
             self._prompt_read(row, logits)
 
+    def _score(self, row: _Row, piece: Tensor) -> Tensor:
+        """Read one piece with every position's logits; record each of its tokens' log-probability
+        (the first token's comes from the previous piece's last position). Returns the last logits."""
+        logits = self.engine.prefill(piece, row.state, all_logits=True)[0]  # [T, V]
+        before = logits[:-1] if row.last_logits is None else torch.cat([row.last_logits, logits[:-1]])
+        targets = piece[0, 1:] if row.last_logits is None else piece[0]
+        lp = torch.log_softmax(before.float(), -1)
+        chosen = lp.gather(1, targets.to(lp.device).unsqueeze(1))[:, 0].tolist()
+        k = row.req.prompt_logprobs
+        if k:
+            values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+            tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            tops = [()] * len(chosen)
+        row.reply.prompt_logprobs.extend(zip(chosen, tops))
+        row.last_logits = logits[-1:]
+        return logits[-1:]
+
     def _prompt_read(self, row: _Row, logits: Tensor | None) -> None:
-        req = row.req
-        if req.max_new_tokens == 0:
+        row.last_logits = None
+        if row.req.max_new_tokens == 0:
             self._finish(row, None, "length", keep_state=True)
             return
+        followers, row.followers = row.followers, []
+        self._start_decoding(row, row.state, logits)
+        for f in followers:  # n replies: the prompt's state copied into each other row
+            with self._cond:
+                f.leader = None
+                if f.cancelled:
+                    continue
+            f.t_submit, f.start, f.read = row.t_submit, row.start, row.read
+            f.reply.start, f.reply.source, f.reply.read = row.start, row.reply.source, row.reply.read
+            f.reply.metrics.prompt_tokens, f.reply.metrics.prefill_s = (row.reply.metrics.prompt_tokens,
+                                                                        row.reply.metrics.prefill_s)
+            f.reply.admitted.set()
+            self._guarded(f, self._start_decoding, f, row.state.clone(), logits)
+
+    def _start_decoding(self, row: _Row, state: State, logits: Tensor) -> None:
+        """The row's first token from the prompt's last logits; the row takes a decode slot."""
+        req = row.req
+        row.state = state
         penalty = req.sampling.repetition_penalty != 1.0
         context = [*req.context, *row.tokens] if penalty else ()  # what the penalty sees
         row.decoder = DecodeRow(req.sampling, req.max_new_tokens, req.stop_token_ids, req.tokenizer, context,
-                                self.engine.config.vocab_size, self.engine.device, row.reply.metrics)
+                                self.engine.config.vocab_size, self.engine.device, row.reply.metrics,
+                                req.options)
         row.pending = row.decoder.choose(logits)
         with self._cond:
-            self._reading.remove(row)
+            if row in self._reading:
+                self._reading.remove(row)
             row.slot = len(self._decoding)
             self.conv[:, row.slot].copy_(row.state.conv[:, 0])
             self.ssm[:, row.slot].copy_(row.state.ssm[:, 0])
@@ -426,6 +510,10 @@ class Scheduler:
                 self._reading.remove(row)
             if row in self._decoding:
                 self._release_slot(row, keep_state)
+            followers, row.followers = row.followers, []
+        for f in followers:  # never forked: they end as their leader did
+            f.leader = None
+            f.reply._end(last if isinstance(last, BaseException) else None, reason)
         reply = row.reply
         if keep_state and row.state is not None and row.read == row.end:  # prompt (and reply) whole
             if row.req.cache and self.cache is not None and reply.fed:

@@ -165,6 +165,7 @@ class Settings:
                              "0: auto (as many as max_batch)", 0)
     max_new_tokens: int = _help("default reply length in tokens", 256)
     max_new_tokens_cap: int = _help("hard cap on reply length a browser may ask for", 2048)
+    max_choices: int = _help("most replies one API request may ask for (n): one read, n rows", 8)
     max_input_chars: int = _help("longest chat message accepted", 16_000)
     max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
     max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
@@ -223,7 +224,7 @@ class Settings:
                     raise SettingsError(f"{name}: unknown preset '{key}'; known: {', '.join(known)}")
 
     def _check(self) -> None:
-        positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_input_chars",
+        positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_choices", "max_input_chars",
                     "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
                     "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:

@@ -269,10 +269,16 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
     assert _status(lambda: ask(client(url, key="wrong")))[0] == 401
     status, err = _status(lambda: ask(c, model="no-such-model"))
     assert status == 404 and err["code"] == "model_not_found"
-    for kw, param in [({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
-                      ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"stop": [""]}, "stop"),
-                      ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                      ({"logprobs": True}, "logprobs"), ({"top_p": 0}, "top_p")]:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for kw, param in [({"n": 99}, "n"), ({"temperature": 5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
+                      ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"stop": [""]}, "stop"),
+                      ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools"),
+                      ({"tools": [], "tool_choice": "required"}, "tools"),
+                      ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_p": 0}, "top_p"),
+                      ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                      ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                      ({"response_format": {"type": "xml"}}, "response_format"),
+                      ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids")]:
         status, err = _status(lambda kw=kw: ask(c, **kw))
         assert status == 400 and err["type"] == "invalid_request_error" and err["param"] == param, (kw, err)
     image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]

@@ -36,6 +36,11 @@ class SchedulerClosed(RuntimeError):
     """The model this scheduler served was unloaded."""
 
 
+class RequestRefused(ValueError):
+    """A request this runner cannot serve as asked, refused before it starts; the message is for
+    the user."""
+
+
 class RequestFailed(RuntimeError):
     """This request alone failed inside the scheduler (other rows go on); the message is for the user."""
 
@@ -64,11 +69,11 @@ def refuse_beyond(req: Request, runner: str, options: bool) -> None:
     """Refuse, in words for the user, what a runner that streams one reply per call cannot do:
     n > 1 and prompt log-probabilities (and, where `options` is False, any DecodeOptions)."""
     if req.n != 1:
-        raise ValueError(f"n > 1 is not served {runner}: send one request per reply")
+        raise RequestRefused(f"n > 1 is not served {runner}: send one request per reply")
     if req.prompt_logprobs is not None:
-        raise ValueError(f"prompt log-probabilities are not served {runner}")
+        raise RequestRefused(f"prompt log-probabilities are not served {runner}")
     if not options and req.options != PLAIN:
-        raise ValueError(f"log-probabilities, logit bias, frequency and presence penalties, min_tokens and "
+        raise RequestRefused(f"log-probabilities, logit bias, frequency and presence penalties, min_tokens and "
                          f"structured output are not served {runner}")
 
 

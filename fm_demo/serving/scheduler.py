@@ -65,8 +65,8 @@ from ..engine.decode import MAX_TOP_LOGPROBS
 from ..engine.state import zero_state
 from .plan import plan
 from .prefix_cache import PrefixCache
-from .request import (FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, SchedulerBusy,
-                      SchedulerClosed)
+from .request import (FRESH, GIVEN, HIT, REBUILT, Progress, Reply, Request, RequestFailed, RequestRefused,
+                      SchedulerBusy, SchedulerClosed)
 
 log = logging.getLogger("fm_demo.scheduler")
 RATE_WINDOW_S = 5.0  # aggregate tok/s is measured over this trailing window
@@ -179,12 +179,12 @@ class Scheduler:
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got min {min(tokens)} max {max(tokens)}")
         if not 1 <= req.n <= self.max_batch:
-            raise ValueError(f"n must be from 1 to {self.max_batch} (the rows this model decodes at once), "
-                             f"got {req.n}")
+            raise RequestRefused(f"n must be from 1 to {self.max_batch} (the rows this model decodes at once), "
+                                 f"got {req.n}")
         if req.n > 1 and not req.max_new_tokens:
-            raise ValueError("n > 1 needs max_new_tokens >= 1: replies, not a read")
+            raise RequestRefused("n > 1 needs max_new_tokens >= 1: replies, not a read")
         if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"prompt_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {req.prompt_logprobs}")
+            raise RequestRefused(f"prompt_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {req.prompt_logprobs}")
         limit = len(tokens) - 1 if req.max_new_tokens else len(tokens)
         if req.resume is not None:
             self.engine.check_state(req.resume, 1)

@@ -40,11 +40,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import chat
+from ..engine import DecodeOptions
 from ..engine.sampling import SamplingError
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
-from ..serving.completion import CompletionChunk, CompletionRequest, complete
+from ..serving.completion import CompletionChunk, CompletionRequest, Usage, complete
+from ..serving.request import RequestRefused
 from ..settings import Settings
-from .openai_schema import ApiError, ApiRequest, Shape, bad, model_json, parse_chat, parse_completion
+from .openai_schema import (ApiError, ApiRequest, Json, Shape, bad, chat_logprobs, completion_logprobs, model_json,
+                            parse_chat, parse_completion)
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -64,7 +67,10 @@ def api_routes() -> list[BaseRoute]:
     router.add_api_route("/models/{model:path}", get_model, methods=["GET"], include_in_schema=False)
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     router.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
-    return list(router.routes)
+    tokens = APIRouter()  # vLLM's paths and shapes, so clients count tokens as the server does
+    tokens.add_api_route("/tokenize", tokenize, methods=["POST"], include_in_schema=False)
+    tokens.add_api_route("/detokenize", detokenize, methods=["POST"], include_in_schema=False)
+    return [*router.routes, *tokens.routes]
 
 
 # -- endpoints -------------------------------------------------------------------------------
@@ -96,6 +102,58 @@ async def completions(request: Request) -> Response:
     return await _serve(request, parse_completion)
 
 
+async def tokenize(request: Request) -> Response:
+    """{"model", "prompt"} or {"model", "messages", "add_generation_prompt"} -> {"count", "tokens",
+    "max_model_len"}: the ids a completion of the same body would read."""
+    return await _token_route(request, _tokenize)
+
+
+async def detokenize(request: Request) -> Response:
+    """{"model", "tokens": [ids]} -> {"prompt": text}."""
+    return await _token_route(request, _detokenize)
+
+
+async def _token_route(request: Request, fn: Callable[[AppContext, dict], dict]) -> Response:
+    try:
+        ctx = _open(request)
+        body = await _read_json(request, ctx.settings)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise bad("the body must be an object with a 'model'", "model", "missing_model")
+        ctx.manager.resolve(body["model"])
+        out = await anyio.to_thread.run_sync(fn, ctx, body, limiter=_threads(request, ctx))
+    except Exception as e:
+        return error_response(api_error(e))
+    return JSONResponse(out)
+
+
+def _tokenize(ctx: AppContext, body: dict) -> dict:
+    lm = ctx.manager.get(body["model"])
+    if body.get("messages") is not None:
+        req = parse_chat({"model": body["model"], "messages": body["messages"]}, ctx.settings)
+        messages = _with_tools(req.messages, None, bool(lm.chat_format.template))
+        if body.get("add_generation_prompt", True) is not True:
+            text = chat.render(lm.chat_format, messages, add_generation_prompt=False)
+            ids = chat.encode(lm.tokenizer, text)
+        else:
+            ids, _ = chat.encode_messages(lm.chat_format, lm.tokenizer, messages)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad("'prompt' must be a string (or send 'messages')", "prompt")
+        _check_size(ctx, len(prompt), "prompt")
+        ids = chat.encode(lm.tokenizer, prompt)
+    return {"count": len(ids), "max_model_len": None, "tokens": ids}
+
+
+def _detokenize(ctx: AppContext, body: dict) -> dict:
+    lm = ctx.manager.get(body["model"])
+    ids, vocab = body.get("tokens"), lm.engine.config.vocab_size
+    if not isinstance(ids, list) or len(ids) > ctx.settings.max_upload_chars or \
+            not all(type(t) is int and 0 <= t < vocab for t in ids):
+        raise bad(f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
+    return {"prompt": lm.tokenizer.decode(ids)}
+
+
 # -- one request -----------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -103,6 +161,29 @@ class _Job:
     request: CompletionRequest
     shape: Shape
     lead: str  # the chat format's text between "Assistant:" and a reply, not part of the reply
+    logprobs: int | None = None  # as asked: None, or the alternatives per token
+    echo: str | None = None  # completions with echo: the prompt's text, before each choice's reply
+    tool_call: bool = False  # the reply is a forced call (tool_choice "required" or named)
+
+    def token_text(self, token_id: int) -> str:
+        return self.lm.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, chunk: CompletionChunk) -> Json:
+        return chat_logprobs([(self.token_text(t), lp, [(self.token_text(a), v) for a, v in top])
+                              for t, lp, top in chunk.logprobs])
+
+    def completion_logprobs(self, chunk: CompletionChunk, offset: int, first: bool) -> Json:
+        entries = []
+        if first and self.echo is not None and chunk.prompt_logprobs is not None:
+            prompt = self.request.prompt_ids
+            for tid, scored in zip(prompt, chunk.prompt_logprobs):
+                value, top = (None, None) if scored is None else (scored[0], [(self.token_text(a), v)
+                                                                             for a, v in scored[1]])
+                entries.append((self.token_text(tid), value, top))
+            offset -= len(self.echo)
+        entries += [(self.token_text(t), lp, [(self.token_text(a), v) for a, v in top])
+                    for t, lp, top in chunk.logprobs]
+        return completion_logprobs(entries, offset)
 
 
 async def _serve(request: Request, parse: Callable[[object, Settings], ApiRequest]) -> Response:
@@ -173,9 +254,14 @@ def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     lm = ctx.manager.get(req.model)
     fmt = lm.chat_format
     keep: tuple[int, ...] = ()  # message ends: states kept there serve requests that share them
+    forced = bool(req.tools) and req.tool_choice not in ("none", "auto")
     if req.messages:
-        _check_size(ctx, len(chat.render(fmt, req.messages, add_generation_prompt=True)), param)
-        ids, keep = chat.encode_messages(fmt, lm.tokenizer, req.messages)
+        messages = _with_tools(req.messages, req.tools if forced else None, bool(fmt.template))
+        try:
+            _check_size(ctx, len(chat.render(fmt, messages, add_generation_prompt=True)), param)
+            ids, keep = chat.encode_messages(fmt, lm.tokenizer, messages)
+        except ValueError as e:  # a role the checkpoint's chat template does not render
+            raise bad(f"the messages cannot be rendered by this model's chat format: {e}", param) from None
     else:
         ids = chat.encode(lm.tokenizer, text) if isinstance(text, str) else list(text)
     if not ids:
@@ -183,12 +269,57 @@ def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:
     vocab = lm.engine.config.vocab_size
     if not all(0 <= t < vocab for t in ids):
         raise bad(f"token ids must be in [0, {vocab})", param)
+    for name, given in (("logit_bias", [t for t, _ in req.logit_bias]), ("stop_token_ids", req.stop_token_ids)):
+        if any(t >= vocab for t in given):
+            raise bad(f"'{name}' token ids must be in [0, {vocab})", name)
+    stop_ids = () if req.ignore_eos else tuple(chat.stop_token_ids(fmt, lm.tokenizer))
+    stop_ids = tuple(dict.fromkeys(stop_ids + req.stop_token_ids))
+    grammar = _grammar(lm, req, stop_ids, forced) if forced or req.response_format else None
+    options = DecodeOptions(req.logprobs, req.logit_bias, req.frequency_penalty, req.presence_penalty,
+                            req.min_tokens, grammar)
     stops = req.stop + (fmt.stop_strings if req.messages else ())
-    creq = CompletionRequest(ids, req.sampling, req.max_tokens, tuple(chat.stop_token_ids(fmt, lm.tokenizer)),
-                             stops, space, keep)
+    scored = req.logprobs if req.echo and req.logprobs is not None else None
+    creq = CompletionRequest(ids, req.sampling, req.max_tokens, stop_ids, stops, space, keep, options, req.n, scored)
     kind = "chatcmpl" if req.messages else "cmpl"
     shape = Shape(req.messages is not None, f"{kind}-{secrets.token_hex(12)}", int(time.time()), req.model)
-    return _Job(lm, creq, shape, fmt.reply_lead if req.messages else "")
+    echo = None
+    if req.echo:
+        echo = text if isinstance(text, str) else lm.tokenizer.decode(ids)
+    return _Job(lm, creq, shape, fmt.reply_lead if req.messages else "", req.logprobs, echo, forced)
+
+
+def _with_tools(messages: list[dict[str, str]], tools: list | None, template: bool) -> list[dict[str, str]]:
+    """The messages as the model reads them: a forced call's functions described in the system
+    message; tool results as "tool" turns where the checkpoint's template renders roles, else as
+    user turns that say what they are."""
+    out = [m if m["role"] != "tool" or template else {"role": "user", "content": f"Tool result: {m['content']}"}
+           for m in messages]
+    if tools:
+        listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools if isinstance(t, dict))
+        note = ("Reply with a JSON object {\"name\": ..., \"arguments\": {...}} that calls one of these "
+                f"functions:\n{listing}")
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{note}"}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+def _grammar(lm: LoadedModel, req: ApiRequest, stop_ids: tuple[int, ...], forced: bool):
+    """The compiled grammar of a response_format or a forced tool call (a 400 when it cannot be)."""
+    from ..engine.constraints import ConstraintError, compile_grammar, tool_call_schema
+
+    param = "tools" if forced else "response_format"
+    if not stop_ids:
+        raise bad("structured output needs an end token: it cannot be combined with 'ignore_eos'", param)
+    try:
+        if forced:
+            kind, schema = "json_schema", tool_call_schema(req.tools, req.tool_choice)
+        else:
+            kind, schema = req.response_format
+        return compile_grammar(kind, schema, lm.tokenizer, lm.engine.config.vocab_size, stop_ids)
+    except ConstraintError as e:
+        raise bad(str(e), param, "invalid_schema") from None
 
 
 def _check_size(ctx: AppContext, size: int, param: str) -> None:
@@ -234,38 +365,110 @@ class _Lead:
         return out
 
 
+class _Choices:
+    """What a response has written of each of its n choices: text (after the reply lead), finish,
+    usage, and where the next token's text starts (completions' text_offset)."""
+
+    def __init__(self, job: _Job):
+        n = job.request.n
+        self.job, self.leads = job, [_Lead(job.lead) for _ in range(n)]
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.logprobs: list[list[Json]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.usage: list[Usage | None] = [None] * n
+        self.offsets = [len(job.echo or "") for _ in range(n)]
+        self.started = [False] * n
+
+    def take(self, chunk: CompletionChunk) -> tuple[str, Json | None]:
+        """The chunk's text and log-probabilities, recorded for its choice."""
+        i, job = chunk.index, self.job
+        first = not self.started[i]
+        self.started[i] = True
+        text = self.leads[i].push(chunk.text, chunk.finish_reason is not None)
+        if first and job.echo is not None:
+            text = job.echo + text
+        lp = None
+        if job.logprobs is not None and (chunk.logprobs or (first and chunk.prompt_logprobs is not None)):
+            lp = job.chat_logprobs(chunk) if job.shape.chat else job.completion_logprobs(chunk, self.offsets[i], first)
+        self.offsets[i] += len(text) - (len(job.echo) if first and job.echo is not None else 0)
+        self.texts[i].append(text)
+        if lp is not None:
+            self.logprobs[i].append(lp)
+        if chunk.finish_reason:
+            self.finish[i], self.usage[i] = chunk.finish_reason, chunk.usage
+        return text, lp
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def total(self) -> Usage:
+        first = self.usage[0] or Usage()
+        return Usage(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+                     completion_tokens=sum(u.completion_tokens for u in self.usage if u is not None))
+
+    def tool_calls(self, i: int) -> list[Json] | None:
+        """A forced call's text as OpenAI's tool_calls (None when the reply was cut before it parsed)."""
+        try:
+            call = json.loads("".join(self.texts[i]))
+            return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                     "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def merged_logprobs(self, i: int) -> Json | None:
+        if self.job.logprobs is None:
+            return None
+        parts = self.logprobs[i]
+        if self.job.shape.chat:
+            return {"content": [e for p in parts for e in p["content"]], "refusal": None}
+        return {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+    def choice_json(self, i: int) -> Json:
+        calls = self.tool_calls(i) if self.job.tool_call else None
+        finish = "tool_calls" if calls else self.finish[i]
+        return self.job.shape.choice(i, "".join(self.texts[i]), finish, False, self.merged_logprobs(i), calls)
+
+
 async def _whole(request: Request, reply: _Reply, chunk: CompletionChunk, job: _Job) -> Response:
-    lead, parts = _Lead(job.lead), []
+    choices = _Choices(job)
     try:
         while True:
-            parts.append(lead.push(chunk.text, chunk.finish_reason is not None))
-            if chunk.finish_reason:
+            choices.take(chunk)
+            if choices.done:
                 break
-            if await request.is_disconnected():  # nobody to answer: free the row
+            if await request.is_disconnected():  # nobody to answer: free the rows
                 return Response(status_code=499)
             chunk = await reply.next()
     except Exception as e:
         return error_response(api_error(e))
     finally:
         await reply.close()
-    return JSONResponse(job.shape.response("".join(parts), chunk.finish_reason, chunk.usage))
+    return JSONResponse(job.shape.response([choices.choice_json(i) for i in range(job.request.n)], choices.total()))
 
 
 async def _events(reply: _Reply, chunk: CompletionChunk, job: _Job, with_usage: bool) -> AsyncIterator[str]:
-    """The SSE body: OpenAI's chunks, a usage chunk when asked, then [DONE]; an error mid-stream
-    is sent as an error event (OpenAI's clients raise it), then [DONE]."""
-    shape, lead = job.shape, _Lead(job.lead)
+    """The SSE body: OpenAI's chunks (each choice's with its index), a usage chunk when asked, then
+    [DONE]; an error mid-stream is sent as an error event (OpenAI's clients raise it), then [DONE].
+    A forced tool call is sent whole when it ends, as one tool_calls delta."""
+    shape, choices = job.shape, _Choices(job)
     try:
-        if (head := shape.first_chunk(with_usage)) is not None:
-            yield _sse(head)
         while True:
-            text = lead.push(chunk.text, chunk.finish_reason is not None)
-            if text:
-                yield _sse(shape.chunk(text, None, with_usage))
+            i = chunk.index
+            if not choices.started[i] and (head := shape.first_chunk(i, with_usage)) is not None:
+                yield _sse(head)
+            text, lp = choices.take(chunk)
+            if (text or lp) and not job.tool_call:
+                yield _sse(shape.chunk(shape.choice(i, text, None, True, lp), with_usage))
             if chunk.finish_reason:
-                yield _sse(shape.chunk(None, chunk.finish_reason, with_usage))
+                calls = choices.tool_calls(i) if job.tool_call else None
+                if job.tool_call and not calls:  # cut short: the text as it is
+                    yield _sse(shape.chunk(shape.choice(i, "".join(choices.texts[i]), None, True), with_usage))
+                finish = "tool_calls" if calls else chunk.finish_reason
+                yield _sse(shape.chunk(shape.choice(i, None, finish, True, None, calls), with_usage))
+            if choices.done:
                 if with_usage:
-                    yield _sse(shape.usage_chunk(chunk.usage))
+                    yield _sse(shape.usage_chunk(choices.total()))
                 break
             chunk = await reply.next()
     except Exception as e:
@@ -325,6 +528,8 @@ def api_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, SamplingError):  # parsing checks these; a cluster replica checks them again
         return bad(str(e), e.field)
+    if isinstance(e, RequestRefused):  # what this model's runner cannot serve (n beyond its rows...)
+        return bad(str(e))
     if isinstance(e, SchedulerBusy):
         return ApiError(503, str(e), code="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, SchedulerClosed):

@@ -191,3 +191,17 @@ def test_seven_b_quick():
     assert 0.75 < out["estimate_bytes"] / out["rss_bytes"] < 1.25  # resident bytes move with the allocator
     positive(out["load_s"], out["bandwidth_bound_tok_s"], out["ttft_turn1_s"], out["ttft_turn10_s"],
              *out["decode_tok_s"].values())
+
+
+def test_api_quick():
+    """bench/api.py: constrained against unconstrained decode, n=8 from one read, echo scoring memory."""
+    out = run_bench("api", timeout=300)
+    assert set(out) == {"constrained", "n", "echo"}
+    all_finite(out)
+    c, n, echo = out["constrained"], out["n"], out["echo"]
+    assert {"tok_s_b1", "tok_s_b16", "unconstrained_tok_s_b1", "unconstrained_tok_s_b16"} <= set(c), c
+    positive(*(c[k] for k in ("tok_s_b1", "tok_s_b16", "unconstrained_tok_s_b1", "unconstrained_tok_s_b16")))
+    assert {"ttft_n1_s", "ttft_n8_s", "prompt_tokens_read_n8", "prompt_tokens"} <= set(n)
+    assert n["prompt_tokens_read_n8"] == n["prompt_tokens"]  # eight replies, one read
+    positive(n["ttft_n1_s"], n["ttft_n8_s"])
+    assert {"peak_bytes_1k", "peak_bytes_32k"} <= set(echo) and echo["peak_bytes_32k"] < 1.5 * echo["peak_bytes_1k"]

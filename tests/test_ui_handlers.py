@@ -200,12 +200,12 @@ def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_g
     bound = bind(handler, "the context")
     assert list(inspect.signature(bound).parameters) == [
         "message", "preset", "precision", "system", "temperature", "top_p", "top_k", "repetition_penalty",
-        "max_new_tokens", "seed", "points", "request", "progress"]
+        "max_new_tokens", "seed", "json_schema", "points", "request", "progress"]
     hints = typing.get_type_hints(bound)  # what Gradio reads to inject the request
     assert hints["request"] is gr.Request and hints["top_k"] is int and hints["points"] is list
     sent = request("bound")
-    knobs = chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7))
-    assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, [1], sent) == (
+    knobs = chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7), "{}")
+    assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, "{}", [1], sent) == (
         "the context", "Hi", knobs, [1], sent)
 
 
@@ -567,3 +567,23 @@ def test_kernels_check_report_says_which_path_runs():
     report = system_tab.kernels_check_report()
     assert report["engine_paths"]["scan"] == "reference" or report["engine_paths"]["fused"]
     assert "checks" in report
+
+
+def test_the_chat_replies_as_json_matching_the_schema_in_its_box(ctx):
+    """The Chat tab's "Reply as JSON" box: the reply parses and has the schema's fields; a box that
+    holds no JSON or an unusable schema is the user's to fix, and the conversation is untouched."""
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "unit": {"enum": ["km", "mi"]}},
+              "required": ["answer", "unit"], "additionalProperties": False}
+    shaped = dataclasses.replace(knobs(max_new=120), json_schema=json.dumps(schema))
+    drain(chat_tab.send(ctx, "How far is it from Paris to Rome?", shaped, [], request=request("json-chat")))
+    conv = ctx.store.get("json-chat", "chat")
+    reply = json.loads(conv.turns[-1].reply)
+    assert set(reply) == {"answer", "unit"} and isinstance(reply["answer"], int) and reply["unit"] in ("km", "mi")
+    for box, why in (("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
+                     ('{"type": "no-such-type"}', "cannot be used")):
+        with pytest.raises(gr.Error, match=why):
+            drain(chat_tab.send(ctx, "Again?", dataclasses.replace(shaped, json_schema=box), [],
+                                request=request("json-chat")))
+    assert len(conv.turns) == 1

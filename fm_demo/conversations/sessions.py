@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .. import chat
-from ..engine import SamplingParams, State, TokenEvent
+from ..engine import DecodeOptions, SamplingParams, State, TokenEvent
+from ..engine.decode import PLAIN
 from ..metrics import ReplyMetrics, device_memory
 from ..models import LoadedModel
 from ..serving import Progress, Reply, Request
@@ -138,31 +139,37 @@ class Conversation:
     # -- replies -----------------------------------------------------------------------------
     def send(self, text: str, sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
              progress: ProgressFn | None = None, allow_long: bool = False,
-             document_chars: int | None = None) -> Iterator[ReplyEvent]:
+             document_chars: int | None = None, options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
         """Stream the reply to a new user message; closing the iterator stops the reply.
 
         document_chars: the message starts with a document of that many characters; the state at
         its end is kept in the prefix cache, so the same document with another question (from
-        this session, or anyone's when sharing is on) is not read again.
+        this session, or anyone's when sharing is on) is not read again. options: the reply's
+        DecodeOptions (a grammar for a JSON reply, say).
         """
         self._check_text(text, allow_long)
-        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress, document_chars)
+        return self._generate(len(self.turns), text, sampling, max_new_tokens, progress, document_chars, options)
 
-    def retry(self, sampling: SamplingParams | None = None,
-              max_new_tokens: int | None = None) -> Iterator[ReplyEvent]:
+    def retry(self, sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
+              options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
         """A new reply to the last user message (from the snapshot before its first token)."""
         if not self.turns:
             raise ConversationError("nothing to retry: the conversation is empty")
-        return self._generate(len(self.turns) - 1, None, sampling, max_new_tokens, None)
+        return self._generate(len(self.turns) - 1, None, sampling, max_new_tokens, None, None, options)
 
     def edit(self, user_turn_index: int, text: str, sampling: SamplingParams | None = None,
-             max_new_tokens: int | None = None) -> Iterator[ReplyEvent]:
+             max_new_tokens: int | None = None, options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
         """Replace user message `user_turn_index` (0-based), drop what followed, reply again."""
         if not 0 <= user_turn_index < len(self.turns):
             raise ConversationError(f"there is no user message {user_turn_index} to edit "
                                     f"({len(self.turns)} in this conversation)")
         self._check_text(text, allow_long=False)
-        return self._generate(user_turn_index, text, sampling, max_new_tokens, None)
+        return self._generate(user_turn_index, text, sampling, max_new_tokens, None, None, options)
+
+    def stop_ids(self, lm: LoadedModel | None = None) -> tuple[int, ...]:
+        """The tokens that end a reply on this conversation's model."""
+        lm = lm or self._require_model()
+        return tuple(sorted(chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)))
 
     def _check_text(self, text: str, allow_long: bool) -> None:
         limit = self.settings.max_upload_chars if allow_long else self.settings.max_input_chars
@@ -173,14 +180,14 @@ class Conversation:
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
                   max_new_tokens: int | None, progress: ProgressFn | None,
-                  document_chars: int | None = None) -> Iterator[ReplyEvent]:
+                  document_chars: int | None = None, options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
         if not self._lock.acquire(blocking=False):
             raise ConversationBusy("a reply is still being written in this conversation")
         before = self.last_metrics
         try:
             yield from self._generate_locked(keep, user_text, sampling or SamplingParams(),
                                              self.settings.clamp_new_tokens(max_new_tokens), progress,
-                                             document_chars)
+                                             document_chars, options)
         finally:
             self.last_used = time.monotonic()
             self._lock.release()
@@ -188,7 +195,7 @@ class Conversation:
                 self.on_commit(self, self.last_metrics if self.last_metrics is not before else None)
 
     def _generate_locked(self, keep, user_text, sampling, max_new, progress,
-                         document_chars=None) -> Iterator[ReplyEvent]:
+                         document_chars=None, options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
         lm = self._require_model()
         t0 = time.perf_counter()
         turn, rewritten = self._begin_turn(keep, user_text)
@@ -199,7 +206,7 @@ class Conversation:
         m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
         raw, finish, reply = "", None, None
         try:
-            reply = lm.runner.submit(self._request(lm, tokens, sampling, max_new, progress is not None))
+            reply = lm.runner.submit(self._request(lm, tokens, sampling, max_new, progress is not None, options))
             for item in reply:
                 if isinstance(item, Progress):
                     progress(item.done, item.total)
@@ -236,13 +243,11 @@ class Conversation:
         yield ReplyEvent("", turn.reply, m, done=True, finish_reason=finish)
 
     def _request(self, lm: LoadedModel, tokens: list[int], sampling: SamplingParams, max_new: int,
-                 progress: bool) -> Request:
+                 progress: bool, options: DecodeOptions = PLAIN) -> Request:
         """The reply as one request: the whole transcript, and where this conversation wants states."""
-        stops = chat.stop_token_ids(self.fmt, lm.tokenizer, lm.model.generation_config.eos_token_id)
-        return Request(tokens, self.namespace, sampling, max_new, tuple(sorted(stops)),
+        return Request(tokens, self.namespace, sampling, max_new, self.stop_ids(lm),
                        keep_at=tuple(p for p in self._marks() if p < len(tokens)), tokenizer=lm.tokenizer,
-                       progress=progress,
-                       expect=self.cache.expected(len(tokens) - 1))
+                       progress=progress, expect=self.cache.expected(len(tokens) - 1), options=options)
 
     def _begin_turn(self, keep: int, user_text: str | None) -> tuple[Turn, int | None]:
         """Cut the transcript back for the new reply; returns the turn and, where the chat template

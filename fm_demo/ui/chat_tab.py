@@ -8,6 +8,7 @@ KV cache; the device-memory plot redraws when the points change.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Iterator
 import gradio as gr
 import pandas as pd
 
+from ..engine import DecodeOptions
 from ..settings import MiB
 from .common import (
     AppContext,
@@ -63,10 +65,34 @@ class Knobs(Inputs):
     precision: str
     system: str
     sampling: Sampling
+    json_schema: str = ""  # "Reply as JSON matching this schema": empty for a free reply
 
 
 def _open(ctx: AppContext, request, knobs: Knobs, progress):
     return open_conversation(ctx, request, knobs.preset, knobs.precision, SLOT, progress, knobs.system)
+
+
+def reply_options(conv, schema_text: str) -> DecodeOptions:
+    """The reply's DecodeOptions: a grammar for the JSON schema in the box (the API's
+    response_format json_schema), or nothing when it is empty; a schema that is no JSON, or that
+    the grammar cannot compile, is the user's to fix."""
+    text = (schema_text or "").strip()
+    if not text:
+        return DecodeOptions()
+    from ..engine.constraints import ConstraintError, compile_grammar
+
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise gr.Error(f"The JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise gr.Error("The JSON schema must be a JSON object, such as {\"type\": \"object\"}.")
+    lm = conv.lm
+    try:
+        grammar = compile_grammar("json_schema", schema, lm.tokenizer, lm.engine.config.vocab_size, conv.stop_ids(lm))
+    except ConstraintError as e:
+        raise gr.Error(f"That JSON schema cannot be used: {e}") from None
+    return DecodeOptions(grammar=grammar)
 
 
 def _stream(
@@ -103,7 +129,8 @@ def send(
         return
     reply = knobs.sampling.for_reply()  # checked before the model loads
     sid, conv = _open(ctx, request, knobs, progress)
-    yield from _stream(ctx, sid, conv, conv.send(text, *reply), points, sent=text)
+    options = reply_options(conv, knobs.json_schema)
+    yield from _stream(ctx, sid, conv, conv.send(text, *reply, options=options), points, sent=text)
 
 
 def _user_turn(messages: list[dict], index) -> int:
@@ -124,7 +151,7 @@ def retry(
     sid, conv = _open(ctx, request, knobs, progress)
     if not conv.turns:
         raise gr.Error("Nothing to retry yet: send a message first.")
-    yield from _stream(ctx, sid, conv, conv.retry(*reply), points)
+    yield from _stream(ctx, sid, conv, conv.retry(*reply, options=reply_options(conv, knobs.json_schema)), points)
 
 
 @user_errors
@@ -143,7 +170,8 @@ def edit(
         raise gr.Error("An edited message cannot be empty; use Undo to remove a turn.")
     reply = knobs.sampling.for_reply()
     sid, conv = _open(ctx, request, knobs, progress)
-    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, *reply)
+    events = conv.edit(_user_turn(conv.messages, edit_data.index), text, *reply,
+                       options=reply_options(conv, knobs.json_schema))
     yield from _stream(ctx, sid, conv, events, points)
 
 
@@ -246,6 +274,10 @@ def build_chat_tab(ctx: AppContext) -> None:
             system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 sampling = sampling_inputs(s, elem_prefix="chat")
+            with gr.Accordion("Reply as JSON", open=False, elem_id="chat-json"):
+                json_schema = gr.Code(
+                    "", language="json", lines=5, label="Reply as JSON matching this schema (empty: free text)",
+                    elem_id="chat-json-schema")
     with gr.Row():
         mem_plot = series_plot(
             MEMORY_COLORS,
@@ -278,7 +310,8 @@ def build_chat_tab(ctx: AppContext) -> None:
             elem_id="chat-speed",
         )
 
-    knobs = input_components(Knobs, preset=preset, precision=precision, system=system, sampling=sampling)
+    knobs = input_components(Knobs, preset=preset, precision=precision, system=system, sampling=sampling,
+                             json_schema=json_schema)
     knobs.append(points)
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")

@@ -152,3 +152,18 @@ def test_a_failing_grammar_ends_its_row_alone(engine, sched):
     with pytest.raises(RequestFailed, match="matcher broke"):
         list(bad.tokens())
     assert len([ev for ev in good.tokens()]) == 4 and good.finish_reason == "length"
+
+
+def test_logprobs_in_a_batch_equal_those_alone(engine, sched):
+    opts = DecodeOptions(logprobs=2)
+    alone = list(sched.submit(Request(PROMPT, max_new_tokens=6, options=opts, cache=False)).tokens())
+    others = [sched.submit(Request(PROMPT[i:], sampling=SamplingParams(temperature=1.0, seed=i), max_new_tokens=12,
+                                   cache=False)) for i in range(1, 6)]
+    batched = list(sched.submit(Request(PROMPT, max_new_tokens=6, options=opts, cache=False)).tokens())
+    for r in others:
+        list(r.tokens())
+    assert [e.token_id for e in batched] == [e.token_id for e in alone]
+    assert max(e.metrics.batch_mean for e in batched) > 1  # it did share its steps
+    for a, b in zip(alone, batched):
+        assert abs(a.logprob - b.logprob) < 1e-5
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]

@@ -100,7 +100,7 @@ def complete(lm: ServedModel, req: CompletionRequest) -> Iterator[CompletionChun
 
 def _choice(reply: Reply, req: CompletionRequest, index: int, t0: float) -> Iterator[CompletionChunk]:
     usage = Usage(prompt_tokens=len(req.prompt_ids))
-    text, sent, finish, pending = "", 0, None, []
+    text, sent, finish, pending, scanned = "", 0, None, [], 0
     prompt = None if req.prompt_logprobs is None else reply.prompt_logprobs
     try:
         for ev in reply.tokens():
@@ -108,7 +108,8 @@ def _choice(reply: Reply, req: CompletionRequest, index: int, t0: float) -> Iter
                 usage.ttft_s = time.perf_counter() - t0
             usage.completion_tokens += 1
             text += ev.text
-            hit = first_stop(text, req.stop_strings)
+            hit = first_stop(text, req.stop_strings, scanned)
+            scanned = len(text)
             if hit >= 0:
                 text, finish = text[:hit], "stop"
                 break

@@ -40,10 +40,10 @@ from typing import Any
 from ..engine.decode import MAX_TOP_LOGPROBS
 from ..engine.sampling import SamplingError, SamplingParams, checked, narrowed
 from ..serving.completion import Usage
+from ..stops import MAX_STOP_CHARS, MAX_STOPS
 from ..settings import Settings
 
 Json = dict[str, Any]
-MAX_STOPS = 16
 OPENAI_MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2], within the engine's LIMITS
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": None}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -301,6 +301,8 @@ def _stops(stop: Any) -> tuple[str, ...]:
         raise bad("'stop' must be a non-empty string or a list of them", "stop")
     if len(stops) > MAX_STOPS:
         raise bad(f"'stop' takes at most {MAX_STOPS} strings", "stop")
+    if sum(map(len, stops)) > MAX_STOP_CHARS:
+        raise bad(f"'stop' strings may hold at most {MAX_STOP_CHARS} characters together", "stop")
     return tuple(stops)
 
 

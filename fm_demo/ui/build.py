@@ -20,6 +20,8 @@ from .lab_tab import build_lab_tab
 from .long_tab import build_long_tab
 from .readout import CSS
 from .system_tab import build_system_tab, system_report
+from .theme import CSS as THEME_CSS
+from .theme import HEAD, theme
 
 TITLE = "Falcon Mamba: attention-free chat"
 INTRO = (
@@ -111,8 +113,9 @@ def launch_kwargs(settings: Settings) -> dict:
 
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
-        "theme": gr.themes.Soft(primary_hue="emerald"),
-        "css": CSS,
+        "theme": theme(),
+        "css": CSS + THEME_CSS,
+        "head": HEAD,
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],
         "show_error": False,

@@ -35,6 +35,7 @@ from .common import (
 )
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
 from .plots import series_plot
+from .theme import icon
 from .readout import (
     DEVICE_COLORS,
     MEMORY_COLORS,
@@ -257,14 +258,14 @@ def build_chat_tab(ctx: AppContext) -> None:
                     autofocus=True,
                 )
                 send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
-            with gr.Row():
-                stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
-                retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
-                undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
-                clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
-                export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
+            with gr.Row(elem_id="chat-actions"):  # one row of icons on a phone (ui/theme.py)
+                stop_btn = gr.Button("Stop", variant="stop", size="sm", icon=icon("stop"), elem_id="chat-stop")
+                retry_btn = gr.Button("Retry", size="sm", icon=icon("retry"), elem_id="chat-retry")
+                undo_btn = gr.Button("Undo", size="sm", icon=icon("undo"), elem_id="chat-undo")
+                clear_btn = gr.Button("Clear", size="sm", icon=icon("clear"), elem_id="chat-clear")
+                export_btn = gr.Button("Export", size="sm", icon=icon("export"), elem_id="chat-export")
                 import_btn = gr.UploadButton(
-                    "Import", size="sm", file_types=[".fmconv"], elem_id="chat-import"
+                    "Import", size="sm", icon=icon("import"), file_types=[".fmconv"], elem_id="chat-import"
                 )
             gr.Examples([[e] for e in EXAMPLES], inputs=msg, label="Try", elem_id="chat-examples")
             export_file = gr.File(label="Exported conversation", visible=False, height=60)

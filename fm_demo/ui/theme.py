@@ -7,7 +7,11 @@ to three steps darker pass (tests/test_accessibility.py runs axe-core over every
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
+
+ICONS = Path(__file__).resolve().parent / "icons"
 
 AA = {
     "button_primary_background_fill": "*primary_700",
@@ -27,9 +31,20 @@ AA = {
 def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="emerald").set(**AA)
 
+
+def icon(name: str) -> str:
+    """The path of a button icon (fm_demo/ui/icons/<name>.svg)."""
+    return str(ICONS / f"{name}.svg")
+
 # Gradio's JSON viewer (System tab) hard-codes pale syntax colours (keys #d18770 on white: 2.8:1);
 # in the light theme these darker ones read at 7:1 or more.
 CSS = """
+@media (max-width: 640px) {  /* a phone: the chat's actions as one row of icons, names kept for screen readers */
+  #chat-actions {flex-wrap: nowrap !important; gap: 4px !important;}
+  #chat-actions > * {min-width: 0 !important; flex: 1 1 0 !important;}
+  #chat-actions button {font-size: 0 !important; padding: 8px 0 !important; min-height: 40px;}
+  #chat-actions button img {width: 20px !important; height: 20px !important; margin: 0 !important;}
+}
 body:not(.dark) [data-testid="json"] .json-node {
   --text-color: #9a3f1c !important; --string-color: #8a3d12 !important; --number-color: #245566 !important;
   --bracket-color: #35575a !important; --square-bracket-color: #922b36 !important;

@@ -235,6 +235,49 @@ def test_bad_imports_are_refused(manager, lm, settings):
         Conversation.import_bytes(data, lm, small)
 
 
+def test_a_header_beyond_the_cap_is_refused_unparsed(lm, settings):
+    """A header of `[{},{},...]` grows ~25x when parsed; one longer than any transcript within the
+    caps needs is refused from its 8-byte length, so the import allocates next to nothing."""
+    import tracemalloc
+
+    from fm_demo.conversations.transfer import header_limit
+
+    small = settings.replace(max_upload_chars=4000)
+    body = b"[" + b"{}," * (header_limit(small) // 3) + b"{}]"
+    data = len(body).to_bytes(8, "little") + body
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImportRefused, match="header has .* at most"):
+            Conversation.import_bytes(data, lm, small)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) // 4, peak  # parsed, the dicts alone would take ~20x the file
+
+
+def test_a_transcript_beyond_the_typed_limits_is_refused(lm, settings):
+    """An imported transcript is held to the limits typed input has: a message or system prompt
+    longer than the chat box takes, and more characters or tokens than the longest prompt."""
+    conv = Conversation(lm, settings, system_prompt="Be brief.")
+    run(conv.send("Tell me about falcons. " * 8))
+    run(conv.send("And owls?"))
+    data = conv.export()
+    longest, tokens = len("Tell me about falcons. " * 8), conv.context_tokens
+    assert Conversation.import_bytes(data, lm, settings).token_ids() == conv.token_ids()  # within the caps
+    cases = {
+        "has 184 characters; the limit is 100": settings.replace(max_input_chars=100),
+        f"{tokens:,} tokens; this server imports up to {tokens - 1:,}": settings.replace(max_upload_chars=tokens - 1),
+    }
+    for why, limits in cases.items():
+        with pytest.raises(ImportRefused, match=why):
+            Conversation.import_bytes(data, lm, limits)
+    assert longest == 184
+    brief = Conversation(lm, settings, system_prompt="Answer in one word.")
+    run(brief.send("Hi"))
+    with pytest.raises(ImportRefused, match="has 19 characters; the limit is 10"):
+        Conversation.import_bytes(brief.export(), lm, settings.replace(max_input_chars=10))
+
+
 def test_wrong_state_shape_is_refused(lm, settings):
     from safetensors.torch import load
 

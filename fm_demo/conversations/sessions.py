@@ -465,7 +465,7 @@ class Conversation:
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
         """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
         conv = cls(lm, settings)
-        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
+        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings)
         if state.seqlen:
             conv.cache.add(state)
         return conv

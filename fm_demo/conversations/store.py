@@ -81,7 +81,7 @@ class SessionStore:
     def import_bytes(self, session_id: str, data: bytes, slot: str = "chat", preset_key: str | None = None,
                      precision: str | None = None) -> Conversation:
         """Import an exported conversation, by default on the model it was saved with."""
-        saved = peek_model(data)
+        saved = peek_model(data, self.settings)
         if preset_key is None:
             preset_key, precision = saved.get("preset"), precision or saved.get("precision")
             if preset_key not in self.manager.presets:

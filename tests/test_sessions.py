@@ -304,6 +304,69 @@ def test_wrong_state_shape_is_refused(lm, settings):
         Conversation.import_bytes(forged, lm, settings)
 
 
+@pytest.fixture(scope="module")
+def sharing(settings):
+    """(settings, manager) of a server that shares the prefix cache across sessions."""
+    shared = settings.replace(share_prefix_cache=True)
+    preset = Preset("instruct", "tiny instruct", bundled_checkpoint("instruct"), "instruct", ("fp32",), "fp32")
+    return shared, ModelManager(shared, presets={"instruct": preset})
+
+
+def _forge_state(data: bytes) -> bytes:
+    """The same transcript with another state, checksum recomputed: what anyone can write."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from fm_demo.conversations.transfer import _digest
+
+    n = int.from_bytes(data[:8], "little")
+    body = json.loads(data[8:8 + n])["__metadata__"]["fm_demo"]
+    tensors = load(data)
+    tensors["ssm"] = torch.randn(tensors["ssm"].shape, generator=torch.Generator().manual_seed(0)) * 10
+    return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
+
+
+def test_an_imported_state_serves_only_its_conversation_with_sharing_on(lm, settings, sharing):
+    """A forged state imported on a server that shares its prefix cache: the importer resumes from
+    it, nobody else ever finds it or anything read on from it, and another session sending the
+    same words gets the replies of a fresh read."""
+    shared, smanager = sharing
+    slm = smanager.get("instruct")
+    src = Conversation(lm, settings, system_prompt="Be brief.")  # another model object: another tree
+    run(src.send("Hello!"))
+    imp = Conversation.import_bytes(_forge_state(src.export()), slm, shared)
+    tokens = imp.token_ids()
+    assert slm.prefix_cache.find(tokens, "browser:someone") == (0, None)
+    run(imp.send("Again please."))
+    assert imp.last_metrics.cache_hit and imp.last_metrics.reused_tokens == len(tokens)
+    assert slm.prefix_cache.find(imp.token_ids(), "browser:someone") == (0, None)
+    other = Conversation(slm, shared, system_prompt="Be brief.", namespace="browser:someone")
+    run(other.send("Hello!"))
+    assert other.token_ids() == tokens
+    run(other.send("Again please."))
+    check_last_reply(other)
+
+
+def test_imported_states_leave_with_their_conversation(manager, settings, sharing):
+    """An import that replaces a conversation frees the states of the one it replaced, so the
+    store's budget counts every state an import holds; with sharing on too, and there a dropped
+    import's state leaves the shared tree at once."""
+    conv = Conversation(manager.get("instruct"), settings)
+    run(conv.send("Hello!"))
+    data = conv.export()
+    conv.release_states()
+    for s, m in ((settings, manager), sharing):
+        store, tree = SessionStore(s, m), m.get("instruct").prefix_cache
+        before = tree.nbytes
+        first = store.import_bytes("a", data)
+        second = store.import_bytes("a", data)
+        assert store.get("a") is second and first.cache.snapshots == {}
+        assert tree.nbytes - before == store.stats()["cache_bytes"] == second.cache_bytes() > 0
+        store.reset("a")
+        assert tree.nbytes == before
+
+
 def test_busy_and_input_errors(lm, settings):
     conv = Conversation(lm, settings)
     gen = conv.send("Hello!")

@@ -38,6 +38,7 @@ from ..engine.decode import PLAIN
 from ..metrics import ReplyMetrics, device_memory
 from ..models import LoadedModel
 from ..serving import Progress, Reply, Request
+from ..serving.namespaces import is_private, private_namespace
 from ..settings import Settings
 from ..stops import first_stop
 from ..templates import REWRITE_REASON, Extension
@@ -423,6 +424,8 @@ class Conversation:
         if self._lock.acquire(blocking=False):
             try:
                 self.cache.clear()
+                if is_private(self.namespace):  # no one else can ever read them: they go now
+                    self.cache.tree.discard_unheld(self.namespace)
             finally:
                 self._lock.release()
 
@@ -463,8 +466,12 @@ class Conversation:
 
     @classmethod
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
-        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
-        conv = cls(lm, settings)
+        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit.
+
+        The file's state is not checked against its transcript (that would cost the read the
+        import saves), so the conversation gets a private namespace: its state, and every state
+        read on from it, serve this conversation (and its forks) alone, with sharing on too."""
+        conv = cls(lm, settings, namespace=private_namespace())
         conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings)
         if state.seqlen:
             conv.cache.add(state)

@@ -64,11 +64,15 @@ class SessionStore:
             return self._convs.get((str(session_id), slot))
 
     def put(self, session_id: str, conv: Conversation, slot: str = "chat") -> Conversation:
-        """Register a conversation (an import or a fork) under a session and slot."""
+        """Register a conversation (an import or a fork) under a session and slot; the one it
+        replaces lets go of its states (else they would stay held, counted by no one)."""
         conv.on_commit = self._after_reply
         with self._lock:
+            old = self._convs.get((str(session_id), slot))
             self._convs[(str(session_id), slot)] = conv
             self._convs.move_to_end((str(session_id), slot))
+        if old is not None and old is not conv:
+            old.release_states()
         self.maintain(active=conv)
         return conv
 

@@ -43,8 +43,11 @@ def header_limit(settings: Settings) -> int:
 def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) -> bytes:
     """A safetensors file: tensors conv/ssm, the transcript and model identity in its metadata.
 
-    The sha256 covers metadata and tensors: it catches corrupted and hand-edited files (it is a
-    checksum, not a signature; a state only ever affects the conversation it is loaded into).
+    The sha256 covers metadata and tensors: it catches corrupted files, not forged ones (it is a
+    checksum, not a signature: anyone can recompute it). Nor is the state checked against the
+    transcript (that would mean reading it again). So an imported state is trusted by nobody else:
+    Conversation.import_bytes puts it in a private namespace, where it and every state read on
+    from it serve that conversation alone, never the shared prefix tree.
     """
     from safetensors.torch import save
 

@@ -179,6 +179,11 @@ class Settings:
     # repr=False: the key never shows up where settings are printed or logged
     api_key: str = field(default="", repr=False, metadata={"help": (
         "bearer key the OpenAI-compatible API (/v1) requires; empty: the API is open, as on a public Space")})
+    # repr=False: the secret never shows up where settings are printed or logged
+    cache_secret: str = field(default="", repr=False, metadata={"help": (
+        "key of the HMAC that derives prefix-cache namespaces from session hashes, API keys, users and "
+        "addresses (serving/namespaces.py); empty: random per process. Set it alike on every process that "
+        "serves one app (a cluster's ingress replicas), so a client keeps its namespace across them")})
     mcp_server: bool = _help("serve Gradio's MCP server at /gradio_api/mcp/ (the chat and compare tools)",
                              False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)

@@ -234,23 +234,98 @@ def test_with_sharing_a_namespace_hits_what_another_cached(shared):
     assert second.prompt_tokens_details.cached_tokens == second.prompt_tokens - 1
 
 
-def _request(headers: dict[str, str] | None = None) -> Request:
+def _request(headers: dict[str, str] | None = None, address: str = "10.0.0.7") -> Request:
     raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return Request({"type": "http", "headers": raw, "client": ("10.0.0.7", 5000)})
+    return Request({"type": "http", "headers": raw, "client": (address, 5000)})
 
 
-def test_namespace_is_salt_then_key_then_user_then_address():
-    def of(body: dict, headers: dict | None = None) -> str:
+def test_namespaces_are_per_client_and_derived_under_the_server_secret():
+    def of(body: dict, headers: dict | None = None, address: str = "10.0.0.7", secret: str = "s") -> str:
         req: ApiRequest = parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **body},
                                      Settings(device="cpu"))
-        return namespace(_request(headers), req)
+        return namespace(_request(headers, address), req, secret)
 
     bearer = {"Authorization": "Bearer k1"}
-    salt, key, user, address = of({"cache_salt": "s", "user": "u"}, bearer), of({"user": "u"}, bearer), \
-        of({"user": "u"}), of({})
-    assert [n.split(":")[1] for n in (salt, key, user, address)] == ["salt", "key", "user", "address"]
-    assert all(n.startswith("api:") and "k1" not in n for n in (salt, key, user, address))
-    assert of({}, {"Authorization": "Bearer k2"}) != key and of({"user": "v"}) != user
+    salt, user, key, address = of({"cache_salt": "s", "user": "u"}, bearer), of({"user": "u"}, bearer), \
+        of({}, bearer), of({})
+    assert [n.split(":")[0] for n in (salt, user, key, address)] == ["api-salt", "api-user", "api-key", "api-address"]
+    assert all(len(n.split(":")[1]) == 32 and "k1" not in n for n in (salt, user, key, address))
+    # one key, several clients: told apart by salt, user or address
+    assert len({salt, user, key, of({"user": "v"}, bearer), of({"cache_salt": "t"}, bearer),
+                of({}, bearer, "10.0.0.8")}) == 6
+    assert of({"user": "u"}) != user and of({}, {"Authorization": "Bearer k2"}) != key
+    # the digest is keyed: without the server's secret nobody can compute another client's namespace
+    assert of({}, secret="other") != address and of({}) == address
+
+
+def test_a_namespace_secret_is_random_per_process_unless_set():
+    import subprocess
+    import sys
+
+    code = ("from fm_demo.serving.namespaces import derive\n"
+            "for s in ('', 'a secret', 'another secret'): print(derive('api-address', '10.0.0.7', secret=s))")
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.split()
+
+    one, two = run(), run()
+    assert one[0] != two[0]  # no secret set: each process draws its own
+    assert one[1] == two[1] != one[2]  # FM_DEMO_CACHE_SECRET: the same namespaces in every process
+
+
+@pytest.fixture(scope="module")
+def open_private():
+    """An open API (no key) with sharing off, as a public Space runs."""
+    settings = Settings(device="cpu", max_new_tokens=N, max_upload_chars=UPLOAD)
+    ctx = context(settings)
+    demo, url = serve(settings, ctx)
+    yield url, ctx
+    demo.close()
+
+
+def test_a_crafted_session_hash_does_not_land_in_an_api_clients_namespace(open_private):
+    """A browser picks its own session hash. One crafted to read as the namespace a keyless API
+    client at 127.0.0.1 used to get finds none of what that client sent."""
+    import hashlib
+
+    from gradio_client import Client
+
+    url, ctx = open_private
+    secret = "Tell me where the spare key is hidden."
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": secret}]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    browser = Client(url, verbose=False)
+    browser.session_hash = f"api:address:{hashlib.sha256(b'127.0.0.1').hexdigest()[:32]}"
+    browser.predict(secret, api_name="/chat")
+    conv = ctx.store.get(browser.session_hash, "chat")
+    assert conv.last_metrics.reused_tokens == 0 and conv.namespace.startswith("browser:")
+    again = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": secret}]})
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its own namespace hits
+
+
+def test_clients_that_share_a_key_see_only_their_own_hits(keyed):
+    """Every holder of FM_DEMO_API_KEY used to share one namespace: now a `user`, or else the
+    client's address, keeps each apart; the same client still hits its own prefix."""
+    url, _ = keyed
+
+    def cached(prompt: str, address: str = "127.0.0.1", **body) -> int:
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(transport=transport, timeout=120) as http:
+            r = http.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+                "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": prompt}],
+                **body})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("Which bird hunts at night?", user="alice") == 0
+    assert cached("Which bird hunts at night?", user="bob") == 0
+    assert cached("Which bird hunts at night?", user="alice") > 0
+    assert cached("Name a large cat.") == 0
+    assert cached("Name a large cat.", address="127.0.0.2") == 0
+    assert cached("Name a large cat.") > 0
 
 
 # -- errors ------------------------------------------------------------------------------------

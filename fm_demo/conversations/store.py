@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..metrics import ReplyMetrics
 from ..models import LoadedModel, ModelManager
+from ..serving.namespaces import BROWSER, derive
 from ..settings import Settings
 from .sessions import Conversation, ConversationError, ImportRefused
 from .transfer import peek_model
@@ -152,7 +153,10 @@ class SessionStore:
             self._counts["dropped_sessions"] += 1
 
     def _new(self, lm: LoadedModel, session_id: str) -> Conversation:
-        conv = Conversation(lm, self.settings, namespace=session_id)
+        """A new conversation of a browser session, in the session's namespace (derived by the
+        server: a session hash is the client's to pick, so it never names a namespace itself)."""
+        space = derive(BROWSER, session_id, secret=self.settings.cache_secret)
+        conv = Conversation(lm, self.settings, namespace=space)
         conv.on_commit = self._after_reply
         return conv
 

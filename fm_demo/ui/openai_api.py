@@ -12,10 +12,11 @@ Registration: Gradio builds a fresh FastAPI app in every demo.launch(); launch_k
 `gradio app.py` and a Space (which runs app.py) all serve them. The routes find the app's context
 through the app (`request.app.get_blocks()`), so a reload that swaps the Blocks swaps it too.
 
-Prefix-cache namespaces (while Settings.share_prefix_cache is off) keep clients apart: the
-request's `cache_salt`, else the bearer token, else the `user` field, else the client's address,
-hashed and prefixed "api:" so they never meet a browser session's. With sharing on, every
-request shares one tree.
+Prefix-cache namespaces (while Settings.share_prefix_cache is off) keep clients apart: the bearer
+token (or none) with the request's `cache_salt`, else with its `user`, else a token with the
+client's address, else the address alone; each derived by the server under its secret, in a kind
+of its own (serving/namespaces.py), so a browser session never meets an API client. With sharing
+on, every request shares one tree.
 
 Threads: complete() blocks on the scheduler's queue, so model loads, tokenizing and every
 next chunk run in worker threads (anyio) under a limiter of the API's own, sized like Gradio's
@@ -25,7 +26,6 @@ closes its completion, which cancels its batch row.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -44,6 +44,7 @@ from ..engine import DecodeOptions
 from ..engine.sampling import SamplingError
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..serving.completion import CompletionChunk, CompletionRequest, Usage, complete
+from ..serving.namespaces import API_ADDRESS, API_KEY, API_SALT, API_USER, derive
 from ..serving.request import RequestRefused
 from ..settings import Settings
 from .openai_schema import (ApiError, ApiRequest, Json, Shape, bad, chat_logprobs, completion_logprobs, model_json,
@@ -192,7 +193,8 @@ async def _serve(request: Request, parse: Callable[[object, Settings], ApiReques
         ctx = _open(request)
         req = parse(await _read_json(request, ctx.settings), ctx.settings)
         threads = _threads(request, ctx)
-        job = await anyio.to_thread.run_sync(_prepare, ctx, req, namespace(request, req), limiter=threads)
+        space = namespace(request, req, ctx.settings.cache_secret)
+        job = await anyio.to_thread.run_sync(_prepare, ctx, req, space, limiter=threads)
         reply = _Reply(complete(job.lm, job.request), threads)
         first = await reply.next()  # a busy scheduler refuses here, before any byte is sent
     except Exception as e:
@@ -231,16 +233,20 @@ async def _read_json(request: Request, settings: Settings) -> object:
         raise bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
 
 
-def namespace(request: Request, req: ApiRequest) -> str:
-    """The prefix-cache namespace of a request: cache_salt, else the bearer token, else `user`,
-    else the client's address. Hashed, so keys are not kept in memory; "api:" keeps them apart
-    from browser sessions."""
+def namespace(request: Request, req: ApiRequest, secret: str = "") -> str:
+    """The prefix-cache namespace of a request, per client: its bearer token (or none) with its
+    cache_salt, else with its `user`; else its token with its address; else its address. Clients
+    that share a key (FM_DEMO_API_KEY) are told apart by salt, user or address."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     address = request.client.host if request.client else "unknown"
-    kind, value = next((k, v) for k, v in (("salt", req.cache_salt), ("key", token), ("user", req.user),
-                                           ("address", address)) if v)
-    return f"api:{kind}:{hashlib.sha256(value.encode()).hexdigest()[:32]}"
+    if req.cache_salt:
+        return derive(API_SALT, token, req.cache_salt, secret=secret)
+    if req.user:
+        return derive(API_USER, token, req.user, secret=secret)
+    if token:
+        return derive(API_KEY, token, address, secret=secret)
+    return derive(API_ADDRESS, address, secret=secret)
 
 
 def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:

@@ -373,6 +373,70 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
     assert ok.choices[0].message.content  # unknown fields ignored, max_tokens clamped to the cap
 
 
+BAD_UNICODE = '"hi \\ud800 there"'  # JSON's escape of a lone surrogate: valid JSON, no Unicode text
+
+
+def _bad_body(url: str, route: str, body: bytes) -> dict:
+    r = httpx.post(f"{url}{route}", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400, (route, body[:80], r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    return err
+
+
+def test_a_body_nested_too_deep_gets_a_400_on_every_route(keyed):
+    """100,000 `[` used to be a 500 (RecursionError); one nested past MAX_JSON_DEPTH but within
+    Python's recursion limit is refused too, before any field is read."""
+    url, _ = keyed
+
+    def deep(n: int, model: str = "tiny-instruct") -> bytes:
+        return b'{"model": "%s", "x": ' % model.encode() + b"[" * n + b"]" * n + b"}"
+
+    for route in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+        for body in (b"[" * 20_000, deep(20_000), deep(65)):
+            err = _bad_body(url, route, body)
+            assert err["code"] == "invalid_json" and "nested more than 64 levels" in err["message"], err
+    assert ask(client(url), extra_body={"x": [[[[1]]]]}).choices[0].message.content  # shallow nesting is fine
+
+
+def test_a_string_that_is_not_unicode_gets_a_400_on_every_route(keyed):
+    """A lone surrogate in a prompt, message, stop string, user, or a key used to be a 500 (the
+    tokenizer or the namespace's hash raised); invalid UTF-8 bytes stay a 400."""
+    url, _ = keyed
+    msg = '{"model": "tiny-instruct", "messages": [{"role": "user", "content": %s}]%s}'
+    cases = {
+        "/v1/chat/completions": [msg % (BAD_UNICODE, ""), msg % ('"hi"', ', "stop": [%s]' % BAD_UNICODE),
+                                 msg % ('"hi"', ', "user": %s' % BAD_UNICODE),
+                                 msg % ('"hi"', ', "cache_salt": %s' % BAD_UNICODE)],
+        "/v1/completions": ['{"model": "tiny-base", "prompt": %s}' % BAD_UNICODE,
+                            '{"model": "tiny-base", "prompt": "hi", "logit_bias": {"\\udc00": 1}}'],
+        "/tokenize": ['{"model": "tiny-base", "prompt": %s}' % BAD_UNICODE, msg % (BAD_UNICODE, "")],
+        "/detokenize": ['{"model": "tiny-base", "tokens": [1], "note": %s}' % BAD_UNICODE],
+    }
+    for route, bodies in cases.items():
+        for body in bodies:
+            err = _bad_body(url, route, body.encode())
+            assert err["code"] == "invalid_unicode" and "lone surrogate" in err["message"], err
+    raw = b'{"model": "tiny-instruct", "messages": [{"role": "user", "content": "hi \xff"}]}'
+    assert _bad_body(url, "/v1/chat/completions", raw)["code"] == "invalid_json"
+
+
+def test_gradio_endpoints_refuse_bad_bodies_with_a_message(keyed):
+    """The gradio_client API: a lone surrogate in a message is refused with a message that says
+    so (it used to fail in the tokenizer as an unexpected error); a body nested too deep is
+    Gradio's own 400."""
+    url, _ = keyed
+    deep = httpx.post(f"{url}/gradio_api/call/chat", content=b"[" * 100_000, timeout=60,
+                      headers={"content-type": "application/json"})
+    assert deep.status_code == 400
+    body = b'{"data": ["hi \\ud800 there", 0, 1, 0, 1, 8, -1, "", ""]}'
+    event = httpx.post(f"{url}/gradio_api/call/chat", content=body, timeout=60,
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    stream = httpx.get(f"{url}/gradio_api/call/chat/{event}", timeout=60).text
+    assert "event: error" in stream and "not valid Unicode" in stream and "went wrong" not in stream, stream
+
+
 def test_a_busy_model_says_so_and_a_closed_stream_frees_its_row(shared):
     """One row and one waiting place: a third request is refused with 503 until the stream holding
     the row is closed by its client, which cancels the row at once (it would run ~100k tokens)."""

@@ -387,6 +387,19 @@ def test_busy_and_input_errors(lm, settings):
         conv.retry()
 
 
+def test_text_that_is_not_unicode_is_refused(lm, settings):
+    """A lone surrogate (a JSON body's \\ud800) is refused with a message, not failed on in the
+    tokenizer; the conversation stays as it was."""
+    conv = Conversation(lm, settings)
+    with pytest.raises(ConversationError, match="message is not valid Unicode .* at character 4"):
+        conv.send("hi \ud800 there")
+    with pytest.raises(ConversationError, match="system prompt is not valid Unicode"):
+        conv.set_system_prompt("Be \udc00 brief.")
+    assert conv.turns == [] and conv.system == settings.system_prompt
+    run(conv.send("hi \U0001F600 there"))  # a character beyond the BMP is fine
+    assert conv.turns[0].reply_ids
+
+
 def test_system_prompt_change_rereads_and_matches(lm, settings):
     conv = Conversation(lm, settings)
     run(conv.send("Hello!"))

@@ -73,6 +73,17 @@ def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int, rewritten: int | None =
     m.state_source = reply.state_source or m.state_source
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse text no tokenizer can read: a lone surrogate (half of a UTF-16 pair, which a
+    JSON body's \\ud800 escape can carry) is no Unicode character."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConversationError(f"{what} is not valid Unicode (a lone surrogate at character "
+                                    f"{e.start + 1:,})") from None
+
+
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
     """Fold a token event into the reply's timing (t0: when the request came in)."""
     now = time.perf_counter()
@@ -178,6 +189,7 @@ class Conversation:
             raise ConversationError("the message is empty")
         if len(text) > limit:
             raise ConversationError(f"the message has {len(text):,} characters; the limit is {limit:,}")
+        _check_unicode(text, "the message")
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
                   max_new_tokens: int | None, progress: ProgressFn | None,
@@ -380,6 +392,7 @@ class Conversation:
 
     def set_system_prompt(self, text: str) -> None:
         """Takes effect from the start of the conversation: later states are read again."""
+        _check_unicode(text, "the system prompt")
         with self._locked():
             if text == self.system:
                 return

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fm_demo.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 BODY_SLACK = 64 * 1024  # bytes of JSON around the prompt
+MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema in response_format or tools included)
 
 
 def api_routes() -> list[BaseRoute]:
@@ -228,9 +229,47 @@ async def _read_json(request: Request, settings: Settings) -> object:
         if len(body) > limit:
             raise _too_long(f"the request body is over {limit:,} bytes", settings)
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
+    _check_json(value)
+    return value
+
+
+def _check_json(value: object) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH, or with a string that is not valid Unicode
+    (JSON's \\ud800 escape writes a lone surrogate, which no tokenizer reads): a 400 each, before
+    any field is read."""
+    if isinstance(value, str):
+        _check_unicode(value)
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:  # containers only: a list of a million token ids stacks nothing
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            for key in item:
+                _check_unicode(key)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, str):
+                _check_unicode(child)
+            elif isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+
+
+def _check_unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("the request body has a string that is not valid Unicode (a lone surrogate such as "
+                      "\\ud800)", None, "invalid_unicode") from None
+
+
+def _too_deep() -> ApiError:
+    return bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
 
 
 def namespace(request: Request, req: ApiRequest, secret: str = "") -> str:

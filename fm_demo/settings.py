@@ -169,6 +169,8 @@ class Settings:
     max_input_chars: int = _help("longest chat message accepted", 16_000)
     max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
     max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
+    temp_file_age_s: int = _help("seconds after which exported conversations and uploaded files are deleted "
+                                 "from the server's disk", 3600)
     system_prompt: str = _help("default system prompt of instruct conversations", "")
     session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
                                       4 * GiB)
@@ -230,7 +232,7 @@ class Settings:
 
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_choices", "max_input_chars",
-                    "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
+                    "max_upload_chars", "max_import_bytes", "temp_file_age_s", "session_budget_bytes", "session_ttl_s",
                     "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:

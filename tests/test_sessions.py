@@ -224,6 +224,7 @@ def test_bad_imports_are_refused(manager, lm, settings):
         "prompt format": _tamper_payload(data, lambda p: p["turns"][0].update(user="Hi!")),
         "malformed": _tamper_payload(data, lambda p: p["turns"][0].update(reply_ids=[10 ** 9])),
         "tokens": _tamper_payload(data, lambda p: p["state"].update(seqlen="5")),
+        "not valid Unicode": _tamper_payload(data, lambda p: p["turns"][0].update(user="Hi \ud800")),
     }
     for why, blob in cases.items():
         with pytest.raises(ImportRefused, match=why.strip()):

@@ -142,8 +142,8 @@ def _digest(body: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def _check_transcript(rows, system, settings: Settings) -> None:
     """Refuse a transcript beyond the limits typed input has, before any of it is tokenized: the
-    system prompt and every user message within max_input_chars; all its text, and all its
-    tokens, within max_upload_chars; at most MAX_TURNS turns."""
+    system prompt and every user message within max_input_chars and valid Unicode; all its text,
+    and all its tokens, within max_upload_chars; at most MAX_TURNS turns."""
     if not isinstance(rows, list) or not isinstance(system, str) or not all(isinstance(r, dict) for r in rows):
         raise ImportRefused("the transcript in the file is malformed")
     if len(rows) > MAX_TURNS:
@@ -153,11 +153,21 @@ def _check_transcript(rows, system, settings: Settings) -> None:
     longest = max(len(t) if isinstance(t, str) else 0 for t in texts)
     if longest > typed:
         raise ImportRefused(f"a message in the transcript has {longest:,} characters; the limit is {typed:,}")
+    if any(isinstance(t, str) and not t.isascii() and not _is_unicode(t) for t in texts):
+        raise ImportRefused("the transcript has text that is not valid Unicode (a lone surrogate)")
     chars = sum(len(t) for t in texts if isinstance(t, str))
     tokens = sum(len(r.get(k)) for r in rows for k in ("prompt_ids", "reply_ids") if isinstance(r.get(k), list))
     if chars > most or tokens > most:
         raise ImportRefused(f"the transcript has {chars:,} characters and {tokens:,} tokens; this server "
                             f"imports up to {most:,} of each (FM_DEMO_MAX_UPLOAD_CHARS)")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON's \\ud800 escape can write one
+        return False
+    return True
 
 
 def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> list[Turn]:

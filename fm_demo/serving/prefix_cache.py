@@ -18,7 +18,7 @@ Invariants:
   nodes. Eviction loses only time: whoever needs an evicted state reads its tokens again.
 
 Privacy: a hit is visible (speed, cached_tokens), so sharing across sessions is a setting, off by
-default. Off, each namespace (a browser session, an API key or `cache_salt`) has its own root and
+default. Off, each namespace (a browser session, an API client: namespaces.py) has its own root and
 never sees another's states; on, every request shares one root (a team server, a document demo),
 except private namespaces (namespaces.py: an imported conversation's), which keep a root of their
 own either way: a shared node only ever holds a state the server read from its tokens itself.

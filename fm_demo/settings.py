@@ -169,6 +169,8 @@ class Settings:
     max_input_chars: int = _help("longest chat message accepted", 16_000)
     max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
     max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
+    temp_file_age_s: int = _help("seconds after which exported conversations and uploaded files are deleted "
+                                 "from the server's disk", 3600)
     system_prompt: str = _help("default system prompt of instruct conversations", "")
     session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
                                       4 * GiB)
@@ -179,6 +181,11 @@ class Settings:
     # repr=False: the key never shows up where settings are printed or logged
     api_key: str = field(default="", repr=False, metadata={"help": (
         "bearer key the OpenAI-compatible API (/v1) requires; empty: the API is open, as on a public Space")})
+    # repr=False: the secret never shows up where settings are printed or logged
+    cache_secret: str = field(default="", repr=False, metadata={"help": (
+        "key of the HMAC that derives prefix-cache namespaces from session hashes, API keys, users and "
+        "addresses (serving/namespaces.py); empty: random per process. Set it alike on every process that "
+        "serves one app (a cluster's ingress replicas), so a client keeps its namespace across them")})
     mcp_server: bool = _help("serve Gradio's MCP server at /gradio_api/mcp/ (the chat and compare tools)",
                              False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
@@ -225,7 +232,7 @@ class Settings:
 
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_choices", "max_input_chars",
-                    "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
+                    "max_upload_chars", "max_import_bytes", "temp_file_age_s", "session_budget_bytes", "session_ttl_s",
                     "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:

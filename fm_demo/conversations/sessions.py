@@ -38,6 +38,7 @@ from ..engine.decode import PLAIN
 from ..metrics import ReplyMetrics, device_memory
 from ..models import LoadedModel
 from ..serving import Progress, Reply, Request
+from ..serving.namespaces import is_private, private_namespace
 from ..settings import Settings
 from ..stops import first_stop
 from ..templates import REWRITE_REASON, Extension
@@ -70,6 +71,17 @@ def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int, rewritten: int | None =
         m.rebuilt_tokens, m.rebuilt_reason = rewritten - start, REWRITE_REASON
     m.served_by = reply.served_by or m.served_by
     m.state_source = reply.state_source or m.state_source
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse text no tokenizer can read: a lone surrogate (half of a UTF-16 pair, which a
+    JSON body's \\ud800 escape can carry) is no Unicode character."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConversationError(f"{what} is not valid Unicode (a lone surrogate at character "
+                                    f"{e.start + 1:,})") from None
 
 
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
@@ -177,6 +189,7 @@ class Conversation:
             raise ConversationError("the message is empty")
         if len(text) > limit:
             raise ConversationError(f"the message has {len(text):,} characters; the limit is {limit:,}")
+        _check_unicode(text, "the message")
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
                   max_new_tokens: int | None, progress: ProgressFn | None,
@@ -379,6 +392,7 @@ class Conversation:
 
     def set_system_prompt(self, text: str) -> None:
         """Takes effect from the start of the conversation: later states are read again."""
+        _check_unicode(text, "the system prompt")
         with self._locked():
             if text == self.system:
                 return
@@ -423,6 +437,8 @@ class Conversation:
         if self._lock.acquire(blocking=False):
             try:
                 self.cache.clear()
+                if is_private(self.namespace):  # no one else can ever read them: they go now
+                    self.cache.tree.discard_unheld(self.namespace)
             finally:
                 self._lock.release()
 
@@ -463,9 +479,13 @@ class Conversation:
 
     @classmethod
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
-        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
-        conv = cls(lm, settings)
-        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
+        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit.
+
+        The file's state is not checked against its transcript (that would cost the read the
+        import saves), so the conversation gets a private namespace: its state, and every state
+        read on from it, serve this conversation (and its forks) alone, with sharing on too."""
+        conv = cls(lm, settings, namespace=private_namespace())
+        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings)
         if state.seqlen:
             conv.cache.add(state)
         return conv

@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..metrics import ReplyMetrics
 from ..models import LoadedModel, ModelManager
+from ..serving.namespaces import BROWSER, derive
 from ..settings import Settings
 from .sessions import Conversation, ConversationError, ImportRefused
 from .transfer import peek_model
@@ -64,11 +65,15 @@ class SessionStore:
             return self._convs.get((str(session_id), slot))
 
     def put(self, session_id: str, conv: Conversation, slot: str = "chat") -> Conversation:
-        """Register a conversation (an import or a fork) under a session and slot."""
+        """Register a conversation (an import or a fork) under a session and slot; the one it
+        replaces lets go of its states (else they would stay held, counted by no one)."""
         conv.on_commit = self._after_reply
         with self._lock:
+            old = self._convs.get((str(session_id), slot))
             self._convs[(str(session_id), slot)] = conv
             self._convs.move_to_end((str(session_id), slot))
+        if old is not None and old is not conv:
+            old.release_states()
         self.maintain(active=conv)
         return conv
 
@@ -81,7 +86,7 @@ class SessionStore:
     def import_bytes(self, session_id: str, data: bytes, slot: str = "chat", preset_key: str | None = None,
                      precision: str | None = None) -> Conversation:
         """Import an exported conversation, by default on the model it was saved with."""
-        saved = peek_model(data)
+        saved = peek_model(data, self.settings)
         if preset_key is None:
             preset_key, precision = saved.get("preset"), precision or saved.get("precision")
             if preset_key not in self.manager.presets:
@@ -148,7 +153,10 @@ class SessionStore:
             self._counts["dropped_sessions"] += 1
 
     def _new(self, lm: LoadedModel, session_id: str) -> Conversation:
-        conv = Conversation(lm, self.settings, namespace=session_id)
+        """A new conversation of a browser session, in the session's namespace (derived by the
+        server: a session hash is the client's to pick, so it never names a namespace itself)."""
+        space = derive(BROWSER, session_id, secret=self.settings.cache_secret)
+        conv = Conversation(lm, self.settings, namespace=space)
         conv.on_commit = self._after_reply
         return conv
 

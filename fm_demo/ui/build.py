@@ -13,7 +13,7 @@ import gradio as gr
 from ..settings import Settings
 from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
-from .common import AppContext, session_id
+from .common import AppContext, delete_cache, session_id
 from .compare_tab import build_compare_tab
 from .inputs import bind
 from .lab_tab import build_lab_tab
@@ -50,7 +50,7 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
     offline_environment()
     settings = settings or Settings.from_env()
     ctx = ctx or make_context(settings)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache(settings)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         # First: Gradio names an MCP tool after its function and numbers later namesakes (the
         # compare tab's handler is also called compare), so the tools keep their plain names.
@@ -69,6 +69,7 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
     mcp_tools_only(demo, MCP_TOOLS)
+    demo.temp_file_sets.append(ctx.export_files)  # delete_cache takes the app's exports too
     demo.fm_context = ctx  # for tests and app.py: the live manager and store
     return demo
 

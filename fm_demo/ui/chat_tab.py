@@ -9,7 +9,7 @@ KV cache; the device-memory plot redraws when the points change.
 from __future__ import annotations
 
 import json
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from .common import (
     preset_choices,
     session_id,
     stop_reply,
+    sweep,
     user_errors,
 )
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
@@ -195,15 +196,16 @@ def clear(ctx: AppContext, request: gr.Request) -> tuple:
 
 @user_errors
 def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> gr.File:
-    """Write transcript + state to a file the browser downloads."""
+    """Write transcript + state to a file the browser downloads, in the app's export folder
+    (exports older than Settings.temp_file_age_s leave it first)."""
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
     if not conv.turns:
         raise gr.Error("Nothing to export yet: the conversation is empty.")
-    path = (
-        Path(tempfile.mkdtemp(prefix="fm-demo-"))
-        / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
-    )
+    sweep(ctx.exports, ctx.settings.temp_file_age_s)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"  # two exports never share a name
+    path = ctx.exports / f"conversation-{preset}-{stamp}.fmconv"
     path.write_bytes(conv.export())
+    ctx.export_files.add(str(path))
     return gr.File(value=str(path), visible=True)
 
 

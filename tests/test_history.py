@@ -118,6 +118,14 @@ def test_the_browser_id_is_made_on_the_server_unless_the_page_has_one_it_handed_
     store = SessionStore(s, manager(s))
     assert store.attach("page", "") != store.attach("other-page", "")
     assert store.attach("page-2", kept) == kept
+    say(store.conversation("page-2", "tiny-instruct"), "mine")
+    other = store.attach("page-2", "B" * 43)  # the same session, now another browser's
+    assert store.entries("page-2") == [] and store.conversation("page-2", "tiny-instruct").turns == []
+    assert [e.title for e in store.history.entries(kept)] == ["mine"] and store.history.entries(other) == []
+    store.reset("early")
+    say(store.conversation("early", "tiny-instruct"), "before the page loaded")
+    adopted = store.attach("early", "")  # a chat begun before the page's load event becomes its browser's
+    assert [e.title for e in store.history.entries(adopted)] == ["before the page loaded"]
 
 
 def test_a_conversation_is_written_when_its_turn_ends_not_per_token(tmp_path, uninterrupted):

@@ -141,8 +141,10 @@ class SessionStore:
     # -- history -----------------------------------------------------------------------------
     def attach(self, session_id: str, browser: object) -> str:
         """Tie the session to a browser (its id, or a new one when `browser` is none this server
-        hands out; returned). A chat conversation the session already has becomes the browser's."""
+        hands out; returned). A chat conversation the session has that belongs to no browser yet
+        becomes this one's; one of another browser leaves the session."""
         browser, sid = browser_id(browser), str(session_id)
+        adopted = dropped = None
         with self._lock:
             opened = self._opened.get(sid)
             if opened is None or opened.browser != browser:
@@ -151,10 +153,14 @@ class SessionStore:
             while len(self._opened) > 4 * self.settings.max_sessions:
                 self._opened.popitem(last=False)
             conv = self._convs.get((sid, HISTORY_SLOT))
-            if conv is not None:
-                conv.history_id, conv.browser = opened.id, browser
-        if conv is not None:
-            self.save(conv)
+            if conv is not None and conv.browser is None:
+                adopted, conv.history_id, conv.browser = conv, opened.id, browser
+            elif conv is not None and conv.browser != browser:
+                dropped = self._convs.pop((sid, HISTORY_SLOT))
+        if adopted is not None:
+            self.save(adopted)
+        if dropped is not None:
+            dropped.release_states()
         return browser
 
     def entries(self, session_id: str) -> list[Entry]:

@@ -171,8 +171,9 @@ def test_after_a_restart_the_browser_gets_its_conversation_back_and_it_continues
     m = conv.last_metrics
     if state_bytes:  # resumed from the saved state: only the new message is read
         assert m.reused_tokens == context and m.prefilled_tokens < context
-    else:  # rebuilt: the whole transcript read again by chunked prefill
+    else:  # rebuilt: the whole transcript read again by chunked prefill, and the readout says so
         assert m.reused_tokens == 0 and m.prefilled_tokens > context
+        assert m.rebuilt_tokens == context and not m.cache_hit
 
 
 def test_evicting_a_session_keeps_its_transcript_and_its_next_reply_continues_it(tmp_path, uninterrupted):

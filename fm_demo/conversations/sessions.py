@@ -507,4 +507,5 @@ class Conversation:
         except ImportRefused:
             conv.system, conv.turns = transcript_texts(transcript)
             conv._retokenize()
+        conv.cache.invalidate(conv.context_tokens)  # its state is expected: the next reply says it re-read
         return conv

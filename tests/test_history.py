@@ -245,3 +245,34 @@ def test_a_transcript_another_prompt_format_does_not_write_is_encoded_again(tmp_
     assert [(t.user, t.reply) for t in moved.turns] == [(QUESTIONS[0], uninterrupted[0])]
     assert moved.turns[0].prompt_ids != conv.turns[0].prompt_ids  # the base model's own format
     assert say(moved, QUESTIONS[1])  # and it replies from there
+
+
+def test_the_sidebar_handlers_tie_the_page_to_a_browser_and_refuse_what_is_not_its_own(tmp_path):
+    import gradio as gr
+
+    from fm_demo.ui import history_sidebar
+    from fm_demo.ui.common import AppContext
+
+    s = settings(tmp_path)
+    m = manager(s)
+    ctx = AppContext(s, m, SessionStore(s, m))
+    page = gr.Request(session_hash="page")
+    browser, radio, title, *chat = history_sidebar.load(ctx, "", page)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", browser) and radio.choices == [] and title == ""
+    assert chat[1] == []  # an empty chat
+    say(ctx.store.conversation("page", "tiny-instruct"), QUESTIONS[0])
+    radio, title = history_sidebar.refresh(ctx, page)
+    (label, id), = radio.choices
+    assert (label, radio.value, title) == (QUESTIONS[0], id, QUESTIONS[0])
+    for call in (lambda: history_sidebar.rename(ctx, None, "x", page), lambda: history_sidebar.delete(ctx, None, page),
+                 lambda: history_sidebar.rename(ctx, id, "  ", page)):
+        with pytest.raises(gr.Error):
+            call()
+    other = gr.Request(session_hash="other-browser")
+    history_sidebar.load(ctx, "", other)
+    with pytest.raises(gr.Error, match="no longer in this browser's history"):
+        history_sidebar.open_(ctx, id, other)
+    again = gr.Request(session_hash="page-reloaded")
+    assert history_sidebar.load(ctx, browser, again)[4][0]["content"] == QUESTIONS[0]  # the chat is back
+    radio, title, *chat = history_sidebar.delete(ctx, id, again)
+    assert radio.choices == [] and chat[1] == [] and ctx.store.get("page") is None

@@ -103,7 +103,7 @@ def test_the_sidebar_brings_the_conversations_back_after_a_restart(tmp_path, tmp
             send(page, ctx, RECALL)
             wait_for(lambda: bot_text(page) == "You asked me to remember the word falcon.",
                      lambda: f"the recall through the restored conversation: {bot_text(page)!r}")
-            assert listed(page) == [FALCON, SUM]  # written last, listed first
+            wait_for(lambda: listed(page) == [FALCON, SUM], lambda: f"written last, listed first: {listed(page)}")
 
             page.fill("#history-title textarea, #history-title input", "The falcon")
             page.click("#history-rename")

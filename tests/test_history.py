@@ -164,7 +164,7 @@ def test_after_a_restart_the_browser_gets_its_conversation_back_and_it_continues
     again = SessionStore(s, manager(s))  # a new process on the same file
     assert again.attach("new-page", browser) == browser
     assert [e.title for e in again.entries("new-page")] == [QUESTIONS[0]]
-    conv = again.open_latest("new-page")
+    conv = again.reopen("new-page")
     assert [t.reply for t in conv.turns] == uninterrupted[:2] and conv.context_tokens == context
     assert again.get("new-page") is conv
     assert say(again.conversation("new-page", "tiny-instruct"), QUESTIONS[2]) == uninterrupted[2]
@@ -197,6 +197,9 @@ def test_new_open_rename_and_delete_everywhere(tmp_path):
     browser = store.attach("tab-1", "")
     say(store.conversation("tab-1", "tiny-instruct"), "first chat")
     store.new_conversation("tab-1")
+    store.attach("tab-1-reloaded", browser)
+    assert store.reopen("tab-1-reloaded") is None  # the page had a new chat open: it loads one
+    assert store.open_id("tab-1-reloaded") == store.open_id("tab-1")
     assert store.conversation("tab-1", "tiny-instruct").turns == []
     say(store.conversation("tab-1", "tiny-instruct"), "second chat")
     first, second = sorted(store.entries("tab-1"), key=lambda e: e.updated)

@@ -7,7 +7,8 @@ each turn's text and token ids) and, where it fits the budget, the state at its 
 file (transfer.export_bytes), so it resumes without reading its transcript again. The store writes
 a row when a turn ends, never per token. The states together stay within `state_budget` bytes: the
 rows written longest ago lose theirs first (never their transcript), and are read again by chunked
-prefill at their next reply.
+prefill at their next reply. A second table remembers which conversation each browser has open
+(its page opens that one again when it loads).
 
 One connection, shared by every thread and serialised by a lock; the file is in WAL mode (a crash
 leaves the last committed rows; a reader such as a backup never blocks a write). An empty path
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conversations_by_browser ON conversations (browser, updated);
+CREATE TABLE IF NOT EXISTS browsers (browser TEXT PRIMARY KEY, open TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -131,8 +133,9 @@ class History:
     def save(self, id: str, browser: str, title: str, preset: str, precision: str, transcript: str,
              state: bytes | None = None) -> bool:
         """Write a conversation (a new row takes `title`; an existing one keeps its own, which a
-        rename may have set). `state` is kept when it fits the budget, and the states of the rows
-        written longest ago are dropped until all fit. Returns whether the state was kept."""
+        rename may have set); it becomes the one its browser has open (set_open). `state` is kept
+        when it fits the budget, and the states of the rows written longest ago are dropped until
+        all fit. Returns whether the state was kept."""
         keep = state is not None and len(state) <= self.state_budget
         now = time.time()
         with self._lock, self._db:
@@ -142,6 +145,8 @@ class History:
                 "preset = excluded.preset, precision = excluded.precision, transcript = excluded.transcript, "
                 "state = excluded.state, updated = excluded.updated WHERE browser = excluded.browser",
                 (id, browser, title_of(title), preset, precision, transcript, state if keep else None, now, now))
+            self._db.execute("INSERT INTO browsers VALUES (?, ?, ?) ON CONFLICT (browser) DO UPDATE SET "
+                             "open = excluded.open, updated = excluded.updated", (browser, id, now))
             if keep:
                 self._fit_states()
         return keep
@@ -186,6 +191,19 @@ class History:
         with self._lock:
             cur = self._db.execute("DELETE FROM conversations WHERE id = ? AND browser = ?", (id, browser))
         return cur.rowcount == 1
+
+    def set_open(self, browser: str, id: str) -> None:
+        """Remember the conversation the browser has open (a row, or a new chat's id not written
+        yet), so that its page opens it again when it loads: the one it opened, started or wrote
+        last, in any of its pages."""
+        with self._lock:
+            self._db.execute("INSERT INTO browsers VALUES (?, ?, ?) ON CONFLICT (browser) DO UPDATE SET "
+                             "open = excluded.open, updated = excluded.updated", (browser, id, time.time()))
+
+    def open_of(self, browser: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT open FROM browsers WHERE browser = ?", (browser,)).fetchone()
+        return row[0] if row else None
 
     def state_bytes(self) -> int:
         with self._lock:

@@ -98,7 +98,7 @@ class SessionStore:
             self._convs[(str(session_id), slot)] = conv
             opened = self._opened.get(str(session_id)) if slot == HISTORY_SLOT else None
             if opened is not None:
-                opened.id = new_id()
+                self._point(opened, new_id())
                 conv.history_id, conv.browser = opened.id, opened.browser
         if old is not None and old is not conv:
             old.release_states()
@@ -134,7 +134,7 @@ class SessionStore:
             if slot is None:
                 self._opened.pop(sid, None)
             elif slot == HISTORY_SLOT and sid in self._opened:
-                self._opened[sid].id = new_id()
+                self._point(self._opened[sid], new_id())
         for c in dropped:
             c.release_states()
 
@@ -186,7 +186,7 @@ class SessionStore:
                               progress)
         conv = self._restored(record, lm, str(session_id))
         with self._lock:
-            opened.id = id
+            self._point(opened, id)
             old = self._convs.pop((str(session_id), HISTORY_SLOT), None)
             self._convs[(str(session_id), HISTORY_SLOT)] = conv
         if old is not None:
@@ -194,10 +194,17 @@ class SessionStore:
         self.maintain(active=conv)
         return conv
 
-    def open_latest(self, session_id: str, precision: str | None = None) -> Conversation | None:
-        """Open the browser's conversation written last (None: it has none; the chat stays new)."""
-        entries = self.entries(session_id)
-        return self.open(session_id, entries[0].id, precision) if entries else None
+    def reopen(self, session_id: str, precision: str | None = None) -> Conversation | None:
+        """Open the conversation the session's browser had open last (its page loaded again, maybe
+        on a restarted server). None: that was a new chat, not written yet, which the session
+        goes on with."""
+        opened = self._require_opened(session_id)
+        id = self.history.open_of(opened.browser)
+        if id is not None and self.history.load(id, opened.browser) is not None:
+            return self.open(session_id, id, precision)
+        with self._lock:
+            opened.id = id or opened.id
+        return None
 
     def new_conversation(self, session_id: str) -> None:
         """An empty chat for the session; the conversation it had stays in the history."""
@@ -217,7 +224,7 @@ class SessionStore:
             dropped = [self._convs.pop(k) for k in keys]
             for o in self._opened.values():
                 if o.id == id and o.browser == opened.browser:
-                    o.id = new_id()
+                    self._point(o, new_id())
         for c in dropped:
             c.history_id = None
             c.release_states()
@@ -246,6 +253,11 @@ class SessionStore:
             log.error("could not write conversation %s to the history: %s", id, e)
             return False
         return True
+
+    def _point(self, opened: Opened, id: str) -> None:
+        """The session's chat is now row `id`; its browser opens it when a page of it loads."""
+        opened.id = id
+        self.history.set_open(opened.browser, id)
 
     def _opened_of(self, session_id: str) -> Opened | None:
         with self._lock:

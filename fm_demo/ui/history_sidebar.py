@@ -4,7 +4,7 @@ delete one (the history itself: conversations/history.py).
 The page keeps a random browser id in localStorage (gr.BrowserState, encrypted with a key the
 history file keeps, so the page still reads it after a restart). When the page loads it sends the
 id; the server makes one with secrets.token_urlsafe when the page has none (or one it never hands
-out), ties the session to it (store.attach) and opens the conversation written last. The id is
+out), ties the session to it (store.attach) and opens the conversation that browser had open. The id is
 the only key to a browser's conversations: unguessable, never checked as a password.
 
 Every handler returns the list and the title box first; those that open a conversation then the
@@ -37,10 +37,11 @@ def listing(ctx: AppContext, sid: str) -> tuple:
 
 @user_errors
 def load(ctx: AppContext, browser: str | None, request: gr.Request) -> tuple:
-    """The page opened: the browser's id (a new one when it has none) and its latest conversation."""
+    """The page opened: the browser's id (a new one when it has none), and the conversation it had
+    open (an empty chat when that was a new one)."""
     sid = session_id(request)
     browser = ctx.store.attach(sid, browser)
-    conv = ctx.store.open_latest(sid)
+    conv = ctx.store.reopen(sid)
     return browser, *listing(ctx, sid), *shown(ctx, conv)
 
 

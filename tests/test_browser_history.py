@@ -26,7 +26,8 @@ from test_ui_handlers import tiny_context
 from fm_demo.settings import Settings
 from fm_demo.ui import build_demo, launch_kwargs, queue_kwargs
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Debian's chromium: apt-get install chromium")
 FALCON, SUM, RECALL = "Remember the word falcon.", "What is 47 + 35?", "Which word did I ask you to remember?"
 
 
@@ -95,7 +96,8 @@ def test_the_sidebar_brings_the_conversations_back_after_a_restart(tmp_path, tmp
         demo, ctx, url = serve(db, port, tmp_path_factory)  # a new server on the same file and port
         try:
             open_page(page, url)  # the same address: a reload
-            wait_for(lambda: listed(page) == [SUM, FALCON], lambda: f"the sidebar after the restart: {listed(page)}")
+            wait_for(lambda: listed(page) == [SUM, FALCON],
+                     lambda: f"the sidebar after the restart: {listed(page)}")
             assert next(iter(ctx.store._opened.values())).browser == browser_id  # read back from localStorage
             wait_for(lambda: "82" in bot_text(page), "the latest conversation to open by itself")
             page.locator("#history-list").get_by_text(FALCON, exact=True).click()
@@ -103,7 +105,8 @@ def test_the_sidebar_brings_the_conversations_back_after_a_restart(tmp_path, tmp
             send(page, ctx, RECALL)
             wait_for(lambda: bot_text(page) == "You asked me to remember the word falcon.",
                      lambda: f"the recall through the restored conversation: {bot_text(page)!r}")
-            wait_for(lambda: listed(page) == [FALCON, SUM], lambda: f"written last, listed first: {listed(page)}")
+            wait_for(lambda: listed(page) == [FALCON, SUM],
+                     lambda: f"written last, listed first: {listed(page)}")
 
             page.fill("#history-title textarea, #history-title input", "The falcon")
             page.click("#history-rename")

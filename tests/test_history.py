@@ -63,7 +63,8 @@ def test_the_history_is_one_sqlite_file_in_wal_mode_whose_rows_belong_to_a_brows
     h.save("c1", "browser-a", "  Tell me\nabout   foxes ", "tiny-instruct", "fp32", "{}", b"s" * 10)
     h.save("c2", "browser-a", "second", "tiny-instruct", "fp32", "{}")
     h.save("c3", "browser-b", "other", "tiny-instruct", "fp32", "{}")
-    assert [(e.id, e.title) for e in h.entries("browser-a")] == [("c2", "second"), ("c1", "Tell me about foxes")]
+    listed = [(e.id, e.title) for e in h.entries("browser-a")]
+    assert listed == [("c2", "second"), ("c1", "Tell me about foxes")]
     assert h.load("c1", "browser-b") is None  # another browser's row is not there for it
     assert not h.rename("c1", "browser-b", "mine") and not h.delete("c1", "browser-b")
     h.save("c1", "browser-b", "hijack", "tiny-instruct", "fp32", '{"x": 1}')  # same id, other browser
@@ -89,7 +90,8 @@ def test_states_beyond_the_budget_are_dropped_oldest_first_and_transcripts_stay(
         assert h.save(name, "b", name, "p", "fp32", f"[{name}]", b"x" * 100)
     kept = {e.id: h.load(e.id, "b") for e in h.entries("b")}
     assert {k for k, r in kept.items() if r.state is not None} == {"two", "three"}
-    assert h.state_bytes() == 200 and {r.transcript for r in kept.values()} == {"[big]", "[one]", "[two]", "[three]"}
+    assert h.state_bytes() == 200
+    assert {r.transcript for r in kept.values()} == {"[big]", "[one]", "[two]", "[three]"}
     assert History("", state_budget=10**9).state_budget == 0  # in memory: transcripts only
 
 
@@ -215,7 +217,8 @@ def test_new_open_rename_and_delete_everywhere(tmp_path):
     assert not store.delete("stranger", first.id) and not store.rename("stranger", first.id, "x")
 
     assert store.delete("tab-1", first.id)
-    assert store.history.load(first.id, browser) is None and [e.id for e in store.entries("tab-1")] == [second.id]
+    assert store.history.load(first.id, browser) is None
+    assert [e.id for e in store.entries("tab-1")] == [second.id]
     assert store.get("tab-2") is None  # gone from the memory of the tab that had it open
     assert store.conversation("tab-2", "tiny-instruct").turns == []  # that tab goes on with a new chat
     assert store.conversation("tab-1", "tiny-instruct").turns[0].user == "second chat"  # the other stays
@@ -267,7 +270,8 @@ def test_the_sidebar_handlers_tie_the_page_to_a_browser_and_refuse_what_is_not_i
     radio, title = history_sidebar.refresh(ctx, page)
     (label, id), = radio.choices
     assert (label, radio.value, title) == (QUESTIONS[0], id, QUESTIONS[0])
-    for call in (lambda: history_sidebar.rename(ctx, None, "x", page), lambda: history_sidebar.delete(ctx, None, page),
+    for call in (lambda: history_sidebar.rename(ctx, None, "x", page),
+                 lambda: history_sidebar.delete(ctx, None, page),
                  lambda: history_sidebar.rename(ctx, id, "  ", page)):
         with pytest.raises(gr.Error):
             call()

@@ -144,7 +144,8 @@ class History:
                 "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "preset = excluded.preset, precision = excluded.precision, transcript = excluded.transcript, "
                 "state = excluded.state, updated = excluded.updated WHERE browser = excluded.browser",
-                (id, browser, title_of(title), preset, precision, transcript, state if keep else None, now, now))
+                (id, browser, title_of(title), preset, precision, transcript, state if keep else None, now,
+                 now))
             self._db.execute("INSERT INTO browsers VALUES (?, ?, ?) ON CONFLICT (browser) DO UPDATE SET "
                              "open = excluded.open, updated = excluded.updated", (browser, id, now))
             if keep:
@@ -172,8 +173,9 @@ class History:
     def load(self, id: str, browser: str) -> Record | None:
         """The row `id` if it belongs to `browser`."""
         with self._lock:
-            row = self._db.execute("SELECT id, browser, title, preset, precision, transcript, state, updated "
-                                   "FROM conversations WHERE id = ? AND browser = ?", (id, browser)).fetchone()
+            row = self._db.execute(
+                "SELECT id, browser, title, preset, precision, transcript, state, updated FROM conversations "
+                "WHERE id = ? AND browser = ?", (id, browser)).fetchone()
         return None if row is None else Record(*row)
 
     def rename(self, id: str, browser: str, title: str) -> bool:

@@ -28,6 +28,7 @@ from .history import Entry, History, browser_id, new_id
 from .sessions import Conversation, ConversationError, ImportRefused
 from .transfer import export_bytes, peek_model, transcript_json
 
+log = logging.getLogger("fm_demo.history")
 HISTORY_SLOT = "chat"  # the slot whose conversations the history keeps
 
 
@@ -37,8 +38,6 @@ class Opened:
 
     browser: str
     id: str
-
-log = logging.getLogger("fm_demo.history")
 
 
 class SessionStore:

@@ -176,6 +176,12 @@ class Settings:
                                       4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
+    history_db: str = _help("SQLite file that keeps every browser's chat conversations across restarts (on a "
+                            "Space with persistent storage: /data/fm-demo-history.sqlite3); empty: they are "
+                            "kept in memory only, until the server stops", "")
+    history_state_bytes: int = _help("bytes of recurrent states the history file keeps beside the "
+                                     "transcripts, so a conversation resumes without reading its "
+                                     "transcript again (the latest first; 0: transcripts only)", 1 * GiB)
     share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
                                      "document demo): a hit reveals that someone sent the same text", False)
     # repr=False: the key never shows up where settings are printed or logged
@@ -237,7 +243,8 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
+        for name in ("cpu_threads", "history_state_bytes", "hot_states", "offload_after_s",
+                     "model_memory_budget_bytes", "max_batch",
                      "prefill_budget", "max_waiting", "checkpoint_tokens"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")

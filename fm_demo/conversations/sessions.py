@@ -43,7 +43,7 @@ from ..settings import Settings
 from ..stops import first_stop
 from ..templates import REWRITE_REASON, Extension
 from .state_cache import StateCache
-from .transfer import export_bytes, import_parts
+from .transfer import export_bytes, import_parts, transcript_parts, transcript_texts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 
 ProgressFn = Callable[[int, int], None]
@@ -104,6 +104,8 @@ class Conversation:
         self.last_metrics: ReplyMetrics | None = None
         self.last_used = time.monotonic()
         self.on_commit: Callable[[Conversation, ReplyMetrics | None], None] | None = None  # the store's hook
+        self.history_id: str | None = None  # its row in the history (history.py), where it has one
+        self.browser: str | None = None  # the browser it belongs to (the history's owner of that row)
         # the prefix-cache namespace: the browser session (the store passes it), else this conversation
         self.namespace = namespace if namespace is not None else f"conversation-{id(self):x}-{time.time_ns()}"
         self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
@@ -490,3 +492,40 @@ class Conversation:
             conv.cache.add(state)
         return conv
 
+    # -- history -----------------------------------------------------------------------------
+    def saved_parts(self) -> tuple[str, list[Turn], State | None] | None:
+        """What the history keeps of it: (system prompt, a copy of the turns, the state at their end
+        if the cache holds it, else None; nothing is read for it). None while a reply is written
+        (that reply's end saves it)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason)
+                     for t in self.turns]
+            return self.system, turns, self.cache.at(self.context_tokens) if turns else None
+        finally:
+            self._lock.release()
+
+    @classmethod
+    def restore(cls, lm: LoadedModel, transcript: str, state_file: bytes | None = None,
+                settings: Settings | None = None, namespace: str | None = None) -> Conversation:
+        """A conversation the history kept, on `lm`. With its state (an export file that fits `lm`)
+        it resumes where it ended; else from its transcript, whose next reply reads it all by
+        chunked prefill; a transcript whose tokens `lm`'s prompt format does not write (another
+        tokenizer or template) is encoded again from its texts. ImportRefused: unreadable."""
+        conv = cls(lm, settings, namespace=namespace)
+        if state_file is not None:
+            try:
+                conv.system, conv.turns, state = import_parts(state_file, lm, conv.fmt, conv.settings)
+                if state.seqlen:
+                    conv.cache.add(state)
+                return conv
+            except ImportRefused:
+                pass  # another model's state, or a damaged one: the transcript still holds
+        try:
+            conv.system, conv.turns = transcript_parts(transcript, lm, conv.fmt)
+        except ImportRefused:
+            conv.system, conv.turns = transcript_texts(transcript)
+            conv._retokenize()
+        conv.cache.invalidate(conv.context_tokens)  # its state is expected: the next reply says it re-read
+        return conv

@@ -65,6 +65,44 @@ def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) 
     return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
 
 
+def transcript_json(system: str, turns: list[Turn]) -> str:
+    """The transcript alone (the history's copy of a conversation): the file's payload without a
+    model or state, so it can be read again on any model."""
+    rows = [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids, "reply": t.reply,
+             "finish_reason": t.finish_reason} for t in turns]
+    return json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "system": system, "turns": rows})
+
+
+def transcript_parts(text: str, lm: LoadedModel, fmt: chat.ChatFormat) -> tuple[str, list[Turn]]:
+    """(system prompt, turns) of transcript_json's text, every turn checked against `lm`'s prompt
+    format as an import is; ImportRefused when they do not fit (another tokenizer or template)."""
+    payload = _transcript(text)
+    system = payload.get("system", "")
+    return system, _turns_from(payload.get("turns"), system, lm, fmt)
+
+
+def transcript_texts(text: str) -> tuple[str, list[Turn]]:
+    """(system prompt, turns with their texts only, no token ids) of transcript_json's text: what is
+    left to re-encode on a model whose prompt format the saved tokens do not fit."""
+    payload = _transcript(text)
+    try:
+        turns = [Turn(str(r["user"]), [], [], str(r.get("reply") or ""), r.get("finish_reason"))
+                 for r in payload["turns"]]
+    except (KeyError, TypeError):
+        raise ImportRefused("the saved transcript is malformed") from None
+    return str(payload.get("system", "")), turns
+
+
+def _transcript(text: str) -> dict:
+    try:
+        payload = json.loads(text)
+    except (TypeError, ValueError):
+        raise ImportRefused("the saved transcript is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ImportRefused("the saved transcript is malformed")
+    return payload
+
+
 def peek_model(data: bytes, settings: Settings) -> dict:
     """The model an exported conversation was saved with: {preset, precision, source, kind, signature}."""
     _check_size(data, settings)

@@ -15,6 +15,7 @@ from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
 from .common import AppContext, delete_cache, session_id
 from .compare_tab import build_compare_tab
+from .history_sidebar import build_history_sidebar
 from .inputs import bind
 from .lab_tab import build_lab_tab
 from .long_tab import build_long_tab
@@ -57,7 +58,7 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
         register_api(ctx)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(ctx)
+                chat = build_chat_tab(ctx)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(ctx)
             with gr.Tab("Long context", id="long"):
@@ -66,6 +67,7 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
                 build_lab_tab(ctx)
             with gr.Tab("System", id="system"):
                 system_outputs = build_system_tab(ctx)
+        build_history_sidebar(ctx, demo, chat)
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
     mcp_tools_only(demo, MCP_TOOLS)

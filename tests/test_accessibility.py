@@ -63,6 +63,15 @@ def test_on_a_phone_the_chat_fits_and_its_actions_are_one_row_of_icons(page, app
         assert all(b["x"] >= 0 and b["x"] + b["width"] <= 390 for b in boxes), boxes
         assert all(phone.locator(f"#chat-{name} img").count() == 1 for name in ("stop", "retry", "import"))
         assert phone.get_by_role("button", name="Retry").count() == 1  # the name stays for screen readers
+        bar = phone.locator("#history.sidebar")  # the history sidebar starts closed, and opens by tap
+        phone.wait_for_function("() => !document.querySelector('#history.sidebar').classList.contains('open')",
+                                timeout=WAIT_MS)
+        bar.locator(".toggle-button").tap()
+        phone.wait_for_function("() => document.querySelector('#history.sidebar').classList.contains('open')",
+                                timeout=WAIT_MS)
+        bar.locator(".toggle-button").tap()
+        phone.wait_for_function("() => !document.querySelector('#history.sidebar').classList.contains('open')",
+                                timeout=WAIT_MS)
         phone.locator("#chat-input textarea").tap()
         phone.fill("#chat-input textarea", "What is 2 plus 3?")
         phone.locator("#chat-send").tap()

@@ -55,7 +55,9 @@ body:not(.dark) [data-testid="json"] .json-node {
 # Two Gradio components put ARIA where axe-core (WCAG 2 A) rejects it: an empty plot's placeholder
 # is a <div aria-label="Empty value"> with no role, and a line plot's hover layer is an empty
 # Vega symbol group (role graphics-symbol) with no text. The first gets role="img" so its label
-# is valid; the second draws nothing, so it is hidden from assistive technology.
+# is valid; the second draws nothing, so it is hidden from assistive technology. A dataframe wider
+# than its column scrolls inside a role="none" div that no key can reach: its first cell becomes
+# focusable. And Gradio's sidebar opens as it mounts, covering a phone's screen: there it is closed.
 HEAD = """<script>
 (() => {
   const fix = () => {
@@ -63,7 +65,29 @@ HEAD = """<script>
     document.querySelectorAll('g.hover_marks[role="graphics-symbol"]:not([aria-hidden])').forEach(g => {
       if (!g.childElementCount) g.setAttribute('aria-hidden', 'true');
     });
+    // a table wider than its column scrolls: its first header cell takes the keyboard focus, so
+    // keyboard users can reach it and scroll (the scroller itself keeps role="none" for the grid)
+    document.querySelectorAll('.virtual-table-viewport').forEach(v => {
+      const cell = v.querySelector('th, td');
+      if (cell && !v.querySelector('[tabindex="0"]')) cell.setAttribute('tabindex', '0');
+    });
   };
+  // on a phone the history sidebar starts closed (open, it would cover the chat); it is closed
+  // until the visitor opens it (Gradio opens it as it mounts, so a few tries may be needed)
+  let touched = false, tries = 0, waiting = false;
+  document.addEventListener('click', e => {
+    if (e.isTrusted && e.target.closest?.('#history .toggle-button')) touched = true;
+  }, true);
+  const closeSidebarOnPhone = () => {
+    if (touched || tries >= 20 || window.innerWidth >= 640) return phoneWatch.disconnect();
+    const bar = document.querySelector('#history.sidebar');
+    if (!bar || waiting || !bar.classList.contains('open')) return;
+    tries += 1; waiting = true;
+    bar.querySelector('.toggle-button')?.click();
+    setTimeout(() => { waiting = false; closeSidebarOnPhone(); }, 250);
+  };
+  const phoneWatch = new MutationObserver(closeSidebarOnPhone);
+  phoneWatch.observe(document.documentElement, {subtree: true, childList: true, attributes: true, attributeFilter: ['class']});
   new MutationObserver(fix).observe(document.documentElement, {subtree: true, childList: true});
 })();
 </script>"""

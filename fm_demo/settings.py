@@ -148,6 +148,11 @@ class Settings:
     compare_presets: tuple[str, ...] = _help("two presets for the compare tab, comma separated; empty: auto",
                                              ())
     offered_presets: tuple[str, ...] = _help("the presets the app offers, comma separated; empty: all", ())
+    served_models: tuple[str, ...] = _help("the presets clients may load (the model pickers, the /chat API, /v1), "
+                                           "comma separated, each an offered preset; empty: auto, every offered "
+                                           "preset whose smallest precision fits model_memory_budget_bytes "
+                                           "(estimated from config.json or a known shape; nothing is downloaded)",
+                                           ())
     device: str = _help("auto | cpu | cuda", "auto")
     precision: str = _help("auto | bf16 | fp32 | 4bit; auto: fp32 on CPU, each preset's default on CUDA",
                            "auto")
@@ -170,8 +175,8 @@ class Settings:
     max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
     max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
     system_prompt: str = _help("default system prompt of instruct conversations", "")
-    session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
-                                      4 * GiB)
+    session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions, in the "
+                                      "prefix caches of all loaded models together", 4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
     share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
@@ -205,6 +210,7 @@ class Settings:
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
         self.offered_presets = tuple(self.offered_presets)
+        self.served_models = tuple(self.served_models)
         self.extra_models = tuple(self.extra_models)
         # Not a field: derived from extra_models once, so a directory is read at start-up only.
         self._extras = self._extra_presets()
@@ -249,6 +255,10 @@ class Settings:
         for key in self.offered_presets:
             if key not in every:
                 raise SettingsError(f"offered_presets: unknown preset '{key}'; known: {', '.join(every)}")
+        offered = [k for k in every if not self.offered_presets or k in self.offered_presets]
+        for key in self.served_models:
+            if key not in offered:
+                raise SettingsError(f"served_models: '{key}' is not an offered preset; offered: {', '.join(offered)}")
 
     def _extra_presets(self) -> dict[str, Preset]:
         """extra_models as presets by key; two different models may not share a key."""

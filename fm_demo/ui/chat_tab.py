@@ -223,7 +223,7 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
         None,
         None,
         [],
-        gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
+        gr.Dropdown(choices=preset_choices(ctx.manager), value=preset),
         gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
     )
 
@@ -270,7 +270,7 @@ def build_chat_tab(ctx: AppContext) -> None:
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
             readout = gr.HTML(readout_html(None), elem_id="readout")
-            preset, precision = model_pickers(s, s.default_preset, elem_prefix="chat")
+            preset, precision = model_pickers(ctx, s.default_preset, elem_prefix="chat")
             system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 sampling = sampling_inputs(s, elem_prefix="chat")

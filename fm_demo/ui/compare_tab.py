@@ -97,7 +97,7 @@ def build_compare_tab(ctx: AppContext) -> None:
     with gr.Row(equal_height=False):
         for side, key in (("left", left_key), ("right", right_key)):
             with gr.Column():
-                preset, precision = model_pickers(s, key, label=f"{side.capitalize()} model")
+                preset, precision = model_pickers(ctx, key, label=f"{side.capitalize()} model")
                 chatbot = gr.Chatbot(
                     height=380, label=side.capitalize(), elem_id=f"compare-{side}", buttons=["copy"]
                 )

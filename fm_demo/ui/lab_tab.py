@@ -203,7 +203,7 @@ def build_lab_tab(ctx: AppContext) -> None:
         "speed and memory depend only on shapes) appends K and V for every token to its cache."
     )
     with gr.Row():
-        preset, precision = model_pickers(ctx.settings, ctx.settings.default_preset)
+        preset, precision = model_pickers(ctx, ctx.settings.default_preset)
         n_tokens = gr.Slider(
             64, s.max_tokens, value=s.tokens, step=64, label="Tokens to generate", elem_id="lab-tokens"
         )

@@ -214,7 +214,7 @@ def build_long_tab(ctx: AppContext) -> None:
             upload = gr.File(label="...or upload a .txt / .md file", file_types=[".txt", ".md"], height=90)
             question = gr.Textbox(DEFAULT_QUESTION, label="First question about it")
             with gr.Row():
-                preset, precision = model_pickers(s, s.default_preset)
+                preset, precision = model_pickers(ctx, s.default_preset)
                 max_new = gr.Slider(1, s.max_new_tokens_cap, min(MAX_NEW_TOKENS, s.max_new_tokens), step=1,
                                     label="Max new tokens")
             with gr.Row():

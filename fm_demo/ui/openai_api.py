@@ -79,14 +79,14 @@ async def list_models(request: Request) -> Response:
         ctx = _open(request)
     except ApiError as e:
         return error_response(e)
-    data = [model_json(k, p.source, p.local) for k, p in ctx.manager.presets.items()]
+    data = [model_json(k, p.source, p.local) for k, p in ctx.manager.served_presets.items()]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request, model: str) -> Response:
     try:
         ctx = _open(request)
-        preset = ctx.manager.presets.get(model)
+        preset = ctx.manager.served_presets.get(model)
         if preset is None:
             raise _unknown_model(model, ctx)
     except ApiError as e:
@@ -516,7 +516,7 @@ def _too_long(what: str, settings: Settings, param: str | None = None) -> ApiErr
 
 
 def _unknown_model(model: str, ctx: AppContext) -> ApiError:
-    return ApiError(404, f"The model '{model}' does not exist; available: {', '.join(ctx.manager.presets)}.",
+    return ApiError(404, f"The model '{model}' does not exist; available: {', '.join(ctx.manager.served)}.",
                     "model", "model_not_found")
 
 
@@ -539,6 +539,10 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(e, ModelLoadError):
         if e.reason == "unknown_model":
             return ApiError(404, str(e), "model", "model_not_found")
+        if e.reason == "not_served":  # offered in settings, not to clients: as if it did not exist
+            return ApiError(404, str(e), "model", "model_not_served")
+        if e.reason == "busy":  # the room it needs is held by models answering requests
+            return ApiError(503, str(e), "model", "model_busy", headers={"Retry-After": "5"})
         return ApiError(503, str(e), "model", f"model_{e.reason}")
     if type(e).__name__ == "OutOfMemoryError":
         return ApiError(503, "The device ran out of memory; try a shorter prompt or fewer tokens.",

@@ -278,3 +278,19 @@ def test_close_if_idle_counts_waiting_requests_and_refuses_while_any_is_there():
     assert sched.in_use() == 0 and sched.close_if_idle() is True
     with pytest.raises(SchedulerClosed):
         sched.submit(Request([1], max_new_tokens=1))
+
+
+def test_loaded_models_share_one_prefix_cache_budget_and_an_unloaded_one_gives_its_share_back(presets):
+    manager = ModelManager(Settings(device="cpu"), presets=presets)
+    a, b = manager.get("instruct"), manager.get("base")
+    one = a.engine.state_nbytes()
+    manager.cache_pool.budget_bytes = 3 * one
+    for lm, first in ((a, 10), (b, 20), (a, 30), (b, 40)):  # four states, room for three in all
+        ids = torch.tensor([[first, first + 1]])
+        state = lm.engine.new_state()
+        lm.engine.prefill(ids, state)
+        lm.prefix_cache.insert(ids[0].tolist(), state, "s")
+    assert a.prefix_cache.nbytes + b.prefix_cache.nbytes == 3 * one == manager.cache_pool.nbytes
+    assert a.prefix_cache.find([10, 11], "s") == (0, None)  # the oldest went, from the other model's cache
+    manager.unload(a.key)
+    assert manager.cache_pool.members == [b.prefix_cache] and manager.cache_pool.nbytes == 2 * one

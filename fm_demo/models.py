@@ -17,8 +17,8 @@ the room is refused ("busy"). Every loaded model's prefix cache joins one CacheP
 (session_budget_bytes) for all of them.
 
 On ZeroGPU the manager also makes the GPU calls replies go through (GpuCalls), once, before the
-app launches, and `preload()` loads the offered models then: `spaces` moves to the GPU worker
-only weights that were on "cuda" when the app started. So there every offered model must fit
+app launches, and `preload()` loads the served models then: `spaces` moves to the GPU worker
+only weights that were on "cuda" when the app started. So there every served model must fit
 together (a load never unloads another), each loads once, at start-up, and after `preload()` a
 request for anything else is refused with a message instead of loading a model the GPU worker
 would never see.

@@ -200,6 +200,19 @@ class Settings:
     # (the lab's measurements) everywhere, and every reply event on ZeroGPU.
     concurrency_limit: int = _help("events of one kind run at once where the scheduler does not decide: the lab's "
                                    "measurements; on ZeroGPU every reply (each holds a GPU slice)", 1)
+    max_events_per_client: int = _help("requests one browser session (and, with limit_by_address, one client "
+                                       "address) may have running or waiting at once: chat, compare, long-context "
+                                       "and lab events, the /chat and /compare API (and /v1 completions, by "
+                                       "address); more are refused as busy (/v1: 429); 0: no limit", 2)
+    limit_by_address: bool = _help("also count each client address's requests, /v1 included, against "
+                                   "max_events_per_client; the address is uvicorn's, taken from X-Forwarded-For "
+                                   "only where FORWARDED_ALLOW_IPS trusts the proxy (else every visitor behind it "
+                                   "shares one address)", False)
+    lab_max_seconds: float = _help("longest time limit per model a lab decode run may ask for (seconds)", 1800.0)
+    lab_max_tokens: int = _help("most tokens a lab run may generate, and the longest prompt its prefill sweep may "
+                                "read; 0: the device's default maxima (16k / 32k on CPU, 256k on CUDA)", 0)
+    lab_max_waiting: int = _help("lab runs waiting behind the one that runs (the lab runs one at a time, one per "
+                                 "client) before more are refused", 4)
     # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
     # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
     host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
@@ -236,8 +249,14 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.lab_max_tokens and self.lab_max_tokens < 256:
+            raise SettingsError("lab_max_tokens: must be 0 (the device's maxima) or >= 256, "
+                                f"got {self.lab_max_tokens!r}")
+        if not self.lab_max_seconds >= 10:
+            raise SettingsError(f"lab_max_seconds: must be >= 10, got {self.lab_max_seconds!r}")
         for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
-                     "prefill_budget", "max_waiting", "checkpoint_tokens"):
+                     "prefill_budget", "max_waiting", "checkpoint_tokens", "max_events_per_client", "lab_max_tokens",
+                     "lab_max_waiting"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:

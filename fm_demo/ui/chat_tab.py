@@ -34,6 +34,7 @@ from .common import (
     user_errors,
 )
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
+from .limits import limited
 from .plots import series_plot
 from .readout import (
     DEVICE_COLORS,
@@ -316,11 +317,11 @@ def build_chat_tab(ctx: AppContext) -> None:
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
-        trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
+        trigger(limited(bind(send, ctx)), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
-    retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None)
-    chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
-    chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None)
+    retry_btn.click(limited(bind(retry, ctx)), knobs, outs, api_name="chat_retry", concurrency_limit=None)
+    chatbot.retry(limited(bind(retry, ctx)), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
+    chatbot.edit(limited(bind(edit, ctx)), knobs, outs, api_name="chat_edit", concurrency_limit=None)
     undo_btn.click(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo")
     chatbot.undo(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo_at")
     clear_btn.click(bind(clear, ctx), None, outs, api_name="chat_clear")

@@ -25,6 +25,7 @@ from ..engine.sampling import SamplingError
 from ..models import ModelLoadError, ModelManager
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
+from .limits import ClientLimits
 
 if TYPE_CHECKING:
     from ..conversations.store import SessionStore
@@ -87,6 +88,12 @@ class AppContext:
     store: SessionStore
     stops: StopFlags = field(default_factory=StopFlags)
     streams: StreamCount = field(default_factory=StreamCount)
+    limits: ClientLimits | None = None  # made from the settings when not given
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            st = self.settings
+            self.limits = ClientLimits(st.max_events_per_client, st.lab_max_waiting, st.limit_by_address)
 
 
 def reply_concurrency(ctx: AppContext) -> int | None:

@@ -24,6 +24,7 @@ from .common import (
     user_errors,
 )
 from .inputs import Sampling, bind, sampling_inputs
+from .limits import limited
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
@@ -124,6 +125,6 @@ def build_compare_tab(ctx: AppContext) -> None:
     inputs = [msg, lp, lq, rp, rq, *sampling]
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
-        trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
+        trigger(limited(bind(compare, ctx)), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

@@ -5,7 +5,10 @@ Two measurements, both at batch 1 and in the same process:
    transformer of similar parameter count (transformers' LlamaForCausalLM with its DynamicCache),
    sampling tokens/s, cache bytes and device memory every `every` tokens.
 2. "Longest prompt that fits": peak memory of reading a prompt in one parallel pass versus the
-   engine's chunked prefill, against prompt length.
+   engine's chunked prefill, against prompt length. The parallel pass is meant to run out of
+   memory at some length, so it runs only where that harms no one (`parallel_ok`: on a serving
+   GPU, when no request is running); otherwise its figure is computed from the chunked pass and
+   marked as computed.
 
 Memory is measured, not modelled: on CUDA from the caching allocator (memory_allocated and
 max_memory_allocated); on CPU from the process's resident set size (RSS), sampled every
@@ -19,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -200,6 +203,13 @@ class PrefillPeak:
     parallel_bytes: int | None  # None: the parallel pass ran out of memory
     chunked_bytes: int
     chunk_size: int
+    parallel_computed: bool = False  # parallel_bytes computed (parallel_estimate), not measured
+
+
+def parallel_estimate(chunked_bytes: int, prompt_tokens: int, chunk_size: int) -> int:
+    """The parallel pass's peak from the chunked pass's: a pass's activations grow linearly with
+    the tokens it reads at once, chunk_size for chunked prefill, all of them for the parallel pass."""
+    return int(chunked_bytes * prompt_tokens / min(prompt_tokens, chunk_size))
 
 
 def sweep_lengths(chunk_size: int, longest: int) -> list[int]:
@@ -217,12 +227,14 @@ def sweep_lengths(chunk_size: int, longest: int) -> list[int]:
 
 @torch.inference_mode()
 def prefill_peaks(
-    engine: Engine, lengths: list[int], chunk_size: int = 256, seed: int = 0
+    engine: Engine, lengths: list[int], chunk_size: int = 256, seed: int = 0,
+    parallel_ok: Callable[[], bool] = lambda: True,
 ) -> Iterator[PrefillPeak]:
     """Peak memory of one parallel pass (one chunk of the whole prompt) versus chunked prefill.
 
     Both run the same engine code; only the chunk size differs, so the gap is the cost of
-    materialising activations for every position at once.
+    materialising activations for every position at once. The parallel pass runs for a length
+    only while parallel_ok() says so (asked before each); otherwise it is parallel_estimate's.
     """
     gen = torch.Generator().manual_seed(seed)
     parallel = Engine(engine.model, chunk_size=max(lengths), ops=engine.ops)
@@ -230,7 +242,11 @@ def prefill_peaks(
     chunked.prefill(torch.zeros(1, 2 * chunk_size, dtype=torch.long), chunked.new_state())  # warm-up
     for n in sorted(lengths):
         ids = torch.randint(0, engine.config.vocab_size, (1, n), generator=gen)
-        yield PrefillPeak(n, _peak_or_none(parallel, ids), _peak_or_none(chunked, ids) or 0, chunk_size)
+        chunked_bytes = _peak_or_none(chunked, ids) or 0
+        if parallel_ok():
+            yield PrefillPeak(n, _peak_or_none(parallel, ids), chunked_bytes, chunk_size)
+        else:
+            yield PrefillPeak(n, parallel_estimate(chunked_bytes, n, chunk_size), chunked_bytes, chunk_size, True)
 
 
 def _peak_or_none(engine: Engine, ids: torch.Tensor, repeats: int = 2) -> int | None:

@@ -7,9 +7,18 @@ loads share one lock, so two 7B checkpoints never stream into memory at the same
 Every failure comes back as a ModelLoadError whose text a user can act on; nothing is left
 half-registered and the server keeps serving the models it has.
 
+What clients may load: the served presets (Settings.served_models; empty: every offered preset
+whose smallest precision fits the budget, estimated from its config.json or a known shape, with
+nothing downloaded). Anything else is refused ("not_served") before it loads. A load estimates its
+weights from the config alone (a hub checkpoint's config.json is fetched first, by itself) and
+checks the budget before a single weight is downloaded. Room is made only by unloading models
+nobody is using: one with rows running or waiting in its scheduler stays, and the load that needed
+the room is refused ("busy"). Every loaded model's prefix cache joins one CachePool: one byte budget
+(session_budget_bytes) for all of them.
+
 On ZeroGPU the manager also makes the GPU calls replies go through (GpuCalls), once, before the
-app launches, and `preload()` loads the offered models then: `spaces` moves to the GPU worker
-only weights that were on "cuda" when the app started. So there every offered model must fit
+app launches, and `preload()` loads the served models then: `spaces` moves to the GPU worker
+only weights that were on "cuda" when the app started. So there every served model must fit
 together (a load never unloads another), each loads once, at start-up, and after `preload()` a
 request for anything else is refused with a message instead of loading a model the GPU worker
 would never see.
@@ -28,7 +37,7 @@ from . import zerogpu
 from .chat import ChatFormat, format_for, stop_token_ids
 from .engine import Engine, State
 from .metrics import free_device_memory
-from .serving.prefix_cache import PrefixCache
+from .serving.prefix_cache import CachePool, PrefixCache
 from .settings import PRECISION_LABELS, Preset, Settings
 
 if TYPE_CHECKING:
@@ -46,8 +55,8 @@ PROGRESS_PREPARING, PROGRESS_DOWNLOAD, PROGRESS_WEIGHTS, PROGRESS_TOKENIZER, PRO
 class ModelLoadError(Exception):
     """A model that could not be loaded; str(e) is written for the user.
 
-    reason: unknown_model | bad_precision | missing_dependency | network | not_found |
-            out_of_memory | incompatible | error
+    reason: unknown_model | not_served | bad_precision | missing_dependency | network | not_found |
+            out_of_memory | busy | not_preloaded | incompatible | error
     """
 
     def __init__(self, message: str, reason: str = "error"):
@@ -152,6 +161,51 @@ def estimate_model_bytes(config, precision: str, device: str = "cuda") -> int:
     return (L * (linear + small) + embed + H) * per
 
 
+# Shapes of the hub presets, so the served list needs no download: every 7B preset is Falcon Mamba
+# 7B's architecture (Falcon3-Mamba continues its training in the same shape), the published
+# config.json (kernels_check/falcon-mamba-7b.config.json).
+FALCON_MAMBA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=8192, num_hidden_layers=64, vocab_size=65024,
+                             state_size=16, conv_kernel=4, time_step_rank=256, tie_word_embeddings=False)
+KNOWN_SHAPES = {source: FALCON_MAMBA_7B_SHAPE for source in (
+    "tiiuae/falcon-mamba-7b", "tiiuae/falcon-mamba-7b-instruct", "tiiuae/falcon-mamba-7b-4bit",
+    "tiiuae/falcon-mamba-7b-instruct-4bit", "tiiuae/Falcon3-Mamba-7B-Base", "tiiuae/Falcon3-Mamba-7B-Instruct")}
+
+
+def known_config(preset: Preset):
+    """A preset's config without downloading anything: a local checkpoint's config.json, a hub
+    preset's known shape; None when neither is at hand (a hub id the server was given)."""
+    from types import SimpleNamespace
+
+    if preset.local:
+        return _read_config(Path(preset.source))
+    shape = KNOWN_SHAPES.get(preset.source)
+    return SimpleNamespace(**shape) if shape is not None else None
+
+
+def smallest_bytes(preset: Preset, config, device: str) -> int:
+    """The weight bytes of the preset's smallest precision this process can load on `device`."""
+    usable = [p for p in preset.precisions if p != "4bit" or _bitsandbytes_available()] or list(preset.precisions)
+    return min(estimate_model_bytes(config, p, device) for p in usable)
+
+
+def served_keys(settings: Settings, presets: Mapping[str, Preset], budget: int) -> tuple[str, ...]:
+    """The presets clients may load: settings.served_models (those among `presets`), else every
+    preset whose smallest precision fits `budget`; a hub preset of unknown shape counts (the server
+    named it; its load fetches config.json alone and checks the budget before any weight)."""
+    if settings.served_models:
+        return tuple(k for k in settings.served_models if k in presets)
+    out = []
+    for key, preset in presets.items():
+        try:
+            config = known_config(preset)
+            fits = config is None or smallest_bytes(preset, config, settings.device) <= budget
+        except Exception:  # an unreadable or foreign checkpoint: its load says why
+            fits = True
+        if fits:
+            out.append(key)
+    return tuple(out)
+
+
 def device_capacity(device: str) -> int:
     """Bytes a model may occupy on `device` by default: 90% of the GPU, 60% of system RAM."""
     if device.startswith("cuda"):
@@ -174,18 +228,30 @@ class ModelManager:
         self._key_locks: dict[Key, threading.Lock] = {}
         self._unload_listeners: list[Callable[[LoadedModel], None]] = []
         self._sealed = False  # on ZeroGPU, once preload() is done: nothing loads any more
+        self.served = served_keys(settings, self._presets, self.budget_bytes)
+        # every loaded model's prefix cache joins this pool: one byte budget for all of them
+        self.cache_pool = CachePool(settings.session_budget_bytes)
         # made here, before launch, because `spaces` registers its GPU functions at start-up
         self.gpu = GpuCalls.make(self._engine_and_tokenizer) if zerogpu.on_zerogpu() else None
 
     @property
     def presets(self) -> dict[str, Preset]:
+        """The offered presets (Settings.presets()): what settings may name."""
         return dict(self._presets)
+
+    @property
+    def served_presets(self) -> dict[str, Preset]:
+        """The presets clients may load: the UI's model choices and /v1/models."""
+        return {k: self._presets[k] for k in self.served}
 
     def resolve(self, preset_key: str, precision: str | None = None) -> tuple[Preset, str]:
         preset = self._presets.get(preset_key)
         if preset is None:
-            raise ModelLoadError(f"Unknown model '{preset_key}'. Available: {', '.join(self._presets)}.",
+            raise ModelLoadError(f"Unknown model '{preset_key}'. Available: {', '.join(self.served)}.",
                                  "unknown_model")
+        if preset_key not in self.served:
+            raise ModelLoadError(f"{preset.label} is not served on this server; it serves "
+                                 f"{', '.join(self.served) or 'no model'}.", "not_served")
         precision = precision or self.settings.precision_for(preset)
         if precision not in preset.precisions:
             raise ModelLoadError(f"{preset.label} comes in {', '.join(preset.precisions)}, not {precision}.",
@@ -221,12 +287,12 @@ class ModelManager:
 
     def preload(self, keys: list[str] | None = None,
                 progress: ProgressFn | None = None) -> list[LoadedModel]:
-        """Load `keys` (default: every offered preset) in their default precision, in order.
+        """Load `keys` (default: every served preset) in their default precision, in order.
 
         On ZeroGPU this is the one time models load (see the module docstring): afterwards the
         manager serves what it holds and refuses to load anything else.
         """
-        loaded = [self.get(key, None, progress) for key in (keys if keys is not None else self._presets)]
+        loaded = [self.get(key, None, progress) for key in (keys if keys is not None else self.served)]
         if self.gpu is not None:
             with self._lock:
                 self._sealed = True
@@ -246,15 +312,35 @@ class ModelManager:
             return self._models.get(lm.key) is lm
 
     def unload(self, key: Key) -> bool:
+        """Unload a model now, whoever uses it (an operator's call: running replies end with
+        SchedulerClosed). Making room for a load never does this; see _unload_idle."""
         with self._lock:
             lm = self._models.pop(tuple(key), None)
         if lm is None:
             return False
         lm.runner.close()  # replies still running end with a clear message
+        self._forget(lm)
+        return True
+
+    def _unload_idle(self) -> bool:
+        """Unload the least recently used model with no request running or waiting; False when
+        every loaded model is in use. The check and the close are one step under the scheduler's
+        lock (close_if_idle), and the manager's lock keeps get() from handing the model out
+        meanwhile."""
+        with self._lock:
+            victim = next((lm for lm in self._models.values() if lm.runner.close_if_idle()), None)
+            if victim is not None:
+                del self._models[victim.key]
+        if victim is None:
+            return False
+        self._forget(victim)
+        return True
+
+    def _forget(self, lm: LoadedModel) -> None:
         for fn in list(self._unload_listeners):
             fn(lm)
+        self.cache_pool.detach(lm.prefix_cache)  # its states leave the shared budget
         free_device_memory(lm.device)
-        return True
 
     def on_unload(self, fn: Callable[[LoadedModel], None]) -> None:
         """Call fn(loaded_model) after a model leaves the manager (so holders can drop it)."""
@@ -280,13 +366,13 @@ class ModelManager:
         t0 = time.perf_counter()
         try:
             progress(PROGRESS_PREPARING, f"Preparing {preset.label}")
-            path = _fetch(preset, progress)
-            config = _read_config(path)
+            config = _fetch_config(preset)  # config.json alone: the budget is checked before any weight
             if getattr(config, "model_type", None) not in ("falcon_mamba", "mamba"):
                 raise ModelLoadError(f"{preset.source} is a {config.model_type} model, not Falcon Mamba.",
                                      "incompatible")
             need = estimate_model_bytes(config, precision, self.settings.device)
             self._make_room(need, preset, precision)
+            path = _fetch(preset, progress)
             progress(PROGRESS_WEIGHTS, f"Loading {preset.label} weights in {precision}")
             model = _from_pretrained(path, precision, self.settings.device, preset.prequantized)
             progress(PROGRESS_TOKENIZER, "Loading tokenizer")
@@ -295,7 +381,7 @@ class ModelManager:
         except Exception as e:
             raise _explain(e, preset, precision) from e
         key = (preset.key, precision)
-        cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
+        cache = self.cache_pool.cache(self.settings.share_prefix_cache)
         lm = LoadedModel(key, preset, precision, model, tokenizer, engine, int(model.get_memory_footprint()),
                          time.perf_counter() - t0, (f"kernels: {engine.ops.reason}",), self.gpu,
                          make_runner(engine, self.gpu, key, self.settings, cache), cache)
@@ -316,11 +402,14 @@ class ModelManager:
                 f"On ZeroGPU every offered model stays loaded: offer fewer models or a smaller precision.",
                 "out_of_memory")
         while self.loaded_bytes() + need > self.budget_bytes:
-            with self._lock:
-                victim = next(iter(self._models), None)
-            if victim is None:
-                return
-            self.unload(victim)
+            if not self._unload_idle():
+                raise ModelLoadError(self._busy_message(need, preset, precision), "busy")
+
+    def _busy_message(self, need: int, preset: Preset, precision: str) -> str:
+        in_use = ", ".join(lm.label for lm in self.loaded() if lm.runner.in_use()) or "the loaded models"
+        return (f"The server is busy: {preset.label} in {precision} needs about {need / 1e9:.1f} GB, and the "
+                f"room it needs is held by models that are answering requests right now ({in_use}). "
+                f"Try again in a moment, or pick a model that is already loaded.")
 
 
 def _bitsandbytes_available() -> bool:
@@ -363,6 +452,18 @@ def _progress_bar(progress: ProgressFn, label: str):
             return super().update(n)
 
     return _Bar
+
+
+def _fetch_config(preset: Preset):
+    """The checkpoint's config, fetching only config.json from the hub (no weights)."""
+    if preset.local:
+        return _read_config(Path(preset.source))
+    if preset.source.startswith(("/", ".")) or Path(preset.source).is_absolute():
+        raise ModelLoadError(f"No checkpoint at {preset.source}. The bundled tiny checkpoints are built by "
+                             f"the fm_demo.tiny training script.", "not_found")
+    from huggingface_hub import hf_hub_download
+
+    return _read_config(Path(hf_hub_download(preset.source, "config.json")).parent)
 
 
 def _read_config(path: Path):

@@ -148,6 +148,11 @@ class Settings:
     compare_presets: tuple[str, ...] = _help("two presets for the compare tab, comma separated; empty: auto",
                                              ())
     offered_presets: tuple[str, ...] = _help("the presets the app offers, comma separated; empty: all", ())
+    served_models: tuple[str, ...] = _help("the presets clients may load (the model pickers, the /chat API, /v1), "
+                                           "comma separated, each an offered preset; empty: auto, every offered "
+                                           "preset whose smallest precision fits model_memory_budget_bytes "
+                                           "(estimated from config.json or a known shape; nothing is downloaded)",
+                                           ())
     device: str = _help("auto | cpu | cuda", "auto")
     precision: str = _help("auto | bf16 | fp32 | 4bit; auto: fp32 on CPU, each preset's default on CUDA",
                            "auto")
@@ -172,8 +177,8 @@ class Settings:
     temp_file_age_s: int = _help("seconds after which exported conversations and uploaded files are deleted "
                                  "from the server's disk", 3600)
     system_prompt: str = _help("default system prompt of instruct conversations", "")
-    session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
-                                      4 * GiB)
+    session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions, in the "
+                                      "prefix caches of all loaded models together", 4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
     history_db: str = _help("SQLite file that keeps every browser's chat conversations across restarts (on a "
@@ -208,6 +213,19 @@ class Settings:
     # (the lab's measurements) everywhere, and every reply event on ZeroGPU.
     concurrency_limit: int = _help("events of one kind run at once where the scheduler does not decide: the lab's "
                                    "measurements; on ZeroGPU every reply (each holds a GPU slice)", 1)
+    max_events_per_client: int = _help("requests one browser session (and, with limit_by_address, one client "
+                                       "address) may have running or waiting at once: chat, compare, long-context "
+                                       "and lab events, the /chat and /compare API (and /v1 completions, by "
+                                       "address); more are refused as busy (/v1: 429); 0: no limit", 2)
+    limit_by_address: bool = _help("also count each client address's requests, /v1 included, against "
+                                   "max_events_per_client; the address is uvicorn's, taken from X-Forwarded-For "
+                                   "only where FORWARDED_ALLOW_IPS trusts the proxy (else every visitor behind it "
+                                   "shares one address)", False)
+    lab_max_seconds: float = _help("longest time limit per model a lab decode run may ask for (seconds)", 1800.0)
+    lab_max_tokens: int = _help("most tokens a lab run may generate, and the longest prompt its prefill sweep may "
+                                "read; 0: the device's default maxima (16k / 32k on CPU, 256k on CUDA)", 0)
+    lab_max_waiting: int = _help("lab runs waiting behind the one that runs (the lab runs one at a time, one per "
+                                 "client) before more are refused", 4)
     # Empty / 0 leave the address to Gradio, which reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
     # itself: Hugging Face Spaces set those, and a default of ours would shadow them.
     host: str = _help("address to listen on; empty: GRADIO_SERVER_NAME, else 127.0.0.1", "")
@@ -218,6 +236,7 @@ class Settings:
     def __post_init__(self) -> None:
         self.compare_presets = tuple(self.compare_presets)
         self.offered_presets = tuple(self.offered_presets)
+        self.served_models = tuple(self.served_models)
         self.extra_models = tuple(self.extra_models)
         # Not a field: derived from extra_models once, so a directory is read at start-up only.
         self._extras = self._extra_presets()
@@ -243,9 +262,15 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.lab_max_tokens and self.lab_max_tokens < 256:
+            raise SettingsError("lab_max_tokens: must be 0 (the device's maxima) or >= 256, "
+                                f"got {self.lab_max_tokens!r}")
+        if not self.lab_max_seconds >= 10:
+            raise SettingsError(f"lab_max_seconds: must be >= 10, got {self.lab_max_seconds!r}")
         for name in ("cpu_threads", "history_state_bytes", "hot_states", "offload_after_s",
                      "model_memory_budget_bytes", "max_batch",
-                     "prefill_budget", "max_waiting", "checkpoint_tokens"):
+                     "prefill_budget", "max_waiting", "checkpoint_tokens", "max_events_per_client", "lab_max_tokens",
+                     "lab_max_waiting"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
@@ -263,6 +288,10 @@ class Settings:
         for key in self.offered_presets:
             if key not in every:
                 raise SettingsError(f"offered_presets: unknown preset '{key}'; known: {', '.join(every)}")
+        offered = [k for k in every if not self.offered_presets or k in self.offered_presets]
+        for key in self.served_models:
+            if key not in offered:
+                raise SettingsError(f"served_models: '{key}' is not an offered preset; offered: {', '.join(offered)}")
 
     def _extra_presets(self) -> dict[str, Preset]:
         """extra_models as presets by key; two different models may not share a key."""

@@ -88,9 +88,11 @@ def test_load_errors_are_clear_and_typed(manager, key, precision, reason, words)
 
 
 def test_too_big_for_the_budget_is_refused_before_loading(presets, monkeypatch):
-    manager = ModelManager(Settings(device="cpu", model_memory_budget_bytes=10 ** 6), presets=presets)
+    # served explicitly: left to itself the server would not serve what cannot fit (auto)
+    manager = ModelManager(Settings(device="cpu", model_memory_budget_bytes=10 ** 6,
+                                    served_models=("tiny-instruct",)))
     with pytest.raises(ModelLoadError, match="needs about") as info:
-        manager.get("instruct")
+        manager.get("tiny-instruct")
     assert info.value.reason == "out_of_memory" and manager.loaded() == []
 
 
@@ -168,3 +170,127 @@ def test_preload_and_gpu_calls(presets, monkeypatch):
     assert len(events) == 3 and isinstance(update, zerogpu.StateUpdate) and update.state.seqlen == 4 + 1 + 3
     with pytest.raises(ModelLoadError, match="not loaded in the GPU worker"):
         lm.gpu.prefill(("base", "fp32"), lm.engine.new_state(), ids)
+
+
+# -- what clients may load -------------------------------------------------------------------
+@pytest.fixture()
+def no_hub(monkeypatch, tmp_path):
+    """The hub's download functions, recording every call and fetching nothing; hf_hub_download
+    hands out the published 7B config.json (kernels_check) as a hub checkpoint's config."""
+    import huggingface_hub
+    from kernels_check.models import CONFIG_7B
+
+    calls = []
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG_7B.read_text())
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(("snapshot", repo_id))
+        raise AssertionError(f"downloaded the weights of {repo_id}")
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(("file", repo_id, filename))
+        return str(config)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return calls
+
+
+def test_auto_serves_the_offered_presets_whose_smallest_precision_fits_without_downloading(no_hub):
+    small = ModelManager(Settings(device="cpu", model_memory_budget_bytes=2 * 10 ** 9))
+    assert small.served == ("tiny-base", "tiny-instruct")
+    assert set(small.presets) == set(PRESETS)  # offered stays every preset
+    big = ModelManager(Settings(device="cpu", model_memory_budget_bytes=10 ** 12))
+    assert big.served == tuple(PRESETS)
+    assert no_hub == []  # neither list looked anything up
+
+
+def test_an_unserved_preset_is_refused_by_name_before_anything_loads(no_hub):
+    manager = ModelManager(Settings(device="cpu", served_models=("tiny-instruct",)))
+    assert manager.served == ("tiny-instruct",) and list(manager.served_presets) == ["tiny-instruct"]
+    for key in ("tiny-base", "7b-instruct"):
+        with pytest.raises(ModelLoadError, match="not served on this server; it serves tiny-instruct") as info:
+            manager.get(key)
+        assert info.value.reason == "not_served"
+    assert manager.loaded() == [] and no_hub == []
+    assert manager.get("tiny-instruct").key == ("tiny-instruct", "fp32")
+
+
+def test_served_models_must_be_offered():
+    from fm_demo.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="served_models: '7b-base' is not an offered preset"):
+        Settings(device="cpu", offered_presets=("tiny-base", "tiny-instruct"), served_models=("7b-base",))
+    with pytest.raises(SettingsError, match="FM_DEMO_SERVED_MODELS"):
+        Settings.from_env({"FM_DEMO_SERVED_MODELS": "tiny-base,gpt-5"})
+    assert Settings.from_env({"FM_DEMO_SERVED_MODELS": "tiny-base, tiny-instruct"}).served_models == (
+        "tiny-base", "tiny-instruct")
+
+
+def test_a_hub_model_too_big_for_the_budget_is_refused_from_its_config_alone(no_hub):
+    manager = ModelManager(Settings(device="cpu", served_models=("7b-instruct",),
+                                    model_memory_budget_bytes=10 ** 9))
+    with pytest.raises(ModelLoadError, match="needs about") as info:
+        manager.get("7b-instruct", "fp32")
+    assert info.value.reason == "out_of_memory"
+    assert no_hub == [("file", "tiiuae/falcon-mamba-7b-instruct", "config.json")]  # never the weights
+
+
+def _hold_a_row(lm):
+    """A reply that runs until closed (no stop token, a long budget), started."""
+    from fm_demo.serving import Request
+
+    reply = lm.runner.submit(Request([1, 2, 3], max_new_tokens=10 ** 6))
+    next(reply.tokens())
+    return reply
+
+
+def test_a_model_in_use_is_never_unloaded_to_make_room(presets):
+    one = ModelManager(Settings(device="cpu"), presets=presets).get("instruct").nbytes
+    tight = ModelManager(Settings(device="cpu", model_memory_budget_bytes=int(1.5 * one)), presets=presets)
+    busy = tight.get("instruct")
+    reply = _hold_a_row(busy)
+    try:
+        with pytest.raises(ModelLoadError, match="busy") as info:
+            tight.get("base")
+        assert info.value.reason == "busy" and "tiny instruct" in str(info.value)
+        assert tight.loaded() == [busy] and busy.runner.in_use() == 1
+        assert len([next(reply.tokens()) for _ in range(5)]) == 5  # its user is still being answered
+    finally:
+        reply.close()
+    assert busy.runner.in_use() == 0
+    base = tight.get("base")  # now idle: it makes room
+    assert tight.loaded() == [base] and not tight.is_loaded(busy)
+
+
+def test_close_if_idle_counts_waiting_requests_and_refuses_while_any_is_there():
+    from fm_demo.engine import Engine, tiny_model
+    from fm_demo.serving import Request, Scheduler, SchedulerClosed
+
+    sched = Scheduler(Engine(tiny_model(seed=1, hidden_size=32, num_hidden_layers=1)), max_batch=1,
+                      max_waiting=2, start=False)  # no thread: requests stay waiting
+    reply = sched.submit(Request([1, 2, 3], max_new_tokens=2))
+    assert sched.in_use() == 1 and sched.close_if_idle() is False
+    sched.submit(Request([4], max_new_tokens=1)).close()  # a cancelled one leaves no trace
+    assert sched.in_use() == 1
+    reply.close()
+    assert sched.in_use() == 0 and sched.close_if_idle() is True
+    with pytest.raises(SchedulerClosed):
+        sched.submit(Request([1], max_new_tokens=1))
+
+
+def test_loaded_models_share_one_prefix_cache_budget_and_an_unloaded_one_gives_its_share_back(presets):
+    manager = ModelManager(Settings(device="cpu"), presets=presets)
+    a, b = manager.get("instruct"), manager.get("base")
+    one = a.engine.state_nbytes()
+    manager.cache_pool.budget_bytes = 3 * one
+    for lm, first in ((a, 10), (b, 20), (a, 30), (b, 40)):  # four states, room for three in all
+        ids = torch.tensor([[first, first + 1]])
+        state = lm.engine.new_state()
+        lm.engine.prefill(ids, state)
+        lm.prefix_cache.insert(ids[0].tolist(), state, "s")
+    assert a.prefix_cache.nbytes + b.prefix_cache.nbytes == 3 * one == manager.cache_pool.nbytes
+    assert a.prefix_cache.find([10, 11], "s") == (0, None)  # the oldest went, from the other model's cache
+    manager.unload(a.key)
+    assert manager.cache_pool.members == [b.prefix_cache] and manager.cache_pool.nbytes == 2 * one

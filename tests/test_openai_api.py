@@ -103,10 +103,10 @@ def ask(c: openai.OpenAI, content: str = QUESTION, **kw):
 
 
 # -- models and chat ---------------------------------------------------------------------------
-def test_models_lists_every_preset_and_finds_one(keyed):
+def test_models_lists_every_served_preset_and_finds_one(keyed):
     url, ctx = keyed
     c = client(url)
-    assert [m.id for m in c.models.list()] == list(ctx.manager.presets)
+    assert [m.id for m in c.models.list()] == list(ctx.manager.served)
     assert c.models.retrieve("tiny-base").id == "tiny-base"
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("no-such-model")
@@ -478,3 +478,49 @@ def _until(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+# -- what clients may load -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def narrow():
+    """Serves the two tiny models only, with room for one of them at a time."""
+    one = ModelManager(Settings(device="cpu")).get("tiny-base").nbytes
+    settings = Settings(device="cpu", max_new_tokens=N, served_models=("tiny-base", "tiny-instruct"),
+                        model_memory_budget_bytes=int(1.5 * one), max_new_tokens_cap=100_000)
+    ctx = context(settings)
+    demo, url = serve(settings, ctx)
+    yield url, ctx
+    demo.close()
+
+
+def test_an_unserved_model_is_not_listed_and_is_refused_with_a_404(narrow):
+    url, ctx = narrow
+    c = client(url, key="none")
+    assert [m.id for m in c.models.list()] == ["tiny-base", "tiny-instruct"]
+    for model in ("7b-instruct", "falcon3-mamba-7b-instruct"):  # offered, not served: nothing downloads
+        status, err = _status(lambda model=model: ask(c, model=model))
+        assert status == 404 and err["code"] == "model_not_served" and err["param"] == "model", err
+        assert "it serves tiny-base, tiny-instruct" in err["message"]
+        assert _status(lambda model=model: c.models.retrieve(model))[0] == 404
+    assert [lm.preset.key for lm in ctx.manager.loaded()] in ([], ["tiny-base"], ["tiny-instruct"])
+
+
+def test_a_load_that_would_unload_a_model_in_use_gets_a_503_with_retry_after(narrow):
+    from fm_demo.serving import Request
+
+    url, ctx = narrow
+    c = client(url, key="none")
+    ctx.manager.get("tiny-base")
+    held = ctx.manager.get("tiny-base").runner.submit(Request([1, 2, 3], max_new_tokens=10 ** 6))
+    next(held.tokens())
+    try:
+        raw = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "tiny-instruct", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})
+        assert raw.status_code == 503 and raw.headers["retry-after"] == "5"
+        err = raw.json()["error"]
+        assert err["code"] == "model_busy" and err["type"] == "server_error" and "busy" in err["message"]
+        assert next(held.tokens()).token_id is not None  # the reply in progress goes on
+    finally:
+        held.close()
+    assert ask(c, max_tokens=4).usage.completion_tokens >= 1  # once idle, its room is given up
+    assert [lm.preset.key for lm in ctx.manager.loaded()] == ["tiny-instruct"]

@@ -18,7 +18,7 @@ from fm_demo.engine import Engine, SamplingParams, tiny_model
 from fm_demo.models import ModelManager
 from fm_demo.serving import scheduler
 from fm_demo.serving.completion import CompletionRequest, complete
-from fm_demo.serving.prefix_cache import PrefixCache
+from fm_demo.serving.prefix_cache import CachePool, PrefixCache
 from fm_demo.settings import Preset, Settings
 
 ATOL = 1e-4
@@ -88,6 +88,48 @@ def test_budget_evicts_least_recent_leaves_and_never_pinned_ones(engine):
         assert cache.find(base + [3], "a") == (0, None)
         assert cache.find(base + [0], "a")[0] == 11 and cache.find(base + [1], "a")[0] == 11
     assert cache.stats()["evictions"] == 2 and cache.nbytes == 3 * one
+
+
+def test_a_pool_holds_one_budget_over_every_member_and_evicts_across_them(engine):
+    """Two models' caches in one pool: together they stay within one budget; the least recently
+    used state goes whichever cache holds it; a detached cache leaves the budget to the others."""
+    one = engine.state_nbytes()
+    pool = CachePool(3 * one)
+    a, b = pool.cache(), pool.cache()
+    a.insert([1, 2], read(engine, [1, 2]), "s")
+    a.insert([1, 3], read(engine, [1, 3]), "s")
+    b.insert([5, 6], read(engine, [5, 6]), "s")
+    a.find([1, 3], "s")  # [1, 2] in cache a is now the least recently used of all three
+    b.insert([5, 7], read(engine, [5, 7]), "s")  # over the shared budget: a's [1, 2] goes
+    assert pool.nbytes == 3 * one and a.nbytes + b.nbytes == 3 * one
+    assert a.find([1, 2], "s") == (0, None) and a.find([1, 3], "s")[0] == 2
+    assert b.find([5, 6], "s")[0] == 2 and b.find([5, 7], "s")[0] == 2
+    assert a.stats()["budget_bytes"] == 3 * one and a.stats()["pool_bytes"] == 3 * one
+    pool.detach(a)
+    assert a.nbytes == 0 and pool.nbytes == 2 * one and pool.members == [b]
+    b.insert([5, 8], read(engine, [5, 8]), "s")  # a's share is free: nothing of b's goes
+    assert b.stats()["evictions"] == 0 and pool.nbytes == 3 * one
+
+
+def test_a_pool_keeps_its_budget_under_concurrent_inserts_into_several_members(engine):
+    one = engine.state_nbytes()
+    pool = CachePool(5 * one)
+    caches = [pool.cache() for _ in range(3)]
+    states = {i: read(engine, [i % 7 + 1, i]) for i in range(60)}
+    over = []
+
+    def writer(k):
+        for i in range(k, 60, 3):
+            caches[k].insert([i % 7 + 1, i], states[i].clone(), "s")
+            over.append(pool.nbytes > 5 * one)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(over) and pool.nbytes == 5 * one
+    assert sum(c.stats()["states"] for c in caches) == 5
 
 
 def test_a_namespace_whose_states_are_all_gone_leaves_no_trace(engine):

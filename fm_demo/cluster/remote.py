@@ -311,6 +311,8 @@ class RemoteModelManager(ModelManager):
 
     def __init__(self, settings: Settings, handle, copy_state_bytes: int):
         super().__init__(settings)
+        if not settings.served_models:  # the replicas hold the weights, not this process: all offered
+            self.served = tuple(self._presets)
         self.handle, self.copy_state_bytes = handle, copy_state_bytes
         self.index = ReplicaIndex(shared=settings.share_prefix_cache)
 
@@ -333,7 +335,7 @@ class RemoteModelManager(ModelManager):
         here = (f"runs on the cluster's model replicas ({info.device}); this process holds its tokenizer "
                 "and the conversations' transcripts and states")
         notes = (*info.notes, here)
-        cache = PrefixCache(self.settings.session_budget_bytes, self.settings.share_prefix_cache)
+        cache = self.cache_pool.cache(self.settings.share_prefix_cache)
         engine = RemoteEngine(info)
         runner = RemoteRunner(self.handle, key, self.index, self.copy_state_bytes, cache, engine.new_state)
         lm = LoadedModel(key, preset, precision, RemoteModel(info), info.tokenizer, engine,

@@ -118,9 +118,9 @@ class SessionStore:
         saved = peek_model(data, self.settings)
         if preset_key is None:
             preset_key, precision = saved.get("preset"), precision or saved.get("precision")
-            if preset_key not in self.manager.presets:
+            if preset_key not in self.manager.served:
                 raise ImportRefused(f"this conversation was saved with '{preset_key}', which this server "
-                                    f"does not offer")
+                                    f"does not serve")
         lm = self.manager.get(preset_key, precision)
         return self.put(session_id, Conversation.import_bytes(data, lm, self.settings), slot)
 

@@ -1,4 +1,5 @@
-"""A token-exact prefix-state cache shared by every request to one model.
+"""A token-exact prefix-state cache shared by every request to one model, and the pool that gives
+the caches of all loaded models one byte budget.
 
 A radix tree over token ids. A node stands for the token sequence on the path from its namespace's
 root to it, and may hold the recurrent state after reading exactly that sequence. Falcon Mamba
@@ -16,6 +17,12 @@ Invariants:
   few thousand tokens on its way) go first, then the states callers asked for (turn and message
   ends); within each, the least recently used unpinned states go first, leaves before inner
   nodes. Eviction loses only time: whoever needs an evicted state reads its tokens again.
+
+One budget for all models: a server's caches (one per loaded model) join one CachePool. They
+share its lock, so a look-up, insert or eviction in any of them sees all of them at rest, and the
+pool's byte budget covers their states together: an insert that goes over it evicts across every
+member in the order above (checkpoints, then leaves, least recently used first), whichever model
+the states belong to. A cache detaches when its model unloads; its states leave the budget then.
 
 Privacy: a hit is visible (speed, cached_tokens), so sharing across sessions is a setting, off by
 default. Off, each namespace (a browser session, an API client: namespaces.py) has its own root and
@@ -80,15 +87,91 @@ def _common(edge: tuple[int, ...], tokens: list[int], at: int) -> int:
     return lo
 
 
+def _eviction_order(node: Node) -> tuple:
+    """Checkpoints first, then leaves before inner nodes, least recently used first."""
+    return (not node.checkpoint, bool(node.children), node.last_used)
+
+
+class CachePool:
+    """One byte budget and one lock over several PrefixCaches (every loaded model's).
+
+    Invariants: the members' stored bytes together stay within `budget_bytes` after every insert
+    (pinned states and the one just inserted excepted); every member guards its tree with the
+    pool's lock, so eviction may drop any member's states; a detached cache holds nothing.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.lock = threading.RLock()
+        self._members: list[PrefixCache] = []
+
+    def cache(self, shared: bool = False, device: torch.device | str = "cpu") -> PrefixCache:
+        """A new member cache (a model that just loaded)."""
+        return PrefixCache(self.budget_bytes, shared, device, pool=self)
+
+    def _join(self, cache: PrefixCache) -> None:
+        with self.lock:
+            self._members.append(cache)
+
+    def detach(self, cache: PrefixCache) -> None:
+        """Take `cache` out of the pool (its model unloaded) and drop its states."""
+        with self.lock:
+            if cache in self._members:
+                self._members.remove(cache)
+            cache.clear()
+            cache._pool, cache._budget = None, 0
+
+    @property
+    def members(self) -> list[PrefixCache]:
+        with self.lock:
+            return list(self._members)
+
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(c._bytes for c in self._members)
+
+    def evict_to_budget(self, keep: Node | None = None) -> None:
+        """Drop unpinned states of any member, in eviction order, until all fit the budget."""
+        with self.lock:
+            total = self.nbytes
+            if total <= self.budget_bytes:
+                return
+            stored = [(node, cache) for cache in self._members for node in cache._nodes()
+                      if node.state is not None and node.pins == 0 and node is not keep]
+            stored.sort(key=lambda pair: _eviction_order(pair[0]))
+            for node, cache in stored:
+                if total <= self.budget_bytes:
+                    break
+                total -= node.state.nbytes
+                cache._drop_state(node)
+
+
 class PrefixCache:
-    def __init__(self, budget_bytes: int, shared: bool = False, device: torch.device | str = "cpu"):
-        self.budget_bytes, self.shared, self.device = budget_bytes, shared, torch.device(device)
+    def __init__(self, budget_bytes: int, shared: bool = False, device: torch.device | str = "cpu",
+                 pool: CachePool | None = None):
+        self.shared, self.device = shared, torch.device(device)
+        self._budget, self._pool = budget_bytes, pool
         self._roots: dict[str, Node] = {}
-        self._lock = threading.RLock()
+        self._lock = pool.lock if pool is not None else threading.RLock()
         self._bytes = 0
         self._states = 0
         self._counts = dict(lookups=0, hits=0, hit_tokens=0, looked_up_tokens=0, inserts=0, evictions=0,
                             evicted_bytes=0)
+        if pool is not None:
+            pool._join(self)
+
+    @property
+    def budget_bytes(self) -> int:
+        """Bytes this cache may keep: its pool's budget (shared with the other members) when in one."""
+        return self._pool.budget_bytes if self._pool is not None else self._budget
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        if self._pool is not None:
+            self._pool.budget_bytes = value
+        else:
+            self._budget = value
 
     def _shares(self, namespace: str) -> bool:
         """Whether `namespace` reads and writes the one shared root."""
@@ -243,10 +326,13 @@ class PrefixCache:
 
     # -- memory --------------------------------------------------------------------------------
     def _evict_to_budget(self, keep: Node | None = None) -> None:
+        if self._pool is not None:  # the budget covers every member: evict across them all
+            self._pool.evict_to_budget(keep)
+            return
         if self._bytes <= self.budget_bytes:
             return
         stored = [n for n in self._nodes() if n.state is not None and n.pins == 0 and n is not keep]
-        stored.sort(key=lambda n: (not n.checkpoint, bool(n.children), n.last_used))  # checkpoints, leaves, oldest
+        stored.sort(key=_eviction_order)
         for node in stored:
             if self._bytes <= self.budget_bytes:
                 break
@@ -306,6 +392,7 @@ class PrefixCache:
             return {"states": self._states, "bytes": self._bytes, "budget_bytes": self.budget_bytes,
                     "checkpoints": len(checkpoints), "checkpoint_bytes": sum(checkpoints),
                     "shared": self.shared, "namespaces": len(self._roots),
+                    "pool_bytes": self._pool.nbytes if self._pool is not None else self._bytes,
                     "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else 0.0,
                     "token_hit_rate": c["hit_tokens"] / c["looked_up_tokens"] if c["looked_up_tokens"] else 0.0,
                     **c}

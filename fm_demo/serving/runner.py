@@ -45,6 +45,10 @@ class Runner(Protocol):
 
     def stats(self) -> dict: ...
 
+    def in_use(self) -> int: ...  # requests running or waiting now: the model has users
+
+    def close_if_idle(self) -> bool: ...  # close only when in_use() is 0, atomically; True if closed
+
     def close(self) -> None: ...
 
 
@@ -60,6 +64,12 @@ class BatchedRunner:
 
     def stats(self) -> dict:
         return {"runner": "batched", **self.scheduler.stats()}
+
+    def in_use(self) -> int:
+        return self.scheduler.in_use()
+
+    def close_if_idle(self) -> bool:
+        return self.scheduler.close_if_idle()
 
     def close(self) -> None:
         self.scheduler.close()
@@ -132,6 +142,13 @@ class ZeroGpuRunner:
 
     def stats(self) -> dict:
         return {"runner": "zerogpu (one GPU call per reply)", "replies": self._replies}
+
+    def in_use(self) -> int:
+        """Not tracked: on ZeroGPU a model is never unloaded (ModelManager refuses a load first)."""
+        return 0
+
+    def close_if_idle(self) -> bool:
+        return True
 
     def close(self) -> None:
         return None

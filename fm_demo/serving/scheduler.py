@@ -241,6 +241,27 @@ class Scheduler:
         else:
             self._end_all()
 
+    def close_if_idle(self) -> bool:
+        """Close (as close() does) only if no row runs or waits, decided under the lock submit()
+        takes, so no request is admitted in between; True when it closed."""
+        with self._cond:
+            if self._closed:
+                return True
+            if self._rows() or self._waiting:
+                return False
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        else:
+            self._end_all()
+        return True
+
+    def in_use(self) -> int:
+        """Rows running or waiting right now (the model has users while this is above 0)."""
+        with self._cond:
+            return self._rows() + sum(r.width for r in self._waiting)
+
     # -- figures -------------------------------------------------------------------------------
     def _rows(self) -> int:
         return sum(r.width for r in self._reading) + len(self._decoding)

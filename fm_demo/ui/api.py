@@ -33,6 +33,7 @@ from .common import (
 from .compare_tab import SLOT as COMPARE_SLOT
 from .compare_tab import SLOTS
 from .inputs import Sampling, bind
+from .limits import limited
 
 CHAT_SLOT = "chat"
 NO_TOP_P, NO_TOP_K, NO_PENALTY = 1.0, 0, 1.0  # filters off: /compare has none (the values /chat defaults to)
@@ -196,9 +197,9 @@ def server_defaults(fn: Callable, **values: object) -> Callable:
 def register_api(ctx: AppContext) -> None:
     """Inside the Blocks context: the four endpoints, typed from the signatures above."""
     tokens = ctx.settings.max_new_tokens
-    gr.api(server_defaults(bind(chat, ctx), max_new_tokens=tokens), api_name="chat",
+    gr.api(limited(server_defaults(bind(chat, ctx), max_new_tokens=tokens)), api_name="chat",
            concurrency_limit=reply_concurrency(ctx))
-    gr.api(server_defaults(bind(compare, ctx), max_new_tokens=tokens), api_name="compare",
+    gr.api(limited(server_defaults(bind(compare, ctx), max_new_tokens=tokens)), api_name="compare",
            concurrency_limit=reply_concurrency(ctx))
     gr.api(bind(reset, ctx), api_name="reset", queue=False)
     gr.api(bind(stats, ctx), api_name="stats", queue=False)

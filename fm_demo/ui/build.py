@@ -18,6 +18,7 @@ from .compare_tab import build_compare_tab
 from .history_sidebar import build_history_sidebar
 from .inputs import bind
 from .lab_tab import build_lab_tab
+from .limits import LAB, LIMITED, admission
 from .long_tab import build_long_tab
 from .readout import CSS
 from .system_tab import build_system_tab, system_report
@@ -72,6 +73,7 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
         demo.unload(_forget_session(ctx))
     mcp_tools_only(demo, MCP_TOOLS)
     demo.temp_file_sets.append(ctx.export_files)  # delete_cache takes the app's exports too
+    admit_by_client(demo, ctx)
     demo.fm_context = ctx  # for tests and app.py: the live manager and store
     return demo
 
@@ -86,6 +88,16 @@ def mcp_tools_only(demo: gr.Blocks, names: tuple[str, ...]) -> None:
     for block_fn in demo.fns.values():
         if block_fn.fn is not None and block_fn.api_name not in names:
             block_fn.fn._mcp_type = "ui_event"
+
+
+def admit_by_client(demo: gr.Blocks, ctx: AppContext) -> None:
+    """Give every event whose handler counts towards a client's limit (limits.limited) a validator
+    that refuses it before it joins the queue when its client is at the limit (limits.py); the
+    lab's events (concurrency id LAB) also one run per client."""
+    ctx.limits.watch(demo)
+    for block_fn in demo.fns.values():
+        if block_fn.fn is not None and getattr(block_fn.fn, LIMITED, False):
+            block_fn.validator = admission(ctx.limits, block_fn.fn, lab=block_fn.concurrency_id == LAB)
 
 
 def _system_loader(ctx: AppContext):

@@ -35,6 +35,7 @@ from .common import (
     user_errors,
 )
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
+from .limits import limited
 from .plots import series_plot
 from .theme import icon
 from .readout import (
@@ -229,7 +230,7 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
         None,
         None,
         [],
-        gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
+        gr.Dropdown(choices=preset_choices(ctx.manager), value=preset),
         gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
     )
 
@@ -302,7 +303,7 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
             readout = gr.HTML(readout_html(None), elem_id="readout")
-            preset, precision = model_pickers(s, s.default_preset, elem_prefix="chat")
+            preset, precision = model_pickers(ctx, s.default_preset, elem_prefix="chat")
             system = gr.Textbox(s.system_prompt, label="System prompt", lines=2, placeholder="(none)")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 sampling = sampling_inputs(s, elem_prefix="chat")
@@ -349,12 +350,12 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
     changes = []
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
-        changes.append(trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None))
+        changes.append(trigger(limited(bind(send, ctx)), [msg, *knobs], outs, api_name=name, concurrency_limit=None))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
     changes += [
-        retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None),
-        chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None),
-        chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None),
+        retry_btn.click(limited(bind(retry, ctx)), knobs, outs, api_name="chat_retry", concurrency_limit=None),
+        chatbot.retry(limited(bind(retry, ctx)), knobs, outs, api_name="chat_retry_at", concurrency_limit=None),
+        chatbot.edit(limited(bind(edit, ctx)), knobs, outs, api_name="chat_edit", concurrency_limit=None),
         undo_btn.click(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo"),
         chatbot.undo(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo_at"),
         clear_btn.click(bind(clear, ctx), None, outs, api_name="chat_clear"),

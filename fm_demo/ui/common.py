@@ -27,6 +27,7 @@ from ..engine.sampling import SamplingError
 from ..models import ModelLoadError, ModelManager
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..settings import PRECISION_LABELS, GiB, MiB, Settings, SettingsError
+from .limits import ClientLimits
 
 if TYPE_CHECKING:
     from ..conversations.store import SessionStore
@@ -93,6 +94,12 @@ class AppContext:
     # which build_demo hands to Gradio's delete_cache as well
     exports: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fm-demo-exports-")))
     export_files: set[str] = field(default_factory=set)
+    limits: ClientLimits | None = None  # made from the settings when not given
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            st = self.settings
+            self.limits = ClientLimits(st.max_events_per_client, st.lab_max_waiting, st.limit_by_address)
 
 
 def sweep(folder: Path, age_s: float) -> int:
@@ -235,8 +242,9 @@ def fmt_seconds(s: float | None) -> str:
 
 
 # -- model pickers -----------------------------------------------------------------------------
-def preset_choices(settings: Settings) -> list[tuple[str, str]]:
-    return [(p.label, key) for key, p in settings.presets().items()]
+def preset_choices(manager: ModelManager) -> list[tuple[str, str]]:
+    """The served presets (what a client may load), by label."""
+    return [(p.label, key) for key, p in manager.served_presets.items()]
 
 
 def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, str]]:
@@ -244,12 +252,16 @@ def precision_choices(settings: Settings, preset_key: str) -> list[tuple[str, st
 
 
 def model_pickers(
-    settings: Settings, preset_key: str, label: str = "Model", elem_prefix: str | None = None
+    ctx: AppContext, preset_key: str, label: str = "Model", elem_prefix: str | None = None
 ) -> tuple[gr.Dropdown, gr.Dropdown]:
-    """A preset dropdown and a precision dropdown (the tab wires on_preset_change between them)."""
+    """A preset dropdown of the served presets and a precision dropdown (the tab wires
+    on_preset_change between them); a `preset_key` not served starts at the first served one."""
+    settings, served = ctx.settings, ctx.manager.served
+    if preset_key not in served and served:
+        preset_key = served[0]
     ids = (f"{elem_prefix}-model", f"{elem_prefix}-precision") if elem_prefix else (None, None)
     preset = gr.Dropdown(
-        preset_choices(settings), value=preset_key, label=label, interactive=True, elem_id=ids[0]
+        preset_choices(ctx.manager), value=preset_key, label=label, interactive=True, elem_id=ids[0]
     )
     precision = gr.Dropdown(
         precision_choices(settings, preset_key),

@@ -24,6 +24,7 @@ from .common import (
     user_errors,
 )
 from .inputs import Sampling, bind, sampling_inputs
+from .limits import limited
 from .readout import live_metrics, readout_html
 
 SLOTS = ("left", "right")
@@ -97,7 +98,7 @@ def build_compare_tab(ctx: AppContext) -> None:
     with gr.Row(equal_height=False):
         for side, key in (("left", left_key), ("right", right_key)):
             with gr.Column():
-                preset, precision = model_pickers(s, key, label=f"{side.capitalize()} model")
+                preset, precision = model_pickers(ctx, key, label=f"{side.capitalize()} model")
                 chatbot = gr.Chatbot(
                     height=380, label=side.capitalize(), elem_id=f"compare-{side}", buttons=["copy"]
                 )
@@ -124,6 +125,6 @@ def build_compare_tab(ctx: AppContext) -> None:
     inputs = [msg, lp, lq, rp, rq, *sampling]
     outs = [msg, lchat, rchat, lread, rread]
     for trigger, name in ((msg.submit, "compare_send"), (send_btn.click, "compare_send_button")):
-        trigger(bind(compare, ctx), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
+        trigger(limited(bind(compare, ctx)), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")

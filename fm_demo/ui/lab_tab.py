@@ -3,6 +3,12 @@
 Runs fm_demo.lab: N greedy tokens from Falcon Mamba and then from a random-weight Llama-style
 model of similar parameter count; and, on a button of its own, the prefill peak-memory sweep.
 Plots refresh a few times a second.
+
+Sharing the device: the lab's events run one at a time (concurrency id LAB), one per client,
+with at most lab_max_waiting behind it (limits.py), and no larger than lab_max_tokens and
+lab_max_seconds allow. The sweep's parallel pass, which runs out of memory on purpose, runs only
+on a device nobody else is using (the CPU, or a GPU with no request running on any model);
+otherwise its figure is computed (lab.parallel_estimate) and the plot and note say so.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Iterator
 
 import gradio as gr
 import pandas as pd
+import torch
 
 from .. import lab
 from ..metrics import free_device_memory
@@ -28,12 +35,13 @@ from .common import (
     user_errors,
 )
 from .inputs import bind
+from .limits import LAB, limited
 from .plots import series_frame, series_plot
 
 PLOT_UPDATES_PER_S = 3.0  # plots redraw whole; a few frames a second reads as live
 DECODE_COLORS = {lab.MAMBA: "#059669", lab.TRANSFORMER: "#dc2626"}  # the chat tab's state and KV colours
-PARALLEL, CHUNKED = "parallel (one pass)", "chunked prefill"
-PREFILL_COLORS = {PARALLEL: "#dc2626", CHUNKED: "#059669"}
+PARALLEL, CHUNKED, COMPUTED = "parallel (one pass)", "chunked prefill", "parallel (computed)"
+PREFILL_COLORS = {PARALLEL: "#dc2626", CHUNKED: "#059669", COMPUTED: "#f59e0b"}
 
 
 SAMPLES_PER_RUN = 64  # points on each decode line: smooth, and cheap to redraw whole
@@ -54,9 +62,26 @@ CPU_SIZES = LabSizes(tokens=2048, max_tokens=16384, prompt=8192, max_prompt=3276
 CUDA_SIZES = LabSizes(tokens=32768, max_tokens=262144, prompt=65536, max_prompt=262144, limit_s=300)
 
 
-def sizes_for(device: str) -> LabSizes:
-    """Thousands of tokens on CPU, 100k+ on a GPU."""
-    return CUDA_SIZES if device == "cuda" else CPU_SIZES
+def sizes_for(device: str, max_tokens: int = 0, max_seconds: float = 1800.0) -> LabSizes:
+    """Thousands of tokens on CPU, 100k+ on a GPU; within the server's lab bounds (lab_max_tokens,
+    0: none; lab_max_seconds)."""
+    s = CUDA_SIZES if device == "cuda" else CPU_SIZES
+    cap = max_tokens or max(s.max_tokens, s.max_prompt)
+    seconds = int(max_seconds)
+    return LabSizes(tokens=min(s.tokens, cap), max_tokens=min(s.max_tokens, cap), prompt=min(s.prompt, cap),
+                    max_prompt=min(s.max_prompt, cap), limit_s=min(s.limit_s, seconds))
+
+
+def lab_sizes(ctx: AppContext) -> LabSizes:
+    st = ctx.settings
+    return sizes_for(st.device, st.lab_max_tokens, st.lab_max_seconds)
+
+
+def device_is_free(ctx: AppContext, device: torch.device) -> bool:
+    """Whether a measurement may run the device out of memory: always on the CPU (a failed
+    allocation there fails the measurement alone), on a GPU only while no loaded model has a
+    request running or waiting."""
+    return device.type != "cuda" or not any(lm.runner.in_use() for lm in ctx.manager.loaded())
 
 
 def decode_frame(samples: list[lab.Sample]) -> pd.DataFrame:
@@ -88,7 +113,7 @@ def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
             rows.append(
                 {
                     "prompt tokens": p.prompt_tokens,
-                    "series": PARALLEL,
+                    "series": COMPUTED if p.parallel_computed else PARALLEL,
                     "peak MiB": p.parallel_bytes / MiB,
                 }
             )
@@ -135,9 +160,12 @@ def run_decode(
 ) -> Iterator[tuple]:
     """Stream (tok/s frame, memory frame, summary) while both models generate n_tokens."""
     session_id(request)
-    n_tokens = int(n_tokens)
+    n_tokens, sizes = int(n_tokens), lab_sizes(ctx)
     if n_tokens < 2:
         raise gr.Error("Generate at least 2 tokens.")
+    if n_tokens > sizes.max_tokens or float(limit_s) > ctx.settings.lab_max_seconds:
+        raise gr.Error(f"This server runs lab measurements of up to {sizes.max_tokens:,} tokens and "
+                       f"{ctx.settings.lab_max_seconds:,.0f} s per model.")
     loaded = ctx.manager.get(preset, precision, progress=load_progress(progress))
     every = max(1, n_tokens // SAMPLES_PER_RUN)
     samples: list[lab.Sample] = []
@@ -178,36 +206,52 @@ def run_prefill(
 ) -> Iterator[tuple]:
     """Stream (peak-memory frame, note) for prompt lengths doubling up to max_prompt."""
     session_id(request)
+    cap = lab_sizes(ctx).max_prompt
+    if int(max_prompt) > cap:
+        raise gr.Error(f"This server sweeps prompts of up to {cap:,} tokens.")
     loaded = ctx.manager.get(preset, precision, progress=load_progress(progress))
     chunk = loaded.engine.chunk_size
     lengths = lab.sweep_lengths(chunk, int(max_prompt))
     if not lengths:
         raise gr.Error(f"Pick a longest prompt of at least {chunk} tokens.")
     peaks: list[lab.PrefillPeak] = []
-    for peak in lab.prefill_peaks(loaded.engine, lengths, chunk):
+    free = lambda: device_is_free(ctx, loaded.engine.device)  # noqa: E731
+    for peak in lab.prefill_peaks(loaded.engine, lengths, chunk, parallel_ok=free):
         peaks.append(peak)
         yield prefill_frame(peaks), f"Measured up to {peak.prompt_tokens:,} tokens..."
     free_device_memory(loaded.engine.device)
-    where = "CUDA allocator peak" if loaded.engine.device.type == "cuda" else "process RSS peak (CPU, noisy)"
-    yield prefill_frame(peaks), (
-        f"Done. Peak memory above the idle level, measured as {where}; chunked prefill reads "
-        f"{chunk:,} tokens per chunk."
-    )
+    yield prefill_frame(peaks), sweep_note(peaks, loaded.engine.device, chunk)
+
+
+def sweep_note(peaks: list[lab.PrefillPeak], device: torch.device, chunk: int) -> str:
+    """What the sweep measured, and which parallel figures were computed instead (and why)."""
+    where = "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (CPU, noisy)"
+    note = (f"Done. Peak memory above the idle level, measured as {where}; chunked prefill reads "
+            f"{chunk:,} tokens per chunk.")
+    computed = [p.prompt_tokens for p in peaks if p.parallel_computed]
+    if computed:
+        note += (f" The parallel pass was not run for {len(computed)} of {len(peaks)} lengths "
+                 f"({', '.join(f'{n:,}' for n in computed)} tokens): this GPU was serving other requests, and "
+                 "that pass runs out of memory on purpose. Its figure there is computed from the chunked "
+                 "pass (activations grow with the tokens read at once) and drawn as "
+                 f"'{COMPUTED}'.")
+    return note
 
 
 def build_lab_tab(ctx: AppContext) -> None:
-    s = sizes_for(ctx.settings.device)
+    s = lab_sizes(ctx)
     gr.Markdown(
         "Generate tokens at batch 1 and watch speed and memory. Falcon Mamba carries a fixed-size "
         "recurrent state; a transformer of similar parameter count (Llama-style, random weights: "
         "speed and memory depend only on shapes) appends K and V for every token to its cache."
     )
     with gr.Row():
-        preset, precision = model_pickers(ctx.settings, ctx.settings.default_preset)
+        preset, precision = model_pickers(ctx, ctx.settings.default_preset)
         n_tokens = gr.Slider(
             64, s.max_tokens, value=s.tokens, step=64, label="Tokens to generate", elem_id="lab-tokens"
         )
-        limit_s = gr.Slider(10, 1800, value=s.limit_s, step=10, label="Time limit per model (s)")
+        limit_s = gr.Slider(10, int(ctx.settings.lab_max_seconds), value=s.limit_s, step=10,
+                            label="Time limit per model (s)")
     with gr.Row():
         run_btn = gr.Button("Run decode benchmark", variant="primary", elem_id="lab-run")
         stop_btn = gr.Button("Stop", variant="stop")
@@ -262,16 +306,21 @@ def build_lab_tab(ctx: AppContext) -> None:
     )
 
     preset.input(bind(on_preset_change, ctx.settings), preset, precision, api_name="lab_precisions")
+    # One measurement at a time on the device, one per client (limits.py refuses a second)
     decode_ev = run_btn.click(
-        bind(run_decode, ctx),
+        limited(bind(run_decode, ctx)),
         [preset, precision, n_tokens, limit_s],
         [speed_plot, mem_plot, device_plot, note],
         api_name="lab_decode",
+        concurrency_limit=1,
+        concurrency_id=LAB,
     )
     stop_btn.click(None, None, None, cancels=[decode_ev], api_name="lab_stop")
     prefill_btn.click(
-        bind(run_prefill, ctx),
+        limited(bind(run_prefill, ctx)),
         [preset, precision, max_prompt],
         [prefill_plot, prefill_note],
         api_name="lab_prefill",
+        concurrency_limit=1,
+        concurrency_id=LAB,
     )

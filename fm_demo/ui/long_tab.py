@@ -29,6 +29,7 @@ from .common import (
     user_errors,
 )
 from .inputs import Sampling, bind
+from .limits import limited
 from .plots import series_plot
 from .readout import DEVICE_COLORS, device_memory_frame, live_metrics, readout_html
 
@@ -214,7 +215,7 @@ def build_long_tab(ctx: AppContext) -> None:
             upload = gr.File(label="...or upload a .txt / .md file", file_types=[".txt", ".md"], height=90)
             question = gr.Textbox(DEFAULT_QUESTION, label="First question about it")
             with gr.Row():
-                preset, precision = model_pickers(s, s.default_preset)
+                preset, precision = model_pickers(ctx, s.default_preset)
                 max_new = gr.Slider(1, s.max_new_tokens_cap, min(MAX_NEW_TOKENS, s.max_new_tokens), step=1,
                                     label="Max new tokens")
             with gr.Row():
@@ -240,7 +241,7 @@ def build_long_tab(ctx: AppContext) -> None:
 
     preset.input(bind(on_preset_change, s), preset, precision, api_name="long_precisions")
     read_btn.click(
-        bind(read_document, ctx),
+        limited(bind(read_document, ctx)),
         [pasted, upload, question, preset, precision, max_new],
         [chatbot, readout, plot, note],
         api_name="long_read",
@@ -248,7 +249,7 @@ def build_long_tab(ctx: AppContext) -> None:
     )
     for trigger, name in ((msg.submit, "long_ask"), (ask_btn.click, "long_ask_button")):
         trigger(
-            bind(ask, ctx),
+            limited(bind(ask, ctx)),
             [msg, preset, precision, max_new],
             [msg, chatbot, readout, plot, note],
             api_name=name,

@@ -18,6 +18,9 @@ client's address, else the address alone; each derived by the server under its s
 of its own (serving/namespaces.py), so a browser session never meets an API client. With sharing
 on, every request shares one tree.
 
+Fair share: a request counts against its client's address (with that address's Gradio events) from
+arrival until its response ends; one beyond max_events_per_client gets a 429 (ui/limits.py).
+
 Threads: complete() blocks on the scheduler's queue, so model loads, tokenizing and every
 next chunk run in worker threads (anyio) under a limiter of the API's own, sized like Gradio's
 reply concurrency; the event loop only writes bytes. A client that disconnects mid-stream
@@ -47,6 +50,7 @@ from ..serving.completion import CompletionChunk, CompletionRequest, Usage, comp
 from ..serving.namespaces import API_ADDRESS, API_KEY, API_SALT, API_USER, derive
 from ..serving.request import RequestRefused
 from ..settings import Settings
+from .limits import ClientBusy, Ticket
 from .openai_schema import (ApiError, ApiRequest, Json, Shape, bad, chat_logprobs, completion_logprobs, model_json,
                             parse_chat, parse_completion)
 
@@ -81,14 +85,14 @@ async def list_models(request: Request) -> Response:
         ctx = _open(request)
     except ApiError as e:
         return error_response(e)
-    data = [model_json(k, p.source, p.local) for k, p in ctx.manager.presets.items()]
+    data = [model_json(k, p.source, p.local) for k, p in ctx.manager.served_presets.items()]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request, model: str) -> Response:
     try:
         ctx = _open(request)
-        preset = ctx.manager.presets.get(model)
+        preset = ctx.manager.served_presets.get(model)
         if preset is None:
             raise _unknown_model(model, ctx)
     except ApiError as e:
@@ -189,22 +193,28 @@ class _Job:
 
 
 async def _serve(request: Request, parse: Callable[[object, Settings], ApiRequest]) -> Response:
-    reply = None
+    reply, ticket = None, None
     try:
         ctx = _open(request)
+        # counted with the client's Gradio events until the response ends (ui/limits.py)
+        ticket = ctx.limits.enter(request.client.host if request.client else "")
         req = parse(await _read_json(request, ctx.settings), ctx.settings)
         threads = _threads(request, ctx)
         space = namespace(request, req, ctx.settings.cache_secret)
         job = await anyio.to_thread.run_sync(_prepare, ctx, req, space, limiter=threads)
-        reply = _Reply(complete(job.lm, job.request), threads)
+        reply = _Reply(complete(job.lm, job.request), threads, ticket)
         first = await reply.next()  # a busy scheduler refuses here, before any byte is sent
-    except Exception as e:
+    except BaseException as e:  # an error, or the request cancelled (client gone): stop counting it
+        if ticket is not None:
+            ticket.close()
         if reply is not None:
             await reply.close()
+        if not isinstance(e, Exception):
+            raise
         return error_response(api_error(e))
     if req.stream:
         return EventStream(_events(reply, first, job, req.include_usage), media_type="text/event-stream",
-                           headers=SSE_HEADERS)
+                           headers=SSE_HEADERS, reply=reply)
     return await _whole(request, reply, first, job)
 
 
@@ -373,10 +383,11 @@ def _check_size(ctx: AppContext, size: int, param: str) -> None:
 
 
 class _Reply:
-    """A completion's chunks, each taken in a worker thread; close() cancels the row."""
+    """A completion's chunks, each taken in a worker thread; close() cancels the row and stops
+    counting the request against its client."""
 
-    def __init__(self, chunks: Iterator[CompletionChunk], threads: anyio.CapacityLimiter):
-        self._chunks, self._threads, self._closed = chunks, threads, False
+    def __init__(self, chunks: Iterator[CompletionChunk], threads: anyio.CapacityLimiter, ticket: Ticket):
+        self._chunks, self._threads, self._ticket, self._closed = chunks, threads, ticket, False
 
     async def next(self) -> CompletionChunk:
         chunk = await anyio.to_thread.run_sync(next, self._chunks, None, limiter=self._threads)
@@ -388,8 +399,11 @@ class _Reply:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):  # also when the stream was cancelled (client gone)
-            await anyio.to_thread.run_sync(self._chunks.close, limiter=self._threads)
+        try:
+            with anyio.CancelScope(shield=True):  # also when the stream was cancelled (client gone)
+                await anyio.to_thread.run_sync(self._chunks.close, limiter=self._threads)
+        finally:
+            self._ticket.close()
 
 
 class _Lead:
@@ -528,8 +542,13 @@ def _sse(data: dict) -> str:
 
 
 class EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its body iterator, so a client gone mid-stream
-    (Starlette cancels the send loop then) still ends the completion at once, not at GC."""
+    """A StreamingResponse that always closes its body iterator and its reply, so a client gone
+    mid-stream (Starlette cancels the send loop then), or before the body started (an unstarted
+    generator's `finally` never runs), still ends the completion and its count at once, not at GC."""
+
+    def __init__(self, *args, reply: _Reply | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reply = reply
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -537,6 +556,8 @@ class EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                if self._reply is not None:
+                    await self._reply.close()
 
 
 def _threads(request: Request, ctx: AppContext) -> anyio.CapacityLimiter:
@@ -561,7 +582,7 @@ def _too_long(what: str, settings: Settings, param: str | None = None) -> ApiErr
 
 
 def _unknown_model(model: str, ctx: AppContext) -> ApiError:
-    return ApiError(404, f"The model '{model}' does not exist; available: {', '.join(ctx.manager.presets)}.",
+    return ApiError(404, f"The model '{model}' does not exist; available: {', '.join(ctx.manager.served)}.",
                     "model", "model_not_found")
 
 
@@ -575,6 +596,9 @@ def api_error(e: BaseException) -> ApiError:
         return bad(str(e), e.field)
     if isinstance(e, RequestRefused):  # what this model's runner cannot serve (n beyond its rows...)
         return bad(str(e))
+    if isinstance(e, ClientBusy):  # this client's requests at once (FM_DEMO_MAX_EVENTS_PER_CLIENT)
+        return ApiError(429, str(e), code="rate_limit_exceeded", kind="rate_limit_error",
+                        headers={"Retry-After": "1"})
     if isinstance(e, SchedulerBusy):
         return ApiError(503, str(e), code="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, SchedulerClosed):
@@ -584,6 +608,10 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(e, ModelLoadError):
         if e.reason == "unknown_model":
             return ApiError(404, str(e), "model", "model_not_found")
+        if e.reason == "not_served":  # offered in settings, not to clients: as if it did not exist
+            return ApiError(404, str(e), "model", "model_not_served")
+        if e.reason == "busy":  # the room it needs is held by models answering requests
+            return ApiError(503, str(e), "model", "model_busy", headers={"Retry-After": "5"})
         return ApiError(503, str(e), "model", f"model_{e.reason}")
     if type(e).__name__ == "OutOfMemoryError":
         return ApiError(503, "The device ran out of memory; try a shorter prompt or fewer tokens.",

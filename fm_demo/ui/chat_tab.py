@@ -254,7 +254,7 @@ def shown(ctx: AppContext, conv) -> tuple:
         None,
         None,
         [],
-        gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
+        gr.Dropdown(choices=preset_choices(ctx.manager), value=preset),
         gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
     )
 

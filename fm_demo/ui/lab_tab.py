@@ -125,7 +125,9 @@ def prefill_frame(peaks: list[lab.PrefillPeak]) -> pd.DataFrame:
             }
         )
     dtypes = {"prompt tokens": "int64", "series": "object", "peak MiB": "float64"}
-    return series_frame(rows, dtypes, "prompt tokens", PREFILL_COLORS)
+    # the legend lists the parallel pass as measured, or as computed where none was measured
+    parallel = COMPUTED if any(p.parallel_computed for p in peaks) else PARALLEL
+    return series_frame(rows, dtypes, "prompt tokens", (parallel, CHUNKED))
 
 
 def summary(samples: list[lab.Sample], ref_config, note: str) -> str:

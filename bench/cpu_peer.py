@@ -82,6 +82,10 @@ def build_model(name: str, quick: bool):
         config.num_hidden_layers = shape["layers"]
     else:
         config = tiny_config(**shape)
+    # llama.cpp normalises dt, B and C with the layers' RMS-norm epsilon (the GGUF file has no key of
+    # their own for it); transformers with config.mixer_rms_eps (1e-6 against 1e-5). The same value
+    # on both sides, so that the two engines compute the same function.
+    config.mixer_rms_eps = config.layer_norm_epsilon
     return build_random_model(config, "cpu", torch.float32, seed=0)
 
 
@@ -204,6 +208,11 @@ class LlamaCpp:
         self.llm = Llama(str(path), n_ctx=N_CTX, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
                          n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
 
+    def close(self) -> None:
+        """Free the model and context now (left to the garbage collector, llama-cpp-python's finaliser
+        can run after its library handle is gone at interpreter exit and print a TypeError)."""
+        self.llm.close()
+
     def _fresh(self) -> None:
         """An empty state (Llama.reset clears a recurrent model's memory as well as its token count)."""
         self.llm.reset()
@@ -268,6 +277,7 @@ def compare(model, gguf_path: Path, threads: int, new_tokens: int, prompt_tokens
         first = next(i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["llama_cpp"])) if a != b)
         out["first_different_token"] = first
     out["ratio"] = {k: out["ours"][k] / out["llama_cpp"][k] for k in ("decode_tok_s", "prefill_tok_s")}
+    engines[1].close()
     del engines
     return out
 

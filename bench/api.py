@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fm_demo.engine import DecodeOptions, SamplingParams  # noqa: E402
+from fm_demo.engine.constraints import compile_grammar  # noqa: E402
 from fm_demo.models import ModelManager  # noqa: E402
 from fm_demo.serving import Request, Scheduler  # noqa: E402
 from fm_demo.settings import Settings  # noqa: E402
@@ -64,10 +65,6 @@ def decode_rates(sched: Scheduler, lm, rows: int, max_new: int, grammar) -> floa
 
 
 def constrained(lm, p: dict) -> dict:
-    try:
-        from fm_demo.engine.constraints import compile_grammar
-    except ImportError as e:
-        return {"skipped": f"no constraint module: {e}"}
     stops = (lm.tokenizer.eos_token_id,)
     grammar = compile_grammar("json_schema", SCHEMA, lm.tokenizer, lm.engine.config.vocab_size, stops)
     sched = Scheduler(lm.engine, max_batch=p["rows"], prefill_budget=256, max_waiting=p["rows"])
@@ -159,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON only")
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    ap.add_argument("--only", choices=("constrained", "n", "echo"), help="run one section")
     ap.add_argument("--echo-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_child:
@@ -166,7 +164,8 @@ def main() -> None:
         return
     p = QUICK if args.quick else FULL
     lm = load()
-    out = {"constrained": constrained(lm, p), "n": n_replies(lm, p), "echo": echo(p)}
+    sections = {"constrained": lambda: constrained(lm, p), "n": lambda: n_replies(lm, p), "echo": lambda: echo(p)}
+    out = {name: run() for name, run in sections.items() if args.only in (None, name)}
     if not args.json:
         print(__doc__)
     print(json.dumps(out, indent=None if args.json else 2))

@@ -169,16 +169,29 @@ class Settings:
     max_input_chars: int = _help("longest chat message accepted", 16_000)
     max_upload_chars: int = _help("longest uploaded document (read by chunked prefill)", 2_000_000)
     max_import_bytes: int = _help("largest conversation file accepted for import", 512 * MiB)
+    temp_file_age_s: int = _help("seconds after which exported conversations and uploaded files are deleted "
+                                 "from the server's disk", 3600)
     system_prompt: str = _help("default system prompt of instruct conversations", "")
     session_budget_bytes: int = _help("bytes of recurrent states and snapshots kept for all sessions",
                                       4 * GiB)
     session_ttl_s: float = _help("seconds after which an idle conversation is dropped", 3600.0)
     max_sessions: int = _help("most browser sessions kept at once", 256)
+    history_db: str = _help("SQLite file that keeps every browser's chat conversations across restarts (on a "
+                            "Space with persistent storage: /data/fm-demo-history.sqlite3); empty: they are "
+                            "kept in memory only, until the server stops", "")
+    history_state_bytes: int = _help("bytes of recurrent states the history file keeps beside the "
+                                     "transcripts, so a conversation resumes without reading its "
+                                     "transcript again (the latest first; 0: transcripts only)", 1 * GiB)
     share_prefix_cache: bool = _help("share prefix states across sessions and API keys (a team server, a "
                                      "document demo): a hit reveals that someone sent the same text", False)
     # repr=False: the key never shows up where settings are printed or logged
     api_key: str = field(default="", repr=False, metadata={"help": (
         "bearer key the OpenAI-compatible API (/v1) requires; empty: the API is open, as on a public Space")})
+    # repr=False: the secret never shows up where settings are printed or logged
+    cache_secret: str = field(default="", repr=False, metadata={"help": (
+        "key of the HMAC that derives prefix-cache namespaces from session hashes, API keys, users and "
+        "addresses (serving/namespaces.py); empty: random per process. Set it alike on every process that "
+        "serves one app (a cluster's ingress replicas), so a client keeps its namespace across them")})
     mcp_server: bool = _help("serve Gradio's MCP server at /gradio_api/mcp/ (the chat and compare tools)",
                              False)
     hot_states: int = _help("idle states kept on the GPU; the others wait on CPU", 8)
@@ -225,12 +238,13 @@ class Settings:
 
     def _check(self) -> None:
         positive = ("chunk_size", "max_new_tokens", "max_new_tokens_cap", "max_choices", "max_input_chars",
-                    "max_upload_chars", "max_import_bytes", "session_budget_bytes", "session_ttl_s",
+                    "max_upload_chars", "max_import_bytes", "temp_file_age_s", "session_budget_bytes", "session_ttl_s",
                     "max_sessions", "queue_max_size", "concurrency_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("cpu_threads", "hot_states", "offload_after_s", "model_memory_budget_bytes", "max_batch",
+        for name in ("cpu_threads", "history_state_bytes", "hot_states", "offload_after_s",
+                     "model_memory_budget_bytes", "max_batch",
                      "prefill_budget", "max_waiting", "checkpoint_tokens"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")

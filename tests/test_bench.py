@@ -193,6 +193,23 @@ def test_seven_b_quick():
              *out["decode_tok_s"].values())
 
 
+def test_constraints_quick():
+    """bench/constraints.py: each grammar library installed masks a valid reply's every token (the
+    bench asserts it) and reports its costs; the app's library is always there."""
+    out = run_bench("constraints")
+    assert out["chosen"] == "llguidance" and set(out["libraries"]) == {"llguidance", "xgrammar", "outlines-core"}
+    for name, lib in out["libraries"].items():
+        if "skipped" in lib:
+            assert name != out["chosen"] and "not installed" in lib["skipped"]
+            continue
+        deep = lib.pop("deep_schema", None)
+        assert set(lib) == {"tokenizer_ms", "compile_ms", "mask_us_b1", "mask_us_b16", "reply_tokens"}
+        positive(*lib.values())
+        if name == out["chosen"]:  # a hostile schema is refused quickly, in process
+            assert deep["outcome"] == "refused" and deep["s"] < 5
+    assert "skipped" not in out["libraries"]["llguidance"]
+
+
 def test_api_quick():
     """bench/api.py: constrained against unconstrained decode, n=8 from one read, echo scoring memory."""
     out = run_bench("api", timeout=300)

@@ -99,3 +99,39 @@ def test_oversized_message_is_refused_with_its_reason(url):
     with pytest.raises(Exception, match="limit is 1,000"):
         client.predict("z" * 1001, api_name="/chat")
     assert client.predict("", api_name="/chat") == ""  # an empty message does nothing
+
+
+def test_uploads_and_exports_are_deleted_after_their_age(tmp_path_factory):
+    """Gradio's delete_cache, from FM_DEMO_TEMP_FILE_AGE_S: an uploaded file and an exported
+    conversation are gone from the server's disk a little after their age."""
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    import gradio as gr
+
+    from fm_demo.ui import chat_tab
+    from fm_demo.ui.inputs import Sampling
+
+    settings = Settings(device="cpu", max_new_tokens=N, temp_file_age_s=3)
+    ctx = tiny_context(settings, tmp_path_factory)
+    demo = build_demo(settings, ctx).queue(**queue_kwargs(settings))
+    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True, **launch_kwargs(settings))
+    try:
+        session = gr.Request(session_hash="exporter")
+        knobs = chat_tab.Knobs("tiny-instruct", "fp32", "", Sampling(temperature=0.0, max_new_tokens=N))
+        for _ in chat_tab.send(ctx, "Keep this", knobs, [], request=session):
+            pass
+        chat_tab.export(ctx, "tiny-instruct", "fp32", request=session)
+        (written,) = ctx.exports.iterdir()
+        r = httpx.post(f"{local_url.rstrip('/')}/gradio_api/upload", files={"files": ("note.txt", b"hello")})
+        upload = Path(r.json()[0])
+        assert upload.read_bytes() == b"hello" and written.exists()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (upload.exists() or written.exists()):
+            time.sleep(0.5)
+        assert not upload.exists() and not written.exists()
+    finally:
+        demo.close()

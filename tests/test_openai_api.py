@@ -234,23 +234,98 @@ def test_with_sharing_a_namespace_hits_what_another_cached(shared):
     assert second.prompt_tokens_details.cached_tokens == second.prompt_tokens - 1
 
 
-def _request(headers: dict[str, str] | None = None) -> Request:
+def _request(headers: dict[str, str] | None = None, address: str = "10.0.0.7") -> Request:
     raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return Request({"type": "http", "headers": raw, "client": ("10.0.0.7", 5000)})
+    return Request({"type": "http", "headers": raw, "client": (address, 5000)})
 
 
-def test_namespace_is_salt_then_key_then_user_then_address():
-    def of(body: dict, headers: dict | None = None) -> str:
+def test_namespaces_are_per_client_and_derived_under_the_server_secret():
+    def of(body: dict, headers: dict | None = None, address: str = "10.0.0.7", secret: str = "s") -> str:
         req: ApiRequest = parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **body},
                                      Settings(device="cpu"))
-        return namespace(_request(headers), req)
+        return namespace(_request(headers, address), req, secret)
 
     bearer = {"Authorization": "Bearer k1"}
-    salt, key, user, address = of({"cache_salt": "s", "user": "u"}, bearer), of({"user": "u"}, bearer), \
-        of({"user": "u"}), of({})
-    assert [n.split(":")[1] for n in (salt, key, user, address)] == ["salt", "key", "user", "address"]
-    assert all(n.startswith("api:") and "k1" not in n for n in (salt, key, user, address))
-    assert of({}, {"Authorization": "Bearer k2"}) != key and of({"user": "v"}) != user
+    salt, user, key, address = of({"cache_salt": "s", "user": "u"}, bearer), of({"user": "u"}, bearer), \
+        of({}, bearer), of({})
+    assert [n.split(":")[0] for n in (salt, user, key, address)] == ["api-salt", "api-user", "api-key", "api-address"]
+    assert all(len(n.split(":")[1]) == 32 and "k1" not in n for n in (salt, user, key, address))
+    # one key, several clients: told apart by salt, user or address
+    assert len({salt, user, key, of({"user": "v"}, bearer), of({"cache_salt": "t"}, bearer),
+                of({}, bearer, "10.0.0.8")}) == 6
+    assert of({"user": "u"}) != user and of({}, {"Authorization": "Bearer k2"}) != key
+    # the digest is keyed: without the server's secret nobody can compute another client's namespace
+    assert of({}, secret="other") != address and of({}) == address
+
+
+def test_a_namespace_secret_is_random_per_process_unless_set():
+    import subprocess
+    import sys
+
+    code = ("from fm_demo.serving.namespaces import derive\n"
+            "for s in ('', 'a secret', 'another secret'): print(derive('api-address', '10.0.0.7', secret=s))")
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.split()
+
+    one, two = run(), run()
+    assert one[0] != two[0]  # no secret set: each process draws its own
+    assert one[1] == two[1] != one[2]  # FM_DEMO_CACHE_SECRET: the same namespaces in every process
+
+
+@pytest.fixture(scope="module")
+def open_private():
+    """An open API (no key) with sharing off, as a public Space runs."""
+    settings = Settings(device="cpu", max_new_tokens=N, max_upload_chars=UPLOAD)
+    ctx = context(settings)
+    demo, url = serve(settings, ctx)
+    yield url, ctx
+    demo.close()
+
+
+def test_a_crafted_session_hash_does_not_land_in_an_api_clients_namespace(open_private):
+    """A browser picks its own session hash. One crafted to read as the namespace a keyless API
+    client at 127.0.0.1 used to get finds none of what that client sent."""
+    import hashlib
+
+    from gradio_client import Client
+
+    url, ctx = open_private
+    secret = "Tell me where the spare key is hidden."
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": secret}]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    browser = Client(url, verbose=False)
+    browser.session_hash = f"api:address:{hashlib.sha256(b'127.0.0.1').hexdigest()[:32]}"
+    browser.predict(secret, api_name="/chat")
+    conv = ctx.store.get(browser.session_hash, "chat")
+    assert conv.last_metrics.reused_tokens == 0 and conv.namespace.startswith("browser:")
+    again = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": secret}]})
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its own namespace hits
+
+
+def test_clients_that_share_a_key_see_only_their_own_hits(keyed):
+    """Every holder of FM_DEMO_API_KEY used to share one namespace: now a `user`, or else the
+    client's address, keeps each apart; the same client still hits its own prefix."""
+    url, _ = keyed
+
+    def cached(prompt: str, address: str = "127.0.0.1", **body) -> int:
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(transport=transport, timeout=120) as http:
+            r = http.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+                "model": "tiny-instruct", "temperature": 0, "messages": [{"role": "user", "content": prompt}],
+                **body})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("Which bird hunts at night?", user="alice") == 0
+    assert cached("Which bird hunts at night?", user="bob") == 0
+    assert cached("Which bird hunts at night?", user="alice") > 0
+    assert cached("Name a large cat.") == 0
+    assert cached("Name a large cat.", address="127.0.0.2") == 0
+    assert cached("Name a large cat.") > 0
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -296,6 +371,70 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(keyed):
     assert huge.status_code == 413
     ok = ask(c, max_tokens=10_000, extra_body={"an_unknown_field": 1, "top_k": 5, "repetition_penalty": 1.1})
     assert ok.choices[0].message.content  # unknown fields ignored, max_tokens clamped to the cap
+
+
+BAD_UNICODE = '"hi \\ud800 there"'  # JSON's escape of a lone surrogate: valid JSON, no Unicode text
+
+
+def _bad_body(url: str, route: str, body: bytes) -> dict:
+    r = httpx.post(f"{url}{route}", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400, (route, body[:80], r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    return err
+
+
+def test_a_body_nested_too_deep_gets_a_400_on_every_route(keyed):
+    """100,000 `[` used to be a 500 (RecursionError); one nested past MAX_JSON_DEPTH but within
+    Python's recursion limit is refused too, before any field is read."""
+    url, _ = keyed
+
+    def deep(n: int, model: str = "tiny-instruct") -> bytes:
+        return b'{"model": "%s", "x": ' % model.encode() + b"[" * n + b"]" * n + b"}"
+
+    for route in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+        for body in (b"[" * 20_000, deep(20_000), deep(65)):
+            err = _bad_body(url, route, body)
+            assert err["code"] == "invalid_json" and "nested more than 64 levels" in err["message"], err
+    assert ask(client(url), extra_body={"x": [[[[1]]]]}).choices[0].message.content  # shallow nesting is fine
+
+
+def test_a_string_that_is_not_unicode_gets_a_400_on_every_route(keyed):
+    """A lone surrogate in a prompt, message, stop string, user, or a key used to be a 500 (the
+    tokenizer or the namespace's hash raised); invalid UTF-8 bytes stay a 400."""
+    url, _ = keyed
+    msg = '{"model": "tiny-instruct", "messages": [{"role": "user", "content": %s}]%s}'
+    cases = {
+        "/v1/chat/completions": [msg % (BAD_UNICODE, ""), msg % ('"hi"', ', "stop": [%s]' % BAD_UNICODE),
+                                 msg % ('"hi"', ', "user": %s' % BAD_UNICODE),
+                                 msg % ('"hi"', ', "cache_salt": %s' % BAD_UNICODE)],
+        "/v1/completions": ['{"model": "tiny-base", "prompt": %s}' % BAD_UNICODE,
+                            '{"model": "tiny-base", "prompt": "hi", "logit_bias": {"\\udc00": 1}}'],
+        "/tokenize": ['{"model": "tiny-base", "prompt": %s}' % BAD_UNICODE, msg % (BAD_UNICODE, "")],
+        "/detokenize": ['{"model": "tiny-base", "tokens": [1], "note": %s}' % BAD_UNICODE],
+    }
+    for route, bodies in cases.items():
+        for body in bodies:
+            err = _bad_body(url, route, body.encode())
+            assert err["code"] == "invalid_unicode" and "lone surrogate" in err["message"], err
+    raw = b'{"model": "tiny-instruct", "messages": [{"role": "user", "content": "hi \xff"}]}'
+    assert _bad_body(url, "/v1/chat/completions", raw)["code"] == "invalid_json"
+
+
+def test_gradio_endpoints_refuse_bad_bodies_with_a_message(keyed):
+    """The gradio_client API: a lone surrogate in a message is refused with a message that says
+    so (it used to fail in the tokenizer as an unexpected error); a body nested too deep is
+    Gradio's own 400."""
+    url, _ = keyed
+    deep = httpx.post(f"{url}/gradio_api/call/chat", content=b"[" * 100_000, timeout=60,
+                      headers={"content-type": "application/json"})
+    assert deep.status_code == 400
+    body = b'{"data": ["hi \\ud800 there", 0, 1, 0, 1, 8, -1, "", ""]}'
+    event = httpx.post(f"{url}/gradio_api/call/chat", content=body, timeout=60,
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    stream = httpx.get(f"{url}/gradio_api/call/chat/{event}", timeout=60).text
+    assert "event: error" in stream and "not valid Unicode" in stream and "went wrong" not in stream, stream
 
 
 def test_a_busy_model_says_so_and_a_closed_stream_frees_its_row(shared):

@@ -224,6 +224,7 @@ def test_bad_imports_are_refused(manager, lm, settings):
         "prompt format": _tamper_payload(data, lambda p: p["turns"][0].update(user="Hi!")),
         "malformed": _tamper_payload(data, lambda p: p["turns"][0].update(reply_ids=[10 ** 9])),
         "tokens": _tamper_payload(data, lambda p: p["state"].update(seqlen="5")),
+        "not valid Unicode": _tamper_payload(data, lambda p: p["turns"][0].update(user="Hi \ud800")),
     }
     for why, blob in cases.items():
         with pytest.raises(ImportRefused, match=why.strip()):
@@ -233,6 +234,49 @@ def test_bad_imports_are_refused(manager, lm, settings):
     small = settings.replace(max_import_bytes=len(data) - 1)
     with pytest.raises(ImportRefused, match="accepts up to"):
         Conversation.import_bytes(data, lm, small)
+
+
+def test_a_header_beyond_the_cap_is_refused_unparsed(lm, settings):
+    """A header of `[{},{},...]` grows ~25x when parsed; one longer than any transcript within the
+    caps needs is refused from its 8-byte length, so the import allocates next to nothing."""
+    import tracemalloc
+
+    from fm_demo.conversations.transfer import header_limit
+
+    small = settings.replace(max_upload_chars=4000)
+    body = b"[" + b"{}," * (header_limit(small) // 3) + b"{}]"
+    data = len(body).to_bytes(8, "little") + body
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImportRefused, match="header has .* at most"):
+            Conversation.import_bytes(data, lm, small)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) // 4, peak  # parsed, the dicts alone would take ~20x the file
+
+
+def test_a_transcript_beyond_the_typed_limits_is_refused(lm, settings):
+    """An imported transcript is held to the limits typed input has: a message or system prompt
+    longer than the chat box takes, and more characters or tokens than the longest prompt."""
+    conv = Conversation(lm, settings, system_prompt="Be brief.")
+    run(conv.send("Tell me about falcons. " * 8))
+    run(conv.send("And owls?"))
+    data = conv.export()
+    longest, tokens = len("Tell me about falcons. " * 8), conv.context_tokens
+    assert Conversation.import_bytes(data, lm, settings).token_ids() == conv.token_ids()  # within the caps
+    cases = {
+        "has 184 characters; the limit is 100": settings.replace(max_input_chars=100),
+        f"{tokens:,} tokens; this server imports up to {tokens - 1:,}": settings.replace(max_upload_chars=tokens - 1),
+    }
+    for why, limits in cases.items():
+        with pytest.raises(ImportRefused, match=why):
+            Conversation.import_bytes(data, lm, limits)
+    assert longest == 184
+    brief = Conversation(lm, settings, system_prompt="Answer in one word.")
+    run(brief.send("Hi"))
+    with pytest.raises(ImportRefused, match="has 19 characters; the limit is 10"):
+        Conversation.import_bytes(brief.export(), lm, settings.replace(max_input_chars=10))
 
 
 def test_wrong_state_shape_is_refused(lm, settings):
@@ -261,6 +305,69 @@ def test_wrong_state_shape_is_refused(lm, settings):
         Conversation.import_bytes(forged, lm, settings)
 
 
+@pytest.fixture(scope="module")
+def sharing(settings):
+    """(settings, manager) of a server that shares the prefix cache across sessions."""
+    shared = settings.replace(share_prefix_cache=True)
+    preset = Preset("instruct", "tiny instruct", bundled_checkpoint("instruct"), "instruct", ("fp32",), "fp32")
+    return shared, ModelManager(shared, presets={"instruct": preset})
+
+
+def _forge_state(data: bytes) -> bytes:
+    """The same transcript with another state, checksum recomputed: what anyone can write."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from fm_demo.conversations.transfer import _digest
+
+    n = int.from_bytes(data[:8], "little")
+    body = json.loads(data[8:8 + n])["__metadata__"]["fm_demo"]
+    tensors = load(data)
+    tensors["ssm"] = torch.randn(tensors["ssm"].shape, generator=torch.Generator().manual_seed(0)) * 10
+    return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
+
+
+def test_an_imported_state_serves_only_its_conversation_with_sharing_on(lm, settings, sharing):
+    """A forged state imported on a server that shares its prefix cache: the importer resumes from
+    it, nobody else ever finds it or anything read on from it, and another session sending the
+    same words gets the replies of a fresh read."""
+    shared, smanager = sharing
+    slm = smanager.get("instruct")
+    src = Conversation(lm, settings, system_prompt="Be brief.")  # another model object: another tree
+    run(src.send("Hello!"))
+    imp = Conversation.import_bytes(_forge_state(src.export()), slm, shared)
+    tokens = imp.token_ids()
+    assert slm.prefix_cache.find(tokens, "browser:someone") == (0, None)
+    run(imp.send("Again please."))
+    assert imp.last_metrics.cache_hit and imp.last_metrics.reused_tokens == len(tokens)
+    assert slm.prefix_cache.find(imp.token_ids(), "browser:someone") == (0, None)
+    other = Conversation(slm, shared, system_prompt="Be brief.", namespace="browser:someone")
+    run(other.send("Hello!"))
+    assert other.token_ids() == tokens
+    run(other.send("Again please."))
+    check_last_reply(other)
+
+
+def test_imported_states_leave_with_their_conversation(manager, settings, sharing):
+    """An import that replaces a conversation frees the states of the one it replaced, so the
+    store's budget counts every state an import holds; with sharing on too, and there a dropped
+    import's state leaves the shared tree at once."""
+    conv = Conversation(manager.get("instruct"), settings)
+    run(conv.send("Hello!"))
+    data = conv.export()
+    conv.release_states()
+    for s, m in ((settings, manager), sharing):
+        store, tree = SessionStore(s, m), m.get("instruct").prefix_cache
+        before = tree.nbytes
+        first = store.import_bytes("a", data)
+        second = store.import_bytes("a", data)
+        assert store.get("a") is second and first.cache.snapshots == {}
+        assert tree.nbytes - before == store.stats()["cache_bytes"] == second.cache_bytes() > 0
+        store.reset("a")
+        assert tree.nbytes == before
+
+
 def test_busy_and_input_errors(lm, settings):
     conv = Conversation(lm, settings)
     gen = conv.send("Hello!")
@@ -279,6 +386,19 @@ def test_busy_and_input_errors(lm, settings):
     assert conv.undo() == "Hello!" and conv.undo() is None
     with pytest.raises(ConversationError, match="nothing to retry"):
         conv.retry()
+
+
+def test_text_that_is_not_unicode_is_refused(lm, settings):
+    """A lone surrogate (a JSON body's \\ud800) is refused with a message, not failed on in the
+    tokenizer; the conversation stays as it was."""
+    conv = Conversation(lm, settings)
+    with pytest.raises(ConversationError, match="message is not valid Unicode .* at character 4"):
+        conv.send("hi \ud800 there")
+    with pytest.raises(ConversationError, match="system prompt is not valid Unicode"):
+        conv.set_system_prompt("Be \udc00 brief.")
+    assert conv.turns == [] and conv.system == settings.system_prompt
+    run(conv.send("hi \U0001F600 there"))  # a character beyond the BMP is fine
+    assert conv.turns[0].reply_ids
 
 
 def test_system_prompt_change_rereads_and_matches(lm, settings):

@@ -247,6 +247,25 @@ def test_export_then_import_restores_the_conversation(ctx):
     assert outs[1] == original.messages and imported.context_tokens == original.context_tokens
 
 
+def test_an_old_export_is_swept_and_a_fresh_one_kept(ctx):
+    """Exports go to the app's one folder; each export first deletes the files there older than
+    FM_DEMO_TEMP_FILE_AGE_S."""
+    import os
+    import time
+
+    old, fresh = ctx.exports / "conversation-old.fmconv", ctx.exports / "conversation-fresh.fmconv"
+    old.write_bytes(b"old"), fresh.write_bytes(b"fresh")
+    past = time.time() - ctx.settings.temp_file_age_s - 60
+    os.utime(old, (past, past))
+    drain(chat_tab.send(ctx, "Keep this", knobs(), [], request=request("sweeper")))
+    before = set(ctx.exports.iterdir())
+    for _ in range(2):
+        chat_tab.export(ctx, "tiny-instruct", "fp32", request=request("sweeper"))
+    assert not old.exists() and fresh.exists()
+    written = set(ctx.exports.iterdir()) - before
+    assert len(written) == 2 and all(p.suffix == ".fmconv" and p.stat().st_size > 0 for p in written)
+
+
 def test_import_refuses_a_foreign_file(ctx, tmp_path):
     bad = tmp_path / "not-a-conversation.fmconv"
     bad.write_bytes(b"hello, not a safetensors file")

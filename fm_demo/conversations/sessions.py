@@ -38,11 +38,12 @@ from ..engine.decode import PLAIN
 from ..metrics import ReplyMetrics, device_memory
 from ..models import LoadedModel
 from ..serving import Progress, Reply, Request
+from ..serving.namespaces import is_private, private_namespace
 from ..settings import Settings
 from ..stops import first_stop
 from ..templates import REWRITE_REASON, Extension
 from .state_cache import StateCache
-from .transfer import export_bytes, import_parts
+from .transfer import export_bytes, import_parts, transcript_parts, transcript_texts
 from .turns import ConversationBusy, ConversationError, ImportRefused, Turn
 
 ProgressFn = Callable[[int, int], None]
@@ -72,6 +73,17 @@ def _note_reuse(m: ReplyMetrics, reply: Reply, pos: int, rewritten: int | None =
     m.state_source = reply.state_source or m.state_source
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse text no tokenizer can read: a lone surrogate (half of a UTF-16 pair, which a
+    JSON body's \\ud800 escape can carry) is no Unicode character."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConversationError(f"{what} is not valid Unicode (a lone surrogate at character "
+                                    f"{e.start + 1:,})") from None
+
+
 def _time_event(m: ReplyMetrics, ev: TokenEvent, t0: float) -> None:
     """Fold a token event into the reply's timing (t0: when the request came in)."""
     now = time.perf_counter()
@@ -92,6 +104,8 @@ class Conversation:
         self.last_metrics: ReplyMetrics | None = None
         self.last_used = time.monotonic()
         self.on_commit: Callable[[Conversation, ReplyMetrics | None], None] | None = None  # the store's hook
+        self.history_id: str | None = None  # its row in the history (history.py), where it has one
+        self.browser: str | None = None  # the browser it belongs to (the history's owner of that row)
         # the prefix-cache namespace: the browser session (the store passes it), else this conversation
         self.namespace = namespace if namespace is not None else f"conversation-{id(self):x}-{time.time_ns()}"
         self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
@@ -177,6 +191,7 @@ class Conversation:
             raise ConversationError("the message is empty")
         if len(text) > limit:
             raise ConversationError(f"the message has {len(text):,} characters; the limit is {limit:,}")
+        _check_unicode(text, "the message")
 
     def _generate(self, keep: int, user_text: str | None, sampling: SamplingParams | None,
                   max_new_tokens: int | None, progress: ProgressFn | None,
@@ -379,6 +394,7 @@ class Conversation:
 
     def set_system_prompt(self, text: str) -> None:
         """Takes effect from the start of the conversation: later states are read again."""
+        _check_unicode(text, "the system prompt")
         with self._locked():
             if text == self.system:
                 return
@@ -423,6 +439,8 @@ class Conversation:
         if self._lock.acquire(blocking=False):
             try:
                 self.cache.clear()
+                if is_private(self.namespace):  # no one else can ever read them: they go now
+                    self.cache.tree.discard_unheld(self.namespace)
             finally:
                 self._lock.release()
 
@@ -463,10 +481,51 @@ class Conversation:
 
     @classmethod
     def import_bytes(cls, data: bytes, lm: LoadedModel, settings: Settings | None = None) -> Conversation:
-        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit."""
-        conv = cls(lm, settings)
-        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings.max_import_bytes)
+        """Resume an exported conversation on `lm`; raises ImportRefused when it does not fit.
+
+        The file's state is not checked against its transcript (that would cost the read the
+        import saves), so the conversation gets a private namespace: its state, and every state
+        read on from it, serve this conversation (and its forks) alone, with sharing on too."""
+        conv = cls(lm, settings, namespace=private_namespace())
+        conv.system, conv.turns, state = import_parts(data, lm, conv.fmt, conv.settings)
         if state.seqlen:
             conv.cache.add(state)
         return conv
 
+    # -- history -----------------------------------------------------------------------------
+    def saved_parts(self) -> tuple[str, list[Turn], State | None] | None:
+        """What the history keeps of it: (system prompt, a copy of the turns, the state at their end
+        if the cache holds it, else None; nothing is read for it). None while a reply is written
+        (that reply's end saves it)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            turns = [Turn(t.user, list(t.prompt_ids), list(t.reply_ids), t.reply, t.finish_reason)
+                     for t in self.turns]
+            return self.system, turns, self.cache.at(self.context_tokens) if turns else None
+        finally:
+            self._lock.release()
+
+    @classmethod
+    def restore(cls, lm: LoadedModel, transcript: str, state_file: bytes | None = None,
+                settings: Settings | None = None, namespace: str | None = None) -> Conversation:
+        """A conversation the history kept, on `lm`. With its state (an export file that fits `lm`)
+        it resumes where it ended; else from its transcript, whose next reply reads it all by
+        chunked prefill; a transcript whose tokens `lm`'s prompt format does not write (another
+        tokenizer or template) is encoded again from its texts. ImportRefused: unreadable."""
+        conv = cls(lm, settings, namespace=namespace)
+        if state_file is not None:
+            try:
+                conv.system, conv.turns, state = import_parts(state_file, lm, conv.fmt, conv.settings)
+                if state.seqlen:
+                    conv.cache.add(state)
+                return conv
+            except ImportRefused:
+                pass  # another model's state, or a damaged one: the transcript still holds
+        try:
+            conv.system, conv.turns = transcript_parts(transcript, lm, conv.fmt)
+        except ImportRefused:
+            conv.system, conv.turns = transcript_texts(transcript)
+            conv._retokenize()
+        conv.cache.invalidate(conv.context_tokens)  # its state is expected: the next reply says it re-read
+        return conv

@@ -108,7 +108,8 @@ class StateCache:
 
     def add(self, state: State) -> None:
         """Keep `state` as this conversation's state at its position (state.seqlen); the tree
-        takes a copy on its own device (an imported conversation's state)."""
+        takes a copy on its own device (an imported conversation's state: its namespace is
+        private, so no other conversation finds it)."""
         pos = state.seqlen
         copy = state.clone() if state.device == self.tree.device else state.to(self.tree.device)
         self.hold({pos: self.tree.insert(self._tokens()[:pos], copy, self.namespace)}, {*self.refs, pos})

@@ -2,11 +2,15 @@
 
 Layout: tensors `conv` [L, 1, D, K-1] and `ssm` [L, 1, D, N] (the state), and in the metadata a
 JSON payload (format, version, model identity, system prompt, turns with their token ids, state
-metadata) plus a sha256 over payload and tensors. Reading checks, in order: size, format and
-version, checksum, model signature, state shape, every turn's tokens against this model's prompt
-format (the prompt its chat template or hand-written format gives after the turns before it),
-and that the state holds exactly the transcript's tokens. Any failure is an ImportRefused whose
-message says what is wrong; nothing is half-imported.
+metadata) plus a sha256 over payload and tensors. Reading checks, in order: size, the header's
+length (read from its first 8 bytes, before any parsing: at most what a transcript within the
+caps needs, `header_limit`), format and version, checksum, model signature, state shape, the
+transcript's size (every user message and the system prompt within max_input_chars, as typed in
+the chat box; the whole transcript within max_upload_chars characters and as many tokens, the
+longest prompt the server reads), every turn's tokens against this model's prompt format (the
+prompt its chat template or hand-written format gives after the turns before it), and that the
+state holds exactly the transcript's tokens. Any failure is an ImportRefused whose message says
+what is wrong; nothing is half-imported.
 """
 
 from __future__ import annotations
@@ -19,16 +23,31 @@ import torch
 from .. import chat
 from ..engine import State, StateError
 from ..models import LoadedModel
+from ..settings import Settings
 from .turns import ImportRefused, Turn
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
+HEADER_SLACK = 64 * 1024  # header bytes besides the transcript: tensor entries, keys, model identity
+TOKEN_BYTES = 8  # a token id in the header: up to 6 digits and ", "
+CHAR_BYTES = 14  # a character in the header: \\ud83d\\ude00 (escaped once by json.dumps, once as a string)
+TURN_BYTES = 160  # a turn's keys, brackets and finish reason
+MAX_TURNS = 10_000  # turns of an imported transcript
+
+
+def header_limit(settings: Settings) -> int:
+    """The longest safetensors header a conversation within the import caps can have: every token
+    id, character and turn at its widest. Longer ones are refused before they are parsed."""
+    return HEADER_SLACK + settings.max_upload_chars * (TOKEN_BYTES + CHAR_BYTES) + TURN_BYTES * MAX_TURNS
 
 
 def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) -> bytes:
     """A safetensors file: tensors conv/ssm, the transcript and model identity in its metadata.
 
-    The sha256 covers metadata and tensors: it catches corrupted and hand-edited files (it is a
-    checksum, not a signature; a state only ever affects the conversation it is loaded into).
+    The sha256 covers metadata and tensors: it catches corrupted files, not forged ones (it is a
+    checksum, not a signature: anyone can recompute it). Nor is the state checked against the
+    transcript (that would mean reading it again). So an imported state is trusted by nobody else:
+    Conversation.import_bytes puts it in a private namespace, where it and every state read on
+    from it serve that conversation alone, never the shared prefix tree.
     """
     from safetensors.torch import save
 
@@ -46,20 +65,57 @@ def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) 
     return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
 
 
-def peek_model(data: bytes) -> dict:
+def transcript_json(system: str, turns: list[Turn]) -> str:
+    """The transcript alone (the history's copy of a conversation): the file's payload without a
+    model or state, so it can be read again on any model."""
+    rows = [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids, "reply": t.reply,
+             "finish_reason": t.finish_reason} for t in turns]
+    return json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "system": system, "turns": rows})
+
+
+def transcript_parts(text: str, lm: LoadedModel, fmt: chat.ChatFormat) -> tuple[str, list[Turn]]:
+    """(system prompt, turns) of transcript_json's text, every turn checked against `lm`'s prompt
+    format as an import is; ImportRefused when they do not fit (another tokenizer or template)."""
+    payload = _transcript(text)
+    system = payload.get("system", "")
+    return system, _turns_from(payload.get("turns"), system, lm, fmt)
+
+
+def transcript_texts(text: str) -> tuple[str, list[Turn]]:
+    """(system prompt, turns with their texts only, no token ids) of transcript_json's text: what is
+    left to re-encode on a model whose prompt format the saved tokens do not fit."""
+    payload = _transcript(text)
+    try:
+        turns = [Turn(str(r["user"]), [], [], str(r.get("reply") or ""), r.get("finish_reason"))
+                 for r in payload["turns"]]
+    except (KeyError, TypeError):
+        raise ImportRefused("the saved transcript is malformed") from None
+    return str(payload.get("system", "")), turns
+
+
+def _transcript(text: str) -> dict:
+    try:
+        payload = json.loads(text)
+    except (TypeError, ValueError):
+        raise ImportRefused("the saved transcript is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ImportRefused("the saved transcript is malformed")
+    return payload
+
+
+def peek_model(data: bytes, settings: Settings) -> dict:
     """The model an exported conversation was saved with: {preset, precision, source, kind, signature}."""
-    return _payload(data)[0]["model"]
+    _check_size(data, settings)
+    return _payload(data, header_limit(settings))[0]["model"]
 
 
 def import_parts(data: bytes, lm: LoadedModel, fmt: chat.ChatFormat,
-                 max_bytes: int) -> tuple[str, list[Turn], State]:
+                 settings: Settings) -> tuple[str, list[Turn], State]:
     """(system prompt, turns, state on CPU) from an export, or ImportRefused saying why not."""
     from safetensors.torch import load
 
-    if len(data) > max_bytes:
-        raise ImportRefused(f"the file has {len(data) / 1e6:.1f} MB; this server accepts up to "
-                            f"{max_bytes / 1e6:.0f} MB")
-    payload, meta = _payload(data)
+    _check_size(data, settings)
+    payload, meta = _payload(data, header_limit(settings))
     try:
         tensors = load(bytes(data))
     except Exception as e:  # safetensors raises several types for damaged files
@@ -75,20 +131,32 @@ def import_parts(data: bytes, lm: LoadedModel, fmt: chat.ChatFormat,
     except StateError as e:
         raise ImportRefused(f"the saved state does not fit this model: {e}") from None
     system = payload.get("system", "")
+    _check_transcript(payload.get("turns"), system, settings)
     turns = _turns_from(payload.get("turns"), system, lm, fmt)
     if state.seqlen != sum(len(t.prompt_ids) + len(t.reply_ids) for t in turns):
         raise ImportRefused(f"the saved state holds {state.seqlen} tokens but the transcript has a different count")
     return system, turns, state
 
 
-def _payload(data: bytes) -> tuple[dict, dict]:
-    """Parse a safetensors header (8-byte little-endian length, then JSON) without the tensors."""
+def _check_size(data: bytes, settings: Settings) -> None:
+    limit = settings.max_import_bytes
+    if len(data) > limit:
+        raise ImportRefused(f"the file has {len(data) / 1e6:.1f} MB; this server accepts up to "
+                            f"{limit / 1e6:.0f} MB")
+
+
+def _payload(data: bytes, max_header: int) -> tuple[dict, dict]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without the tensors;
+    one longer than `max_header` bytes is refused unparsed."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
         raise ImportRefused("not a conversation file exported by this app")
     n = int.from_bytes(bytes(data[:8]), "little")
+    if n > len(data) - 8:
+        raise ImportRefused("not a conversation file exported by this app")
+    if n > max_header:
+        raise ImportRefused(f"the file's header has {n / 1e6:.1f} MB; a conversation within this server's "
+                            f"limits needs at most {max_header / 1e6:.1f} MB (FM_DEMO_MAX_UPLOAD_CHARS)")
     try:
-        if n > len(data) - 8:
-            raise ValueError("header longer than the file")
         meta = json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
         payload = json.loads(meta["fm_demo"])
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -108,6 +176,36 @@ def _digest(body: str, tensors: dict[str, torch.Tensor]) -> str:
         if t is not None:
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _check_transcript(rows, system, settings: Settings) -> None:
+    """Refuse a transcript beyond the limits typed input has, before any of it is tokenized: the
+    system prompt and every user message within max_input_chars and valid Unicode; all its text,
+    and all its tokens, within max_upload_chars; at most MAX_TURNS turns."""
+    if not isinstance(rows, list) or not isinstance(system, str) or not all(isinstance(r, dict) for r in rows):
+        raise ImportRefused("the transcript in the file is malformed")
+    if len(rows) > MAX_TURNS:
+        raise ImportRefused(f"the transcript has {len(rows):,} turns; this server imports up to {MAX_TURNS:,}")
+    typed, most = settings.max_input_chars, settings.max_upload_chars
+    texts = [system] + [r.get("user") for r in rows]
+    longest = max(len(t) if isinstance(t, str) else 0 for t in texts)
+    if longest > typed:
+        raise ImportRefused(f"a message in the transcript has {longest:,} characters; the limit is {typed:,}")
+    if any(isinstance(t, str) and not t.isascii() and not _is_unicode(t) for t in texts):
+        raise ImportRefused("the transcript has text that is not valid Unicode (a lone surrogate)")
+    chars = sum(len(t) for t in texts if isinstance(t, str))
+    tokens = sum(len(r.get(k)) for r in rows for k in ("prompt_ids", "reply_ids") if isinstance(r.get(k), list))
+    if chars > most or tokens > most:
+        raise ImportRefused(f"the transcript has {chars:,} characters and {tokens:,} tokens; this server "
+                            f"imports up to {most:,} of each (FM_DEMO_MAX_UPLOAD_CHARS)")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON's \\ud800 escape can write one
+        return False
+    return True
 
 
 def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> list[Turn]:

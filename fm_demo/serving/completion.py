@@ -48,7 +48,7 @@ class CompletionRequest:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
-    namespace: str = ""  # prefix-cache namespace (session, API key or cache_salt); shared when sharing is on
+    namespace: str = ""  # prefix-cache namespace (an API client: namespaces.py); shared when sharing is on
     keep_at: tuple[int, ...] = ()  # message boundaries: states kept there serve other requests that share them
     options: DecodeOptions = PLAIN
     n: int = 1

@@ -18,8 +18,10 @@ Invariants:
   nodes. Eviction loses only time: whoever needs an evicted state reads its tokens again.
 
 Privacy: a hit is visible (speed, cached_tokens), so sharing across sessions is a setting, off by
-default. Off, each namespace (a browser session, an API key or `cache_salt`) has its own root and
-never sees another's states; on, every request shares one root (a team server, a document demo).
+default. Off, each namespace (a browser session, an API client: namespaces.py) has its own root and
+never sees another's states; on, every request shares one root (a team server, a document demo),
+except private namespaces (namespaces.py: an imported conversation's), which keep a root of their
+own either way: a shared node only ever holds a state the server read from its tokens itself.
 Sharing states never shares transcripts: a node stores token ids and a state, no text.
 """
 
@@ -33,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..engine import State
+from .namespaces import is_private
 
 SHARED = "\x00shared"  # the one namespace when sharing is on
 
@@ -87,8 +90,12 @@ class PrefixCache:
         self._counts = dict(lookups=0, hits=0, hit_tokens=0, looked_up_tokens=0, inserts=0, evictions=0,
                             evicted_bytes=0)
 
+    def _shares(self, namespace: str) -> bool:
+        """Whether `namespace` reads and writes the one shared root."""
+        return self.shared and not is_private(namespace)
+
     def _root(self, namespace: str) -> Node:
-        key = SHARED if self.shared else namespace
+        key = SHARED if self._shares(namespace) else namespace
         root = self._roots.get(key)
         if root is None:
             root = self._roots[key] = Node((), None, 0)
@@ -196,8 +203,8 @@ class PrefixCache:
 
     def discard_unheld(self, namespace: str) -> int:
         """Free every state of `namespace` that no conversation holds and no row uses (a session
-        trimming its memory); nothing when sharing is on (others may hit). Returns bytes freed."""
-        if self.shared:
+        trimming its memory); nothing when it shares the root (others may hit). Returns bytes freed."""
+        if self._shares(namespace):
             return 0
         with self._lock:
             root = self._roots.get(namespace)
@@ -272,8 +279,8 @@ class PrefixCache:
             self._bytes = self._states = 0
 
     def drop_namespace(self, namespace: str) -> None:
-        """Forget a namespace's states (a session that ended); nothing when sharing is on."""
-        if self.shared:
+        """Forget a namespace's states (a session that ended); nothing when it shares the root."""
+        if self._shares(namespace):
             return
         with self._lock:
             root = self._roots.pop(namespace, None)

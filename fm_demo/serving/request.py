@@ -48,7 +48,7 @@ class RequestFailed(RuntimeError):
 @dataclass(frozen=True)
 class Request:
     tokens: Sequence[int]  # the whole prompt
-    namespace: str = ""  # prefix-cache namespace (see prefix_cache.py: private unless sharing is on)
+    namespace: str = ""  # prefix-cache namespace (namespaces.py; its own unless sharing is on, or private)
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int = 0  # 0: read the prompt only (its state is kept)
     stop_token_ids: tuple[int, ...] = ()

@@ -13,13 +13,16 @@ import gradio as gr
 from ..settings import Settings
 from .api import MCP_TOOLS, register_api
 from .chat_tab import build_chat_tab
-from .common import AppContext, session_id
+from .common import AppContext, delete_cache, session_id
 from .compare_tab import build_compare_tab
+from .history_sidebar import build_history_sidebar
 from .inputs import bind
 from .lab_tab import build_lab_tab
 from .long_tab import build_long_tab
 from .readout import CSS
 from .system_tab import build_system_tab, system_report
+from .theme import CSS as THEME_CSS
+from .theme import HEAD, theme
 
 TITLE = "Falcon Mamba: attention-free chat"
 INTRO = (
@@ -48,14 +51,14 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
     offline_environment()
     settings = settings or Settings.from_env()
     ctx = ctx or make_context(settings)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache(settings)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         # First: Gradio names an MCP tool after its function and numbers later namesakes (the
         # compare tab's handler is also called compare), so the tools keep their plain names.
         register_api(ctx)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(ctx)
+                chat = build_chat_tab(ctx)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(ctx)
             with gr.Tab("Long context", id="long"):
@@ -64,9 +67,11 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
                 build_lab_tab(ctx)
             with gr.Tab("System", id="system"):
                 system_outputs = build_system_tab(ctx)
+        build_history_sidebar(ctx, demo, chat)
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
     mcp_tools_only(demo, MCP_TOOLS)
+    demo.temp_file_sets.append(ctx.export_files)  # delete_cache takes the app's exports too
     demo.fm_context = ctx  # for tests and app.py: the live manager and store
     return demo
 
@@ -111,8 +116,9 @@ def launch_kwargs(settings: Settings) -> dict:
 
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
-        "theme": gr.themes.Soft(primary_hue="emerald"),
-        "css": CSS,
+        "theme": theme(),
+        "css": CSS + THEME_CSS,
+        "head": HEAD,
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],
         "show_error": False,

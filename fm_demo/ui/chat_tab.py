@@ -9,7 +9,7 @@ KV cache; the device-memory plot redraws when the points change.
 from __future__ import annotations
 
 import json
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +31,12 @@ from .common import (
     preset_choices,
     session_id,
     stop_reply,
+    sweep,
     user_errors,
 )
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
 from .plots import series_plot
+from .theme import icon
 from .readout import (
     DEVICE_COLORS,
     MEMORY_COLORS,
@@ -177,9 +179,11 @@ def edit(
 
 @user_errors
 def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr.Request) -> tuple:
-    """Remove the last exchange (the chatbot's undo icon sits on it too); its text returns to the box."""
+    """Remove the last exchange (the chatbot's undo icon sits on it too); its text returns to the box.
+    The history follows (a conversation left without a turn leaves it)."""
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
     text = conv.undo()
+    ctx.store.save(conv)
     box = gr.skip() if text is None else text
     points = trim_points(points, conv.context_tokens)
     plots = (state_kv_frame(points), speed_frame(points)) if points else (None, None)
@@ -188,21 +192,23 @@ def undo(ctx: AppContext, preset: str, precision: str, points: list, request: gr
 
 @user_errors
 def clear(ctx: AppContext, request: gr.Request) -> tuple:
+    """An empty chat; the cleared conversation stays in the history (the sidebar deletes it)."""
     ctx.store.reset(session_id(request), SLOT)
     return "", [], readout_html(None), None, None, []  # None empties a plot (an empty frame would stall it)
 
 
 @user_errors
 def export(ctx: AppContext, preset: str, precision: str, request: gr.Request) -> gr.File:
-    """Write transcript + state to a file the browser downloads."""
+    """Write transcript + state to a file the browser downloads, in the app's export folder
+    (exports older than Settings.temp_file_age_s leave it first)."""
     _, conv = open_conversation(ctx, request, preset, precision, SLOT)
     if not conv.turns:
         raise gr.Error("Nothing to export yet: the conversation is empty.")
-    path = (
-        Path(tempfile.mkdtemp(prefix="fm-demo-"))
-        / f"conversation-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.fmconv"
-    )
+    sweep(ctx.exports, ctx.settings.temp_file_age_s)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"  # two exports never share a name
+    path = ctx.exports / f"conversation-{preset}-{stamp}.fmconv"
     path.write_bytes(conv.export())
+    ctx.export_files.add(str(path))
     return gr.File(value=str(path), visible=True)
 
 
@@ -234,7 +240,33 @@ def device_plot(points: list) -> pd.DataFrame | None:
     return device_frame(points) if points else None
 
 
-def build_chat_tab(ctx: AppContext) -> None:
+def shown(ctx: AppContext, conv) -> tuple:
+    """What the chat shows of a conversation just opened (None: a new, empty one): the outputs of
+    ChatView.shows, its model in the pickers."""
+    if conv is None:
+        return "", [], readout_html(None), None, None, [], gr.skip(), gr.skip()
+    preset, precision = conv.lm.key
+    return (
+        "",
+        conv.messages,
+        readout_html(conv.last_metrics),
+        None,
+        None,
+        [],
+        gr.Dropdown(choices=preset_choices(ctx.settings), value=preset),
+        gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision),
+    )
+
+
+@dataclass
+class ChatView:
+    """The chat tab's parts that other parts of the page drive (the history sidebar)."""
+
+    shows: list  # the outputs `shown` fills: message box, chatbot, readout, plots, points, pickers
+    changes: list  # the events after which the conversation's history row may have changed
+
+
+def build_chat_tab(ctx: AppContext) -> ChatView:
     s = ctx.settings
     points = gr.State([])
     with gr.Row(equal_height=False):
@@ -257,14 +289,14 @@ def build_chat_tab(ctx: AppContext) -> None:
                     autofocus=True,
                 )
                 send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
-            with gr.Row():
-                stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
-                retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
-                undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
-                clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
-                export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
+            with gr.Row(elem_id="chat-actions"):  # one row of icons on a phone (ui/theme.py)
+                stop_btn = gr.Button("Stop", variant="stop", size="sm", icon=icon("stop"), elem_id="chat-stop")
+                retry_btn = gr.Button("Retry", size="sm", icon=icon("retry"), elem_id="chat-retry")
+                undo_btn = gr.Button("Undo", size="sm", icon=icon("undo"), elem_id="chat-undo")
+                clear_btn = gr.Button("Clear", size="sm", icon=icon("clear"), elem_id="chat-clear")
+                export_btn = gr.Button("Export", size="sm", icon=icon("export"), elem_id="chat-export")
                 import_btn = gr.UploadButton(
-                    "Import", size="sm", file_types=[".fmconv"], elem_id="chat-import"
+                    "Import", size="sm", icon=icon("import"), file_types=[".fmconv"], elem_id="chat-import"
                 )
             gr.Examples([[e] for e in EXAMPLES], inputs=msg, label="Try", elem_id="chat-examples")
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
@@ -315,17 +347,22 @@ def build_chat_tab(ctx: AppContext) -> None:
     knobs.append(points)
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
+    changes = []
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
-        trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None)
+        changes.append(trigger(bind(send, ctx), [msg, *knobs], outs, api_name=name, concurrency_limit=None))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
-    retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None)
-    chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None)
-    chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None)
-    undo_btn.click(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo")
-    chatbot.undo(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo_at")
-    clear_btn.click(bind(clear, ctx), None, outs, api_name="chat_clear")
-    chatbot.clear(bind(clear, ctx), None, outs, api_name="chat_clear_icon")
+    changes += [
+        retry_btn.click(bind(retry, ctx), knobs, outs, api_name="chat_retry", concurrency_limit=None),
+        chatbot.retry(bind(retry, ctx), knobs, outs, api_name="chat_retry_at", concurrency_limit=None),
+        chatbot.edit(bind(edit, ctx), knobs, outs, api_name="chat_edit", concurrency_limit=None),
+        undo_btn.click(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo"),
+        chatbot.undo(bind(undo, ctx), [preset, precision, points], outs, api_name="chat_undo_at"),
+        clear_btn.click(bind(clear, ctx), None, outs, api_name="chat_clear"),
+        chatbot.clear(bind(clear, ctx), None, outs, api_name="chat_clear_icon"),
+    ]
     export_btn.click(bind(export, ctx), [preset, precision], export_file, api_name="chat_export")
-    import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision], api_name="chat_import")
+    changes.append(import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision],
+                                     api_name="chat_import"))
     # its own plot, fed by the points every reply handler already returns (their outputs stay as they are)
     points.change(device_plot, points, device_mem_plot, api_visibility="private", show_progress="hidden")
+    return ChatView([*outs, preset, precision], changes)

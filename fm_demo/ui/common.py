@@ -12,9 +12,11 @@ import functools
 import inspect
 import logging
 import math
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import gradio as gr
@@ -87,6 +89,31 @@ class AppContext:
     store: SessionStore
     stops: StopFlags = field(default_factory=StopFlags)
     streams: StreamCount = field(default_factory=StreamCount)
+    # the app's one folder of exported conversations (see sweep), and the files written there,
+    # which build_demo hands to Gradio's delete_cache as well
+    exports: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fm-demo-exports-")))
+    export_files: set[str] = field(default_factory=set)
+
+
+def sweep(folder: Path, age_s: float) -> int:
+    """Delete the files in `folder` last modified more than age_s seconds ago; returns how many."""
+    cutoff, gone = time.time() - age_s, 0
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+        except FileNotFoundError:  # another export's sweep took it first
+            continue
+    return gone
+
+
+def delete_cache(settings: Settings) -> tuple[int, int]:
+    """gr.Blocks' delete_cache, (every how many seconds, files older than how many): uploads and
+    Gradio's copies of outputs (exports) older than Settings.temp_file_age_s, checked four times
+    per that age; all of them when the server stops."""
+    age = settings.temp_file_age_s
+    return max(1, age // 4), age
 
 
 def reply_concurrency(ctx: AppContext) -> int | None:

@@ -12,10 +12,11 @@ Registration: Gradio builds a fresh FastAPI app in every demo.launch(); launch_k
 `gradio app.py` and a Space (which runs app.py) all serve them. The routes find the app's context
 through the app (`request.app.get_blocks()`), so a reload that swaps the Blocks swaps it too.
 
-Prefix-cache namespaces (while Settings.share_prefix_cache is off) keep clients apart: the
-request's `cache_salt`, else the bearer token, else the `user` field, else the client's address,
-hashed and prefixed "api:" so they never meet a browser session's. With sharing on, every
-request shares one tree.
+Prefix-cache namespaces (while Settings.share_prefix_cache is off) keep clients apart: the bearer
+token (or none) with the request's `cache_salt`, else with its `user`, else a token with the
+client's address, else the address alone; each derived by the server under its secret, in a kind
+of its own (serving/namespaces.py), so a browser session never meets an API client. With sharing
+on, every request shares one tree.
 
 Threads: complete() blocks on the scheduler's queue, so model loads, tokenizing and every
 next chunk run in worker threads (anyio) under a limiter of the API's own, sized like Gradio's
@@ -25,7 +26,6 @@ closes its completion, which cancels its batch row.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -44,6 +44,7 @@ from ..engine import DecodeOptions
 from ..engine.sampling import SamplingError
 from ..serving import RequestFailed, SchedulerBusy, SchedulerClosed
 from ..serving.completion import CompletionChunk, CompletionRequest, Usage, complete
+from ..serving.namespaces import API_ADDRESS, API_KEY, API_SALT, API_USER, derive
 from ..serving.request import RequestRefused
 from ..settings import Settings
 from .openai_schema import (ApiError, ApiRequest, Json, Shape, bad, chat_logprobs, completion_logprobs, model_json,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fm_demo.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 BODY_SLACK = 64 * 1024  # bytes of JSON around the prompt
+MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema in response_format or tools included)
 
 
 def api_routes() -> list[BaseRoute]:
@@ -192,7 +194,8 @@ async def _serve(request: Request, parse: Callable[[object, Settings], ApiReques
         ctx = _open(request)
         req = parse(await _read_json(request, ctx.settings), ctx.settings)
         threads = _threads(request, ctx)
-        job = await anyio.to_thread.run_sync(_prepare, ctx, req, namespace(request, req), limiter=threads)
+        space = namespace(request, req, ctx.settings.cache_secret)
+        job = await anyio.to_thread.run_sync(_prepare, ctx, req, space, limiter=threads)
         reply = _Reply(complete(job.lm, job.request), threads)
         first = await reply.next()  # a busy scheduler refuses here, before any byte is sent
     except Exception as e:
@@ -226,21 +229,63 @@ async def _read_json(request: Request, settings: Settings) -> object:
         if len(body) > limit:
             raise _too_long(f"the request body is over {limit:,} bytes", settings)
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
+    _check_json(value)
+    return value
 
 
-def namespace(request: Request, req: ApiRequest) -> str:
-    """The prefix-cache namespace of a request: cache_salt, else the bearer token, else `user`,
-    else the client's address. Hashed, so keys are not kept in memory; "api:" keeps them apart
-    from browser sessions."""
+def _check_json(value: object) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH, or with a string that is not valid Unicode
+    (JSON's \\ud800 escape writes a lone surrogate, which no tokenizer reads): a 400 each, before
+    any field is read."""
+    if isinstance(value, str):
+        _check_unicode(value)
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:  # containers only: a list of a million token ids stacks nothing
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            for key in item:
+                _check_unicode(key)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, str):
+                _check_unicode(child)
+            elif isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+
+
+def _check_unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("the request body has a string that is not valid Unicode (a lone surrogate such as "
+                      "\\ud800)", None, "invalid_unicode") from None
+
+
+def _too_deep() -> ApiError:
+    return bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
+
+
+def namespace(request: Request, req: ApiRequest, secret: str = "") -> str:
+    """The prefix-cache namespace of a request, per client: its bearer token (or none) with its
+    cache_salt, else with its `user`; else its token with its address; else its address. Clients
+    that share a key (FM_DEMO_API_KEY) are told apart by salt, user or address."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     address = request.client.host if request.client else "unknown"
-    kind, value = next((k, v) for k, v in (("salt", req.cache_salt), ("key", token), ("user", req.user),
-                                           ("address", address)) if v)
-    return f"api:{kind}:{hashlib.sha256(value.encode()).hexdigest()[:32]}"
+    if req.cache_salt:
+        return derive(API_SALT, token, req.cache_salt, secret=secret)
+    if req.user:
+        return derive(API_USER, token, req.user, secret=secret)
+    if token:
+        return derive(API_KEY, token, address, secret=secret)
+    return derive(API_ADDRESS, address, secret=secret)
 
 
 def _prepare(ctx: AppContext, req: ApiRequest, space: str) -> _Job:

@@ -175,4 +175,6 @@ CSS = """
 .fm-status {margin-bottom: 4px; opacity: 0.8;}
 .fm-formula {margin-top: 6px; font-size: 0.78em; opacity: 0.75;}
 .fm-empty {opacity: 0.7; padding: 8px;}
+.fm-history .wrap {flex-direction: column; flex-wrap: nowrap; align-items: stretch;}
+.fm-history .wrap label {width: 100%; overflow: hidden; white-space: nowrap; text-overflow: ellipsis;}
 """

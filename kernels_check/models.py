@@ -62,6 +62,8 @@ def build_random_model(config, device: str | torch.device, dtype: torch.dtype = 
     with torch.device("meta"):
         model = FalconMambaForCausalLM(config)
     model = model.to(dtype=dtype).to_empty(device=device)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # to_empty gives lm_head a tensor of its own: tie it to the embeddings again
     return init_random_(model, seed).eval()
 
 

@@ -222,3 +222,35 @@ def test_api_quick():
     assert n["prompt_tokens_read_n8"] == n["prompt_tokens"]  # eight replies, one read
     positive(n["ttft_n1_s"], n["ttft_n8_s"])
     assert {"peak_bytes_1k", "peak_bytes_32k"} <= set(echo) and echo["peak_bytes_32k"] < 1.5 * echo["peak_bytes_1k"]
+
+
+CPU_PEER_KEYS = {"ours", "llama_cpp", "same_greedy_tokens", "ratio", "params"}
+
+
+def test_cpu_peer_quick():
+    """bench/cpu_peer.py: this engine against llama.cpp on the same random weights. Without
+    llama-cpp-python or gguf (CI installs neither) it must say which package is missing; with them,
+    both engines' figures and the same greedy tokens."""
+    missing = [m for m in ("llama_cpp", "gguf") if importlib.util.find_spec(m) is None]
+    out = run_bench("cpu_peer", timeout=300)
+    if missing:
+        assert set(out) == {"skipped"}
+        assert ("llama-cpp-python" if "llama_cpp" in missing else "gguf") in out["skipped"]
+        assert "requirements-bench.txt" in out["skipped"]
+        return
+    assert {"threads", "models"} <= set(out) and out["threads"] == 1 and set(out["models"]) == {"tiny"}
+    all_finite(out)
+    r = out["models"]["tiny"]
+    assert CPU_PEER_KEYS <= set(r)
+    for side in ("ours", "llama_cpp"):
+        assert set(r[side]) == {"decode_tok_s", "prefill_tok_s"}
+        positive(*r[side].values())
+    assert r["same_greedy_tokens"] is True
+
+
+def test_cpu_peer_without_llama_cpp_says_it_skipped(tmp_path):
+    """A `llama_cpp` that fails to import stands for a machine without llama-cpp-python."""
+    (tmp_path / "llama_cpp").mkdir()
+    (tmp_path / "llama_cpp" / "__init__.py").write_text("raise ImportError('no llama.cpp here')\n")
+    out = run_bench("cpu_peer", timeout=60, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert set(out) == {"skipped"} and "llama-cpp-python" in out["skipped"] and "no llama.cpp here" in out["skipped"]

@@ -47,7 +47,14 @@ def listed(page) -> list[str]:
 
 def open_page(page, url: str) -> None:
     """Load the page and make its replies greedy (the same every run)."""
-    page.goto(url, wait_until="load")
+    for attempt in range(3):  # after a restart Chromium's error page may still be landing: go again
+        try:
+            page.goto(url, wait_until="load")
+            break
+        except Exception as e:
+            if "interrupted by another navigation" not in str(e) or attempt == 2:
+                raise
+            page.wait_for_timeout(500)
     page.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
     toggle_sampling(page)
     set_number(page, "#chat-temperature", 0)

@@ -42,6 +42,9 @@ def load(ctx: AppContext, browser: str | None, request: gr.Request) -> tuple:
     sid = session_id(request)
     browser = ctx.store.attach(sid, browser)
     conv = ctx.store.reopen(sid)
+    if conv is None:  # a page just loaded: its plots keep their first value (no data, series named)
+        box, chat, readout, *rest = shown(ctx, None)
+        return browser, *listing(ctx, sid), box, chat, readout, *(gr.skip() for _ in rest)
     return browser, *listing(ctx, sid), *shown(ctx, conv)
 
 

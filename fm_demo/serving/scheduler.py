@@ -236,10 +236,7 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        else:
-            self._end_all()
+        self._stop_thread()
 
     def close_if_idle(self) -> bool:
         """Close (as close() does) only if no row runs or waits, decided under the lock submit()
@@ -251,11 +248,15 @@ class Scheduler:
                 return False
             self._closed = True
             self._cond.notify()
+        self._stop_thread()
+        return True
+
+    def _stop_thread(self) -> None:
+        """After _closed is set: let the thread end the rows (or end them here when it never ran)."""
         if self._thread is not None:
             self._thread.join(timeout=30)
         else:
             self._end_all()
-        return True
 
     def in_use(self) -> int:
         """Rows running or waiting right now (the model has users while this is above 0)."""

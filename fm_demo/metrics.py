@@ -35,6 +35,7 @@ class ReplyMetrics:
     model: str = ""
     batch_size: int = 1  # rows decoded together in the reply's last step (continuous batching)
     batch_mean: float = 1.0  # mean rows per decode step over the reply
+    replies: int = 1  # Show N replies: rows sampled from this one read of the prompt
     served_by: str = ""  # on a cluster: the model replica that served the reply
     state_source: str = ""  # on a cluster: where that replica's starting state came from
 

@@ -221,6 +221,8 @@ class Settings:
                                    "max_events_per_client; the address is uvicorn's, taken from X-Forwarded-For "
                                    "only where FORWARDED_ALLOW_IPS trusts the proxy (else every visitor behind it "
                                    "shares one address)", False)
+    token_alternatives: int = _help("likeliest tokens recorded with each chat reply token, for the token view "
+                                    "and a rewind to any token (0: none; at most 20)", 5)
     lab_max_seconds: float = _help("longest time limit per model a lab decode run may ask for (seconds)", 1800.0)
     lab_max_tokens: int = _help("most tokens a lab run may generate, and the longest prompt its prefill sweep may "
                                 "read; 0: the device's default maxima (16k / 32k on CPU, 256k on CUDA)", 0)
@@ -265,6 +267,8 @@ class Settings:
         if self.lab_max_tokens and self.lab_max_tokens < 256:
             raise SettingsError("lab_max_tokens: must be 0 (the device's maxima) or >= 256, "
                                 f"got {self.lab_max_tokens!r}")
+        if not 0 <= self.token_alternatives <= 20:
+            raise SettingsError(f"token_alternatives: must be from 0 to 20, got {self.token_alternatives!r}")
         if not self.lab_max_seconds >= 10:
             raise SettingsError(f"lab_max_seconds: must be >= 10, got {self.lab_max_seconds!r}")
         for name in ("cpu_threads", "history_state_bytes", "hot_states", "offload_after_s",

@@ -69,6 +69,32 @@ class StateCache:
         self._keep_only(lambda p: p in keep)
         self.known = {p for p in self.known if p in keep} | {p for p in keep if p <= reach} | set(self.refs)
 
+    def split(self, pos: int, share: bool) -> tuple[dict[int, Node], set[int]]:
+        """The states beyond position `pos` and the positions beyond it where one is expected, for
+        a branch to keep: held again when `share` (this cache keeps them too), else they leave it."""
+        refs = {p: n for p, n in self.refs.items() if p > pos}
+        known = {p for p in self.known if p > pos}
+        if share:
+            refs = {p: self.tree.hold(n) for p, n in refs.items()}
+        else:
+            for p in refs:
+                del self.refs[p]
+            self.known -= known
+        return refs, known
+
+    def attach(self, refs: dict[int, Node], known: set[int]) -> None:
+        """Take over a branch's states (split's result): their holds pass to this cache."""
+        for p, node in refs.items():
+            if p in self.refs:
+                self.tree.release(self.refs[p])
+            self.refs[p] = node
+        self.known |= known | set(refs)
+
+    def release(self, refs: dict[int, Node]) -> None:
+        """Let go of states a branch held (a branch that is dropped)."""
+        for node in refs.values():
+            self.tree.release(node)
+
     def _keep_only(self, keep: Callable[[int], bool]) -> None:
         """Let go of the states at positions `keep` rejects (the tree frees what nobody holds)."""
         for p in [p for p in self.refs if not keep(p)]:

@@ -240,15 +240,15 @@ class SessionStore:
         parts = conv.saved_parts()
         if parts is None:
             return False
-        system, turns, state = parts
+        system, turns, state, forks = parts
         if not turns:
             self.history.delete(id, browser)
             return False
         try:
             blob = None
             if state is not None and self.history.state_budget:
-                blob = export_bytes(system, turns, lm, state)
-            self.history.save(id, browser, turns[0].user, *lm.key, transcript_json(system, turns), blob)
+                blob = export_bytes(system, turns, lm, state, forks)
+            self.history.save(id, browser, turns[0].user, *lm.key, transcript_json(system, turns, forks), blob)
         except Exception as e:  # a full disk or a locked file must not cost the reply
             log.error("could not write conversation %s to the history: %s", id, e)
             return False

@@ -9,7 +9,8 @@ transcript's size (every user message and the system prompt within max_input_cha
 the chat box; the whole transcript within max_upload_chars characters and as many tokens, the
 longest prompt the server reads), every turn's tokens against this model's prompt format (the
 prompt its chat template or hand-written format gives after the turns before it), and that the
-state holds exactly the transcript's tokens. Any failure is an ImportRefused whose message says
+state holds exactly the transcript's tokens. The other versions of turns (branches: turns.py)
+ride along as `forks`, each checked the same way after the turns it follows. Any failure is an ImportRefused whose message says
 what is wrong; nothing is half-imported.
 """
 
@@ -24,14 +25,15 @@ from .. import chat
 from ..engine import State, StateError
 from ..models import LoadedModel
 from ..settings import Settings
-from .turns import ImportRefused, Turn
+from .turns import MAX_BRANCHES, Branch, Fork, ImportRefused, Turn
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
 HEADER_SLACK = 64 * 1024  # header bytes besides the transcript: tensor entries, keys, model identity
 TOKEN_BYTES = 8  # a token id in the header: up to 6 digits and ", "
 CHAR_BYTES = 14  # a character in the header: \\ud83d\\ude00 (escaped once by json.dumps, once as a string)
 TURN_BYTES = 160  # a turn's keys, brackets and finish reason
-MAX_TURNS = 10_000  # turns of an imported transcript
+MAX_TURNS = 10_000  # turns of an imported transcript, every branch's counted
+MAX_FORK_DEPTH = 16  # branches inside branches a file keeps (deeper ones are left out of it)
 
 
 def header_limit(settings: Settings) -> int:
@@ -40,7 +42,23 @@ def header_limit(settings: Settings) -> int:
     return HEADER_SLACK + settings.max_upload_chars * (TOKEN_BYTES + CHAR_BYTES) + TURN_BYTES * MAX_TURNS
 
 
-def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) -> bytes:
+def _rows(turns: list[Turn]) -> list[dict]:
+    return [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids, "reply": t.reply,
+             "finish_reason": t.finish_reason} for t in turns]
+
+
+def forks_json(forks: dict[int, Fork], depth: int = 0) -> list[dict]:
+    """A conversation's other versions of its turns, as JSON-ready rows (texts and token ids)."""
+    if depth >= MAX_FORK_DEPTH:
+        return []
+    return [{"at": i, "active": f.active,
+             "branches": [None if b is None else {"turns": _rows(b.turns), "forks": forks_json(b.forks, depth + 1)}
+                          for b in f.branches]}
+            for i, f in sorted(forks.items()) if len(f.branches) > 1]
+
+
+def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State,
+                 forks: list[dict] | None = None) -> bytes:
     """A safetensors file: tensors conv/ssm, the transcript and model identity in its metadata.
 
     The sha256 covers metadata and tensors: it catches corrupted files, not forged ones (it is a
@@ -58,6 +76,7 @@ def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) 
         "system": system,
         "turns": [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids,
                    "finish_reason": t.finish_reason} for t in turns],
+        "forks": forks or [],
         "state": state.metadata(),
     }
     tensors = {"conv": state.conv.detach().cpu().contiguous(), "ssm": state.ssm.detach().cpu().contiguous()}
@@ -65,20 +84,20 @@ def export_bytes(system: str, turns: list[Turn], lm: LoadedModel, state: State) 
     return save(tensors, metadata={"fm_demo": body, "sha256": _digest(body, tensors)})
 
 
-def transcript_json(system: str, turns: list[Turn]) -> str:
+def transcript_json(system: str, turns: list[Turn], forks: list[dict] | None = None) -> str:
     """The transcript alone (the history's copy of a conversation): the file's payload without a
     model or state, so it can be read again on any model."""
-    rows = [{"user": t.user, "prompt_ids": t.prompt_ids, "reply_ids": t.reply_ids, "reply": t.reply,
-             "finish_reason": t.finish_reason} for t in turns]
-    return json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "system": system, "turns": rows})
+    return json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "system": system,
+                       "turns": _rows(turns), "forks": forks or []})
 
 
-def transcript_parts(text: str, lm: LoadedModel, fmt: chat.ChatFormat) -> tuple[str, list[Turn]]:
-    """(system prompt, turns) of transcript_json's text, every turn checked against `lm`'s prompt
-    format as an import is; ImportRefused when they do not fit (another tokenizer or template)."""
+def transcript_parts(text: str, lm: LoadedModel, fmt: chat.ChatFormat) -> tuple[str, list[Turn], dict[int, Fork]]:
+    """(system prompt, turns, forks) of transcript_json's text, every turn checked against `lm`'s
+    prompt format as an import is; ImportRefused when they do not fit (another tokenizer or template)."""
     payload = _transcript(text)
     system = payload.get("system", "")
-    return system, _turns_from(payload.get("turns"), system, lm, fmt)
+    turns = _turns_from(payload.get("turns"), system, lm, fmt)
+    return system, turns, _forks_from(payload.get("forks"), turns, system, lm, fmt)
 
 
 def transcript_texts(text: str) -> tuple[str, list[Turn]]:
@@ -110,8 +129,8 @@ def peek_model(data: bytes, settings: Settings) -> dict:
 
 
 def import_parts(data: bytes, lm: LoadedModel, fmt: chat.ChatFormat,
-                 settings: Settings) -> tuple[str, list[Turn], State]:
-    """(system prompt, turns, state on CPU) from an export, or ImportRefused saying why not."""
+                 settings: Settings) -> tuple[str, list[Turn], State, dict[int, Fork]]:
+    """(system prompt, turns, state on CPU, forks) from an export, or ImportRefused saying why not."""
     from safetensors.torch import load
 
     _check_size(data, settings)
@@ -131,11 +150,69 @@ def import_parts(data: bytes, lm: LoadedModel, fmt: chat.ChatFormat,
     except StateError as e:
         raise ImportRefused(f"the saved state does not fit this model: {e}") from None
     system = payload.get("system", "")
-    _check_transcript(payload.get("turns"), system, settings)
+    _check_transcript(_all_rows(payload), system, settings)
     turns = _turns_from(payload.get("turns"), system, lm, fmt)
     if state.seqlen != sum(len(t.prompt_ids) + len(t.reply_ids) for t in turns):
         raise ImportRefused(f"the saved state holds {state.seqlen} tokens but the transcript has a different count")
-    return system, turns, state
+    return system, turns, state, _forks_from(payload.get("forks"), turns, system, lm, fmt)
+
+
+def _all_rows(payload: dict) -> list:
+    """Every turn row of a payload: the conversation's and its branches' (for the caps)."""
+    rows = payload.get("turns")
+    if not isinstance(rows, list):
+        return rows
+    out, stack = list(rows), [(payload.get("forks"), 0)]
+    while stack:
+        forks, depth = stack.pop()
+        if forks in (None, []):
+            continue
+        if not isinstance(forks, list) or depth > MAX_FORK_DEPTH:
+            raise ImportRefused("the branches in the file are malformed")
+        for f in forks:
+            branches = f.get("branches") if isinstance(f, dict) else None
+            if not isinstance(branches, list):
+                raise ImportRefused("the branches in the file are malformed")
+            for b in branches:
+                if isinstance(b, dict):
+                    out += b.get("turns") if isinstance(b.get("turns"), list) else [None]
+                    stack.append((b.get("forks"), depth + 1))
+    return out
+
+
+def _forks_from(raw, path: list[Turn], system: str, lm: LoadedModel, fmt: chat.ChatFormat,
+                depth: int = 0) -> dict[int, Fork]:
+    """The forks of a payload, each branch's turns checked after the turns they follow."""
+    if raw in (None, []):
+        return {}
+    if not isinstance(raw, list) or depth > MAX_FORK_DEPTH:
+        raise ImportRefused("the branches in the file are malformed")
+    forks: dict[int, Fork] = {}
+    for f in raw:
+        try:
+            at, active, branches = f["at"], f["active"], f["branches"]
+            ok = (isinstance(at, int) and 0 <= at < len(path) and at not in forks and isinstance(branches, list)
+                  and 1 < len(branches) <= MAX_BRANCHES and isinstance(active, int) and 0 <= active < len(branches)
+                  and branches[active] is None
+                  and all(isinstance(b, dict) for k, b in enumerate(branches) if k != active))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ImportRefused("the branches in the file are malformed")
+        before = path[:at]
+        prefix = [(list(t.prompt_ids), list(t.reply_ids)) for t in before]
+        out: list[Branch | None] = []
+        for k, b in enumerate(branches):
+            if k == active:
+                out.append(None)
+                continue
+            turns = _turns_from(b.get("turns"), system, lm, fmt, before)
+            if not turns:
+                raise ImportRefused("the branches in the file are malformed")
+            out.append(Branch(turns, _forks_from(b.get("forks"), before + turns, system, lm, fmt, depth + 1),
+                              prefix=prefix))
+        forks[at] = Fork(out, active)
+    return forks
 
 
 def _check_size(data: bytes, settings: Settings) -> None:
@@ -208,11 +285,13 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> list[Turn]:
-    """Rebuild turns, checking every id and that each prompt is what this model's format writes."""
+def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat,
+                before: list[Turn] = ()) -> list[Turn]:
+    """Rebuild turns (after the turns `before`), checking every id and that each prompt is what
+    this model's format writes."""
     if not isinstance(rows, list) or not isinstance(system, str):
         raise ImportRefused("the transcript in the file is malformed")
-    tok, vocab, turns = lm.tokenizer, lm.engine.config.vocab_size, []
+    tok, vocab, turns = lm.tokenizer, lm.engine.config.vocab_size, list(before)
     for i, row in enumerate(rows):
         try:
             user, prompt, reply = row["user"], list(row["prompt_ids"]), list(row["reply_ids"])
@@ -220,12 +299,12 @@ def _turns_from(rows, system: str, lm: LoadedModel, fmt: chat.ChatFormat) -> lis
         except (KeyError, TypeError):
             ok = False
         if not ok:
-            raise ImportRefused(f"turn {i + 1} of the transcript is malformed")
+            raise ImportRefused(f"turn {len(before) + i + 1} of the transcript is malformed")
         ext = chat.next_prompt(fmt, tok, turns, user, system=system)
         if ext.layout is not None or prompt != ext.prompt:
-            raise ImportRefused(f"turn {i + 1} does not match this model's prompt format (edited file or "
+            raise ImportRefused(f"turn {len(before) + i + 1} does not match this model's prompt format (edited file or "
                                 f"another tokenizer)")
         text = chat.visible_reply(fmt, tok.decode(reply, skip_special_tokens=True), final=True)[0]
         finish = row.get("finish_reason")
         turns.append(Turn(user, prompt, reply, text, finish if isinstance(finish, str) else None))
-    return turns
+    return turns[len(before):]

@@ -109,7 +109,7 @@ def test_oversized_message_is_refused_with_a_clear_message(ctx):
 def test_send_streams_then_second_turn_reuses_the_state(ctx):
     sid = "two-turns"
     outs = drain(chat_tab.send(ctx, "Hello!", knobs(), [], request=request(sid)))
-    box, chat, html, mem, speed, points = outs[-1]
+    box, chat, html, mem, speed, points = outs[-1][:6]
     assert outs[0][0] == "" and chat[0] == {"role": "user", "content": "Hello!"}
     assert chat[-1]["role"] == "assistant" and len(points) == 1
     # one turn already draws lines: the state and the KV cache from an empty context, and each
@@ -125,7 +125,7 @@ def test_send_streams_then_second_turn_reuses_the_state(ctx):
     assert conv.last_metrics.reused_tokens == 0 and 1 <= conv.last_metrics.new_tokens <= N
 
     outs = drain(chat_tab.send(ctx, "And one more thing?", knobs(), points, request=request(sid)))
-    box, chat, html, mem, speed, points = outs[-1]
+    box, chat, html, mem, speed, points = outs[-1][:6]
     m = conv.last_metrics
     assert m.reused_tokens == first_context  # the whole first exchange came from the cached state
     assert m.prefilled_tokens < 20  # only the new turn was read
@@ -200,12 +200,12 @@ def test_bind_spreads_an_input_group_into_its_fields_and_hands_the_handler_the_g
     bound = bind(handler, "the context")
     assert list(inspect.signature(bound).parameters) == [
         "message", "preset", "precision", "system", "temperature", "top_p", "top_k", "repetition_penalty",
-        "max_new_tokens", "seed", "json_schema", "points", "request", "progress"]
+        "max_new_tokens", "seed", "json_schema", "replies", "points", "request", "progress"]
     hints = typing.get_type_hints(bound)  # what Gradio reads to inject the request
     assert hints["request"] is gr.Request and hints["top_k"] is int and hints["points"] is list
     sent = request("bound")
-    knobs = chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7), "{}")
-    assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, "{}", [1], sent) == (
+    knobs = chat_tab.Knobs("tiny-instruct", "fp32", "Be brief.", Sampling(0.5, 0.8, 40, 1.2, 64, 7), "{}", 3)
+    assert bound("Hi", "tiny-instruct", "fp32", "Be brief.", 0.5, 0.8, 40, 1.2, 64, 7, "{}", 3, [1], sent) == (
         "the context", "Hi", knobs, [1], sent)
 
 

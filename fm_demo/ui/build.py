@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..settings import Settings
 from .api import MCP_TOOLS, register_api
-from .chat_tab import build_chat_tab
+from .chat_tab import build_chat_tab, connect_compare
 from .common import AppContext, delete_cache, session_id
 from .compare_tab import build_compare_tab
 from .history_sidebar import build_history_sidebar
@@ -20,6 +20,7 @@ from .inputs import bind
 from .lab_tab import build_lab_tab
 from .limits import LAB, LIMITED, admission
 from .long_tab import build_long_tab
+from .explore import CSS as EXPLORE_CSS
 from .readout import CSS
 from .system_tab import build_system_tab, system_report
 from .theme import CSS as THEME_CSS
@@ -57,17 +58,18 @@ def build_demo(settings: Settings | None = None, ctx: AppContext | None = None) 
         # First: Gradio names an MCP tool after its function and numbers later namesakes (the
         # compare tab's handler is also called compare), so the tools keep their plain names.
         register_api(ctx)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
                 chat = build_chat_tab(ctx)
             with gr.Tab("Compare", id="compare"):
-                build_compare_tab(ctx)
+                compare = build_compare_tab(ctx)
             with gr.Tab("Long context", id="long"):
                 build_long_tab(ctx)
             with gr.Tab("Constant-memory lab", id="lab"):
                 build_lab_tab(ctx)
             with gr.Tab("System", id="system"):
                 system_outputs = build_system_tab(ctx)
+        chat.changes += connect_compare(chat, compare, tabs)
         build_history_sidebar(ctx, demo, chat)
         demo.load(_system_loader(ctx), None, system_outputs, api_name="system_on_load")
         demo.unload(_forget_session(ctx))
@@ -129,7 +131,7 @@ def launch_kwargs(settings: Settings) -> dict:
     max_upload = max(4 * settings.max_upload_chars, settings.max_import_bytes)
     return {
         "theme": theme(),
-        "css": CSS + THEME_CSS,
+        "css": CSS + THEME_CSS + EXPLORE_CSS,
         "head": HEAD,
         "max_file_size": max_upload,
         "footer_links": ["api", "settings"],

@@ -34,6 +34,7 @@ from .common import (
     sweep,
     user_errors,
 )
+from . import explore
 from .inputs import Inputs, Sampling, bind, input_components, sampling_inputs
 from .limits import limited
 from .plots import series_plot
@@ -58,6 +59,7 @@ EXAMPLES = ["What is 47 + 35?", "what's 80 minus 29", "Is 17 greater than 9?", "
             "Spell the word cat backwards.", "hi! what is the capital of japan",
             "Which word did I ask you to remember?", "Write a poem about the sea.", "What can you do?"]
 SKIP_ALL = (gr.skip(),) * 6  # a reply handler's outputs, all left as they are
+HIDDEN = gr.HTML(visible=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Knobs(Inputs):
     system: str
     sampling: Sampling
     json_schema: str = ""  # "Reply as JSON matching this schema": empty for a free reply
+    replies: int = 1  # Show N replies: 1, or 2 to 4 sampled from one read of the message
 
 
 def _open(ctx: AppContext, request, knobs: Knobs, progress):
@@ -125,15 +128,47 @@ def _stream(
 def send(
     ctx: AppContext, message: str, knobs: Knobs, points: list, request: gr.Request, progress=gr.Progress()
 ) -> Iterator[tuple]:
-    """A new user message: the state continues from the last turn, only this turn is read."""
+    """A new user message: the state continues from the last turn, only this turn is read. With
+    knobs.replies > 1, that many replies from one read stream side by side (the last output)."""
     text = check_message(message, ctx.settings.max_input_chars)
     if text is None:
-        yield SKIP_ALL
+        yield (*SKIP_ALL, gr.skip())
         return
     reply = knobs.sampling.for_reply()  # checked before the model loads
+    n = _replies(knobs.replies)
     sid, conv = _open(ctx, request, knobs, progress)
     options = reply_options(conv, knobs.json_schema)
-    yield from _stream(ctx, sid, conv, conv.send(text, *reply, options=options), points, sent=text)
+    if n == 1:
+        for out in _stream(ctx, sid, conv, conv.send(text, *reply, options=options), points, sent=text):
+            yield (*out, HIDDEN)
+        return
+    yield from _stream_many(ctx, sid, conv, conv.send_many(text, n, *reply, options=options), points, text)
+
+
+def _replies(value) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"Replies per message must be 1 to 4, got {str(value)[:20]!r}.") from None
+    if not 1 <= n <= 4:
+        raise gr.Error(f"Replies per message must be 1 to 4, got {n}.")
+    return n
+
+
+def _stream_many(ctx: AppContext, sid: str, conv, events: Iterator, points: list, sent: str) -> Iterator[tuple]:
+    """Show N replies: the first streams in the chat, all of them side by side below it."""
+    turn = len(conv.turns)
+    yield "", conv.messages + [{"role": "user", "content": sent}], *SKIP_ALL[2:], gr.skip()
+    for ev in controlled(ctx, sid, SLOT, events):
+        if not ev.done:
+            yield (gr.skip(), conv.messages, readout_html(live_metrics(conv, ev.metrics), streaming=True),
+                   gr.skip(), gr.skip(), gr.skip(), gr.HTML(explore.many_html(ev.texts, turn, None, False), visible=True))
+    m = conv.last_metrics
+    points = plot_points(points, m)
+    texts = [conv.turns[turn].reply if b is None else b.turns[0].reply
+             for b in conv.forks[turn].branches] if turn in conv.forks else [t.reply for t in conv.turns[turn:]]
+    yield (gr.skip(), conv.messages, readout_html(m), state_kv_frame(points), speed_frame(points), points,
+           gr.HTML(explore.many_html(texts, turn, 0, True), visible=True))
 
 
 def _user_turn(messages: list[dict], index) -> int:
@@ -235,6 +270,85 @@ def import_file(ctx: AppContext, file, request: gr.Request) -> tuple:
     )
 
 
+def _chat_of(ctx: AppContext, request: gr.Request):
+    """This page's chat conversation, or a message: branches act on what the page shows."""
+    conv = ctx.store.get(session_id(request), SLOT)
+    if conv is None or conv.lm is None or not conv.turns:
+        raise gr.Error("That conversation is no longer open here; send a message or open it from the history.")
+    return conv
+
+
+def _shown_after(conv, points: list) -> tuple:
+    """The chat outputs after a switch or a new chat: its messages, readout and the plots' points
+    that still hold (points past the shown context belong to another version)."""
+    points = trim_points(points, conv.context_tokens)
+    plots = (state_kv_frame(points), speed_frame(points)) if points else (None, None)
+    return gr.skip(), conv.messages, readout_html(conv.last_metrics), *plots, points
+
+
+@user_errors
+def act(ctx: AppContext, points: list, token_on: bool, view_turn: int | None, evt: gr.EventData,
+        request: gr.Request) -> tuple:
+    """A reply's controls and the N-replies panel: show another version of a turn (switch), copy the
+    conversation up to a reply into a new chat (newchat), or into both compare panes (compare).
+    Outputs: the chat's six, branch data, token view, N-replies panel, compare's four, the tabs."""
+    action = explore.event_action(evt, ("switch", "newchat", "compare"))
+    turn = explore.event_ints(evt, "turn")["turn"]
+    sid = session_id(request)
+    conv = _chat_of(ctx, request)
+    rest = (gr.skip(),) * 5
+    if action == "switch":
+        conv.switch(turn, explore.event_ints(evt, "version")["version"])
+        ctx.store.save(conv)
+        many = explore.many_for(conv, turn)
+    elif action == "newchat":
+        conv = ctx.store.put(sid, conv.fork(turn), SLOT)
+        gr.Info(f"A new chat with the first {turn + 1} turns; the previous one stays in the history.")
+        many = HIDDEN
+    else:
+        from .compare_tab import SLOTS
+
+        panes = [ctx.store.put(sid, conv.fork(turn), side) for side in SLOTS]
+        rest = (*(p.messages for p in panes), readout_html(None), readout_html(None), gr.Tabs(selected="compare"))
+        return (*(gr.skip(),) * 6, gr.skip(), gr.skip(), gr.skip(), *rest)
+    return (*_shown_after(conv, points), explore.branch_data(conv), _token_view(conv, token_on, view_turn), many, *rest)
+
+
+@user_errors
+def rewind(ctx: AppContext, knobs: Knobs, points: list, evt: gr.EventData, request: gr.Request,
+           progress=gr.Progress()) -> Iterator[tuple]:
+    """A token chosen in the token view: that reply again from there, as a new version."""
+    explore.event_action(evt, ("rewind",))
+    where = explore.event_ints(evt, "turn", "pos", "token")
+    reply = knobs.sampling.for_reply()
+    sid, conv = _open(ctx, request, knobs, progress)
+    events = conv.rewind(where["turn"], where["pos"], where["token"], *reply,
+                         options=reply_options(conv, knobs.json_schema))
+    yield from _stream(ctx, sid, conv, events, points)
+
+
+def _token_view(conv, on: bool, turn: int | None):
+    if not on:
+        return gr.HTML(visible=False)
+    return gr.HTML(explore.token_view_html(conv, turn), visible=True)
+
+
+def refresh(ctx: AppContext, token_on: bool, view_turn: int | None, request: gr.Request) -> tuple:
+    """After anything that changed the chat: its replies' controls, and the token view."""
+    conv = ctx.store.get(session_id(request), SLOT)
+    return explore.branch_data(conv), _token_view(conv, token_on, view_turn)
+
+
+def select_reply(ctx: AppContext, token_on: bool, evt: gr.SelectData, request: gr.Request) -> tuple:
+    """A click on a message: the token view shows that reply (its turn)."""
+    conv = ctx.store.get(session_id(request), SLOT)
+    index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    turn = None
+    if conv is not None and isinstance(index, int) and index >= 0:
+        turn = sum(1 for m in conv.messages[:index + 1] if m["role"] == "user") - 1
+    return turn, _token_view(conv, token_on, turn)
+
+
 def device_plot(points: list) -> pd.DataFrame | None:
     """The device-memory plot follows the per-turn points (None empties it, as clear and undo do
     to the other plots)."""
@@ -261,10 +375,19 @@ def shown(ctx: AppContext, conv) -> tuple:
 
 @dataclass
 class ChatView:
-    """The chat tab's parts that other parts of the page drive (the history sidebar)."""
+    """The chat tab's parts that other parts of the page drive (the history sidebar, compare)."""
 
     shows: list  # the outputs `shown` fills: message box, chatbot, readout, plots, points, pickers
     changes: list  # the events after which the conversation's history row may have changed
+    refresh: tuple  # (fn, inputs, outputs): redraw the replies' controls and the token view
+    act: tuple  # (fn, inputs, outputs, triggers): the reply controls' event, compare's outputs to add
+
+
+def connect_compare(chat: ChatView, compare_outputs: list, tabs: gr.Tabs) -> list:
+    """Wire the reply controls ("compare from here" fills compare's panes and opens its tab)."""
+    fn, inputs, outputs, triggers = chat.act
+    return [trigger(fn, inputs, [*outputs, *compare_outputs, tabs], api_name=name, show_progress="hidden")
+            for trigger, name in triggers]
 
 
 def build_chat_tab(ctx: AppContext) -> ChatView:
@@ -299,6 +422,16 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
                 import_btn = gr.UploadButton(
                     "Import", size="sm", icon=icon("import"), file_types=[".fmconv"], elem_id="chat-import"
                 )
+            with gr.Row(elem_id="chat-explore"):
+                replies = gr.Radio([1, 2, 3, 4], value=1, label="Replies per message", elem_id="chat-replies",
+                                   info="2 to 4: sampled side by side from one read (temperature above 0)")
+                token_on = gr.Checkbox(False, label="Token probabilities", elem_id="chat-token-toggle",
+                                       info="colour each token; choose an alternative to continue from it")
+            many_view = gr.HTML(visible=False, elem_id="chat-many", js_on_load=explore.CLICK_JS)
+            token_view = gr.HTML(visible=False, elem_id="chat-token-view", js_on_load=explore.CLICK_JS)
+            branch_ctl = gr.HTML("[]", html_template="<div></div>", elem_id="chat-branches",
+                                 js_on_load=explore.BRANCH_JS)
+            view_turn = gr.State(None)
             gr.Examples([[e] for e in EXAMPLES], inputs=msg, label="Try", elem_id="chat-examples")
             export_file = gr.File(label="Exported conversation", visible=False, height=60)
         with gr.Column(scale=2):
@@ -344,13 +477,14 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
         )
 
     knobs = input_components(Knobs, preset=preset, precision=precision, system=system, sampling=sampling,
-                             json_schema=json_schema)
+                             json_schema=json_schema, replies=replies)
     knobs.append(points)
     outs = [msg, chatbot, readout, mem_plot, speed_plot, points]
     preset.input(bind(on_preset_change, s), preset, precision, api_name="chat_precisions")
     changes = []
     for trigger, name in ((msg.submit, "chat_send"), (send_btn.click, "chat_send_button")):
-        changes.append(trigger(limited(bind(send, ctx)), [msg, *knobs], outs, api_name=name, concurrency_limit=None))
+        changes.append(trigger(limited(bind(send, ctx)), [msg, *knobs], [*outs, many_view], api_name=name,
+                               concurrency_limit=None))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="chat_stop", queue=False)
     changes += [
         retry_btn.click(limited(bind(retry, ctx)), knobs, outs, api_name="chat_retry", concurrency_limit=None),
@@ -364,6 +498,16 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
     export_btn.click(bind(export, ctx), [preset, precision], export_file, api_name="chat_export")
     changes.append(import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision],
                                      api_name="chat_import"))
+    changes.append(token_view.click(limited(bind(rewind, ctx)), knobs, outs, api_name="chat_rewind",
+                                    concurrency_limit=None))
+    redraw = (bind(refresh, ctx), [token_on, view_turn], [branch_ctl, token_view])
+    for event in changes:
+        event.then(*redraw, api_visibility="private", show_progress="hidden")
+    token_on.change(*redraw, api_visibility="private", show_progress="hidden")
+    chatbot.select(bind(select_reply, ctx), token_on, [view_turn, token_view], api_visibility="private",
+                   show_progress="hidden")
+    act_io = (bind(act, ctx), [points, token_on, view_turn], [*outs, branch_ctl, token_view, many_view],
+              ((branch_ctl.click, "chat_branch"), (many_view.click, "chat_pick")))
     # its own plot, fed by the points every reply handler already returns (their outputs stay as they are)
     points.change(device_plot, points, device_mem_plot, api_visibility="private", show_progress="hidden")
-    return ChatView([*outs, preset, precision], changes)
+    return ChatView([*outs, preset, precision], changes, redraw, act_io)

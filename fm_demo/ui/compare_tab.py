@@ -86,7 +86,8 @@ def clear(ctx: AppContext, request: gr.Request) -> tuple:
     return "", [], [], readout_html(None), readout_html(None)
 
 
-def build_compare_tab(ctx: AppContext) -> None:
+def build_compare_tab(ctx: AppContext) -> list:
+    """The tab; returns what "compare from here" fills: the two chats and their readouts."""
     s = ctx.settings
     left_key, right_key = s.compare_presets
     gr.Markdown(
@@ -128,3 +129,4 @@ def build_compare_tab(ctx: AppContext) -> None:
         trigger(limited(bind(compare, ctx)), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")
+    return [lchat, rchat, lread, rread]

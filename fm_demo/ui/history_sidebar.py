@@ -110,11 +110,15 @@ def build_history_sidebar(ctx: AppContext, demo: gr.Blocks, chat: ChatView) -> N
             delete_btn = gr.Button("Delete", variant="stop", size="sm", elem_id="history-delete")
         gr.Markdown(KEPT[ctx.store.history.persistent], elem_id="history-note")
     side = [conversations, title]
-    demo.load(bind(load, ctx), browser, [browser, *side, *chat.shows], api_name="history_load")
-    new_btn.click(bind(new, ctx), None, [*side, *chat.shows], api_name="history_new")
-    conversations.input(bind(open_, ctx), conversations, [*side, *chat.shows], api_name="history_open")
+    opens = [
+        demo.load(bind(load, ctx), browser, [browser, *side, *chat.shows], api_name="history_load"),
+        new_btn.click(bind(new, ctx), None, [*side, *chat.shows], api_name="history_new"),
+        conversations.input(bind(open_, ctx), conversations, [*side, *chat.shows], api_name="history_open"),
+        delete_btn.click(bind(delete, ctx), conversations, [*side, *chat.shows], api_name="history_delete"),
+    ]
+    for event in opens:  # the opened conversation's reply controls and token view
+        event.then(*chat.refresh, api_visibility="private", show_progress="hidden")
     rename_btn.click(bind(rename, ctx), [conversations, title], side, api_name="history_rename")
     title.submit(bind(rename, ctx), [conversations, title], side, api_name="history_rename_enter")
-    delete_btn.click(bind(delete, ctx), conversations, [*side, *chat.shows], api_name="history_delete")
     for event in chat.changes:
         event.then(bind(refresh, ctx), None, side, api_visibility="private", show_progress="hidden")

@@ -75,6 +75,9 @@ def readout_html(m: ReplyMetrics | None, streaming: bool = False) -> str:
         ),
         _card("Transformer KV cache", fmt_bytes(kv), ratio),
     ]
+    if m.replies > 1:  # Show N replies: one read of the prompt, n rows decoded in one batch
+        cards.insert(1, _card("Replies from one read", f"{m.replies} replies",
+                              f"{m.prefilled_tokens:,} prompt tokens read once, then {m.replies} batched rows"))
     if m.served_by:  # a cluster: which model replica, and how it had this conversation's state
         cards.append(_card("Served by", m.served_by, m.state_source))
     return (

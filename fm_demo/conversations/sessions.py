@@ -356,7 +356,7 @@ class Conversation:
                         continue
                     if m.new_tokens == 0:
                         _note_reuse(m, reply, pre, rewritten)
-                        m.ttft_s = time.perf_counter() - t0
+                        m.ttft_s, m.prefill_s = time.perf_counter() - t0, item.metrics.prefill_s
                     t = rows[i]
                     t.reply_ids.append(item.token_id)
                     self._note_logprob(t, item)

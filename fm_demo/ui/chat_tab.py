@@ -291,12 +291,13 @@ def act(ctx: AppContext, points: list, token_on: bool, view_turn: int | None, ev
         request: gr.Request) -> tuple:
     """A reply's controls and the N-replies panel: show another version of a turn (switch), copy the
     conversation up to a reply into a new chat (newchat), or into both compare panes (compare).
-    Outputs: the chat's six, branch data, token view, N-replies panel, compare's four, the tabs."""
+    Outputs: the chat's six, branch data, token view, N-replies panel, compare's chats, readouts
+    and pickers (compare_tab.build_compare_tab), the tabs. Compare's panes start on the chat's
+    model, whose states they share."""
     action = explore.event_action(evt, ("switch", "newchat", "compare"))
     turn = explore.event_ints(evt, "turn")["turn"]
     sid = session_id(request)
     conv = _chat_of(ctx, request)
-    rest = (gr.skip(),) * 5
     if action == "switch":
         conv.switch(turn, explore.event_ints(evt, "version")["version"])
         ctx.store.save(conv)
@@ -306,12 +307,16 @@ def act(ctx: AppContext, points: list, token_on: bool, view_turn: int | None, ev
         gr.Info(f"A new chat with the first {turn + 1} turns; the previous one stays in the history.")
         many = HIDDEN
     else:
-        from .compare_tab import SLOTS
+        from .compare_tab import SLOTS, from_here_note
 
         panes = [ctx.store.put(sid, conv.fork(turn), side) for side in SLOTS]
-        rest = (*(p.messages for p in panes), readout_html(None), readout_html(None), gr.Tabs(selected="compare"))
-        return (*(gr.skip(),) * 6, gr.skip(), gr.skip(), gr.skip(), *rest)
-    return (*_shown_after(conv, points), explore.branch_data(conv), _token_view(conv, token_on, view_turn), many, *rest)
+        preset, precision = conv.lm.key
+        pickers = (gr.Dropdown(choices=preset_choices(ctx.manager), value=preset),
+                   gr.Dropdown(choices=precision_choices(ctx.settings, preset), value=precision))
+        return ((gr.skip(),) * 9 + tuple(p.messages for p in panes) + tuple(from_here_note(p) for p in panes)
+                + pickers * 2 + (gr.Tabs(selected="compare"),))
+    return (*_shown_after(conv, points), explore.branch_data(conv), _token_view(conv, token_on, view_turn), many,
+            *(gr.skip(),) * 9)
 
 
 @user_errors

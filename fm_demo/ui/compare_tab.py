@@ -6,6 +6,7 @@ stream together and each pane's conversation keeps its own state across turns.
 
 from __future__ import annotations
 
+import html
 from typing import Iterator
 
 import gradio as gr
@@ -78,6 +79,13 @@ def compare(
     yield gr.skip(), *_panes(convs, final, streaming=False)
 
 
+def from_here_note(conv) -> str:
+    """A pane's readout after "compare from here" (both panes on the chat's model)."""
+    return (f"<div class='fm-readout fm-empty'>From the chat: {len(conv.turns)} turns, {conv.context_tokens:,} tokens, "
+            f"on {html.escape(conv.lm.label)}. The states are shared with the chat, so the next message reads only "
+            f"itself. Pick another model here to compare: that pane reads the history once.</div>")
+
+
 @user_errors
 def clear(ctx: AppContext, request: gr.Request) -> tuple:
     sid = session_id(request)
@@ -87,7 +95,8 @@ def clear(ctx: AppContext, request: gr.Request) -> tuple:
 
 
 def build_compare_tab(ctx: AppContext) -> list:
-    """The tab; returns what "compare from here" fills: the two chats and their readouts."""
+    """The tab; returns what "compare from here" fills: the two chats, their readouts, and the two
+    panes' model and precision pickers."""
     s = ctx.settings
     left_key, right_key = s.compare_presets
     gr.Markdown(
@@ -129,4 +138,4 @@ def build_compare_tab(ctx: AppContext) -> list:
         trigger(limited(bind(compare, ctx)), inputs, outs, api_name=name, concurrency_limit=reply_concurrency(ctx))
     stop_btn.click(bind(stop_reply, ctx, SLOT), None, None, api_name="compare_stop", queue=False)
     clear_btn.click(bind(clear, ctx), None, outs, api_name="compare_clear")
-    return [lchat, rchat, lread, rread]
+    return [lchat, rchat, lread, rread, lp, lq, rp, rq]

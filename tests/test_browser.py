@@ -143,13 +143,14 @@ def pick(page, dropdown: str, option: str) -> None:
     page.get_by_role("option", name=option).click()
 
 
-def save_shot(page, name: str, width: int = 960) -> None:
-    """A full-page screenshot, scaled to `width` and palettized so the README's PNGs stay small."""
+def save_shot(page, name: str, width: int = 960, full_page: bool = True) -> None:
+    """A screenshot (the full page, or the viewport), scaled to `width` and palettized so the
+    README's PNGs stay small."""
     import io
 
     from PIL import Image
 
-    img = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    img = Image.open(io.BytesIO(page.screenshot(full_page=full_page))).convert("RGB")
     img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
     SHOTS.mkdir(parents=True, exist_ok=True)
     # MAXCOVERAGE keeps a palette entry for each plot line's colour; MEDIANCUT merged the thin red

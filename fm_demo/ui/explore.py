@@ -118,7 +118,7 @@ CSS = """
 .fm-pop button, .fm-pop .fm-alt-row {display: flex; justify-content: space-between; gap: 12px; width: 100%; padding: 3px 6px;
   border: 0; border-radius: 4px; background: transparent; color: #111827; text-align: left; cursor: pointer; font: inherit;}
 .fm-pop button:hover:not(:disabled), .fm-pop button:focus {background: #d1fae5;}
-.fm-pop button:disabled {cursor: default;}
+.fm-pop button:disabled {cursor: default; opacity: 1; color: #111827; font-weight: 600;}
 .fm-pop code {white-space: pre; background: #f3f4f6; color: #111827; padding: 0 3px; border-radius: 3px;}
 .fm-many {display: flex; gap: 10px; overflow-x: auto;}
 .fm-many-col {flex: 1 1 0; min-width: 180px; border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;

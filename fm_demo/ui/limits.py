@@ -199,7 +199,7 @@ def admission(limits: ClientLimits, fn: Callable, lab: bool = False) -> Callable
     the handler: this one takes `fn`'s signature (gr.Progress left out) and reads only the request."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if not isinstance(p.default, gr.Progress)]
-    n_inputs = sum(not _is_request(p) for p in params)
+    n_inputs = sum(not _is_request(p) and not _is_event_data(p) for p in params)
 
     def validate(*args, **kwargs):
         request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
@@ -211,6 +211,12 @@ def admission(limits: ClientLimits, fn: Callable, lab: bool = False) -> Callable
     validate.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     validate.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
     return validate
+
+
+def _is_event_data(p: inspect.Parameter) -> bool:
+    """A parameter Gradio fills with the event's data (gr.EventData, gr.SelectData...), no input."""
+    a = p.annotation
+    return (isinstance(a, type) and issubclass(a, gr.EventData)) or a in ("gr.EventData", "EventData")
 
 
 def _is_request(p: inspect.Parameter) -> bool:

@@ -123,7 +123,8 @@ def turn_point(m: ReplyMetrics) -> dict:
         "device": m.device_mem_bytes,
         "decode": m.decode_tok_s,
         "prefill": m.prefill_tok_s,
-        "new": m.new_tokens,
+        # N replies count every row's tokens; the context grew by the shown one's
+        "new": m.new_tokens if m.replies == 1 else max(0, m.context_tokens - m.reused_tokens - m.prefilled_tokens),
         "read": m.prefilled_tokens,
     }
 

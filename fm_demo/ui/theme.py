@@ -57,7 +57,8 @@ body:not(.dark) [data-testid="json"] .json-node {
 # Vega symbol group (role graphics-symbol) with no text. The first gets role="img" so its label
 # is valid; the second draws nothing, so it is hidden from assistive technology. A dataframe wider
 # than its column scrolls inside a role="none" div that no key can reach: its first cell becomes
-# focusable. And Gradio's sidebar opens as it mounts, covering a phone's screen: there it is closed.
+# focusable. A toast's header is a role="button" around its own close button: it becomes plain text.
+# And Gradio's sidebar opens as it mounts, covering a phone's screen: there it is closed.
 HEAD = """<script>
 (() => {
   const fix = () => {
@@ -67,6 +68,11 @@ HEAD = """<script>
     });
     // a table wider than its column scrolls: its first header cell takes the keyboard focus, so
     // keyboard users can reach it and scroll (the scroller itself keeps role="none" for the grid)
+    // a toast's header is a role="button" holding the toast's close button (nested-interactive):
+    // the close button stays, the header is plain text (it only folds grouped messages)
+    document.querySelectorAll('.toast-header[role="button"]').forEach(h => {
+      h.removeAttribute('role'); h.removeAttribute('tabindex');
+    });
     document.querySelectorAll('.virtual-table-viewport').forEach(v => {
       const cell = v.querySelector('th, td');
       if (cell && !v.querySelector('[tabindex="0"]')) cell.setAttribute('tabindex', '0');

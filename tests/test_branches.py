@@ -196,3 +196,23 @@ def test_bad_branch_requests_are_refused(lm, settings):
     with pytest.raises(ConversationError, match="no turn"):
         conv.fork(7)
     assert conv.branch_points() == {0: (2, 2)}  # nothing changed
+
+
+def test_the_token_view_probabilities_are_the_apis_logprobs(lm, settings):
+    """One implementation: a chat reply's recorded probabilities equal what the OpenAI-compatible
+    API's logprobs return for the same prompt (engine/decode.py computes both)."""
+    from fm_demo.engine import DecodeOptions
+    from fm_demo.serving.completion import CompletionRequest, complete
+
+    conv = Conversation(lm, settings)
+    run(conv.send("Which word did I ask you to remember?"))
+    turn = conv.turns[0]
+    prompt = conv.token_ids()[:conv.context_tokens - len(turn.reply_ids)]
+    chunks = list(complete(lm, CompletionRequest(prompt, GREEDY, N, conv.stop_ids(), namespace="api-check",
+                                                 options=DecodeOptions(logprobs=5))))
+    api = [entry for c in chunks for entry in c.logprobs]
+    assert [t for t, _, _ in api] == turn.reply_ids
+    for (_, lp, top), (mine, my_top) in zip(api, turn.logprobs):
+        assert lp == pytest.approx(mine, abs=1e-5)
+        assert [t for t, _ in top] == [t for t, _ in my_top]
+        assert [v for _, v in top] == pytest.approx([v for _, v in my_top], abs=1e-5)

@@ -46,15 +46,9 @@ def test_no_serious_or_critical_violation_on_any_tab_after_a_chat_turn(page, app
 
 
 def test_on_a_phone_the_chat_fits_and_its_actions_are_one_row_of_icons(page, app):  # noqa: F811
-    from test_browser import save_shot
+    from test_browser import phone_page, save_shot
 
-    # the same browser as the other tests (one Playwright per process), in a phone-sized context
-    context = page.context.browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                               has_touch=True)
-    try:
-        phone = context.new_page()
-        phone.goto(app[0], wait_until="load")
-        phone.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
+    with phone_page(page, app[0]) as phone:
         widths = phone.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert widths[0] <= widths[1] == 390, widths  # no horizontal scrolling
         boxes = [phone.locator(f"#chat-{name}").bounding_box()
@@ -78,5 +72,3 @@ def test_on_a_phone_the_chat_fits_and_its_actions_are_one_row_of_icons(page, app
         phone.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length > 0",
                                 timeout=WAIT_MS)
         save_shot(phone, "phone.png", width=390)
-    finally:
-        context.close()

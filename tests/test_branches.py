@@ -88,11 +88,7 @@ def test_a_switch_to_an_evicted_version_reads_it_again_and_says_so(lm, settings)
     run(conv.send("Spell the word cat backwards."))
     run(conv.send("What can you do?"))
     run(conv.retry(HOT))
-    for b in conv.forks[1].branches:  # the other version lets go of its states
-        if b is not None:
-            conv.cache.release(b.refs)
-            b.refs = {}
-    conv.trim(2)  # and the cache drops every state of this conversation no one holds
+    conv.trim(2)  # every version lets go of its states, and the cache drops those no one holds
     m = conv.switch(1, 0)
     assert not m.cache_hit and m.prefilled_tokens == conv.context_tokens and m.rebuilt_tokens > 0
     run(conv.send("What is 47 + 35?"))
@@ -216,3 +212,47 @@ def test_the_token_view_probabilities_are_the_apis_logprobs(lm, settings):
         assert lp == pytest.approx(mine, abs=1e-5)
         assert [t for t, _ in top] == [t for t, _ in my_top]
         assert [v for _, v in top] == pytest.approx([v for _, v in my_top], abs=1e-5)
+
+
+def test_a_version_that_fails_before_its_first_token_leaves_the_one_shown_before(lm, settings, monkeypatch):
+    from fm_demo.serving import SchedulerBusy
+
+    conv = Conversation(lm, settings)
+    run(conv.send("What is 47 + 35?"))
+    run(conv.retry(HOT))
+    run(conv.retry(SamplingParams(temperature=2.5, seed=12)))
+    conv.switch(0, 0)
+    shown = conv.token_ids()
+
+    def busy(request):
+        raise SchedulerBusy("The server is busy")
+
+    alt = next(t for t, _ in conv.turns[0].logprobs[1][1] if t != conv.turns[0].reply_ids[1]
+               and t not in conv.stop_ids())
+    monkeypatch.setattr(lm.runner, "submit", busy)
+    for attempt in (lambda: conv.retry(HOT), lambda: conv.edit(0, "Is 17 greater than 9?"),
+                    lambda: conv.rewind(0, 1, alt)):
+        with pytest.raises(SchedulerBusy):
+            run(attempt())
+        assert conv.token_ids() == shown and conv.branch_points() == {0: (1, 3)}
+    monkeypatch.undo()
+    run(conv.send("Remember the word falcon."))
+    check_last_reply(conv)
+
+
+def test_versions_follow_the_conversation_to_another_precision(lm, settings):
+    from fm_demo.models import ModelManager
+
+    manager = ModelManager(settings, presets={"instruct": Preset("instruct", "tiny instruct",
+                                                                 bundled_checkpoint("instruct"), "instruct",
+                                                                 ("fp32", "bf16"), "fp32")})
+    fp32, bf16 = manager.get("instruct", "fp32"), manager.get("instruct", "bf16")
+    conv = Conversation(fp32, settings)
+    run(conv.send("What is 47 + 35?"))
+    run(conv.retry(HOT))
+    conv.bind(bf16)  # the fp32 states are not this model's: every version lets go of them
+    m = conv.switch(0, 0)
+    assert not m.cache_hit and m.prefilled_tokens == conv.context_tokens
+    state = conv.cache.at(conv.context_tokens)
+    assert state.ssm.dtype == bf16.engine.new_state().ssm.dtype
+    run(conv.send("Is 17 greater than 9?"))

@@ -8,6 +8,7 @@ refreshes the README's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -98,6 +99,21 @@ def page(app):
         pg.outside_requests = outside
         yield pg
         browser.close()
+
+
+@contextlib.contextmanager
+def phone_page(page, url: str):
+    """A page of the app in a 390 x 844 touch viewport, in the same browser as `page` (one
+    Playwright per process), loaded and ready to chat."""
+    context = page.context.browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                               has_touch=True)
+    try:
+        phone = context.new_page()
+        phone.goto(url, wait_until="load")
+        phone.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
+        yield phone
+    finally:
+        context.close()
 
 
 def bot_text(page, chatbot: str = "#chatbot") -> str:

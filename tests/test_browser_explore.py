@@ -3,7 +3,7 @@ bundled tiny models): versions of a reply with ‹ k/n › arrows, Show 3 replie
 rewind to a chosen token, a new chat and a compare from a reply, the same by tap on a phone, and
 an axe-core audit with all of it on screen.
 
-Saves the README's screenshots (branches.png, many.png, tokens.png, phone.png) to a temporary
+Saves the README's screenshots (branches.png, many.png, tokens.png, phone-explore.png) to a temporary
 folder, or to FM_DEMO_SCREENSHOT_DIR (=docs refreshes them).
 """
 
@@ -13,7 +13,8 @@ import math
 
 import pytest
 from test_accessibility import AUDIT_JS, axe_script
-from test_browser import CHROMIUM, WAIT_MS, app, page, save_shot, set_number, toggle_sampling, wait_for  # noqa: F401
+from test_browser import (CHROMIUM, app, page, phone_page, save_shot, set_number, toggle_sampling,  # noqa: F401
+                          wait_for)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium")
 MAX_NEW = 48
@@ -195,12 +196,7 @@ def test_axe_finds_nothing_serious_with_the_exploring_controls_on_screen(page, a
 
 def test_on_a_phone_arrows_and_token_view_work_by_tap_without_side_scrolling(page, app):
     ctx = app[1]
-    context = page.context.browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                               has_touch=True)
-    try:
-        phone = context.new_page()
-        phone.goto(app[0], wait_until="load")
-        phone.wait_for_selector("#chat-input textarea", timeout=WAIT_MS)
+    with phone_page(page, app[0]) as phone:
         desk = set(map(id, chat_convs(ctx)))
         phone.fill("#chat-input textarea", "What is 47 + 35?")
         phone.tap("#chat-send")
@@ -224,6 +220,4 @@ def test_on_a_phone_arrows_and_token_view_work_by_tap_without_side_scrolling(pag
             box = phone.locator(sel).first.bounding_box()
             assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (sel, box)
         phone.evaluate("() => document.querySelector('#chatbot').scrollIntoView()")
-        save_shot(phone, "phone.png", width=390, full_page=False)
-    finally:
-        context.close()
+        save_shot(phone, "phone-explore.png", width=390, full_page=False)

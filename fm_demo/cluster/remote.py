@@ -174,6 +174,7 @@ class RemoteRunner:
     """The Runner seam (serving/runner.py) for a model on the cluster's replicas."""
 
     state_device = "cpu"
+    serves_options = serves_n = False
 
     def __init__(self, handle, key: Key, index: ReplicaIndex, copy_state_bytes: int, cache: PrefixCache,
                  new_state: Callable[[], State]):

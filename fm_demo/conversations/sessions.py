@@ -170,8 +170,9 @@ class Conversation:
 
     def branch_points(self) -> dict[int, tuple[int, int]]:
         """{turn index: (version shown, versions)} (both 1-based counts) where the turn has others."""
-        return {i: (f.active + 1, len(f.branches)) for i, f in sorted(self.forks.items())
-                if i < len(self.turns) and len(f.branches) > 1}
+        forks, n = self.forks.copy(), len(self.turns)  # a reply may be changing them on another thread
+        return {i: (f.active + 1, len(f.branches)) for i, f in sorted(forks.items())
+                if i < n and len(f.branches) > 1}
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, text: str, sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
@@ -194,6 +195,9 @@ class Conversation:
         self._check_text(text, allow_long=False)
         if not isinstance(n, int) or not 2 <= n <= MAX_REPLIES:
             raise ConversationError(f"replies at once must be from 2 to {MAX_REPLIES}, got {n!r}")
+        if not getattr(self._require_model().runner, "serves_n", True):
+            raise ConversationError("several replies at once need the batched server (not ZeroGPU or a "
+                                    "cluster): send one reply at a time here")
         if sampling is None or sampling.greedy:
             raise ConversationError("greedy decoding (temperature 0) writes the same reply every time: "
                                     "set a temperature above 0 to see different replies")
@@ -251,9 +255,9 @@ class Conversation:
     def _with_alternatives(self, options: DecodeOptions) -> DecodeOptions:
         """Every chat reply records each token's probability and its likeliest alternatives (the
         token view, and a rewind to any token); the same numbers as the API's logprobs."""
-        k = self.settings.token_alternatives
-        if not k or options.logprobs is not None:
-            return options
+        k, runner = self.settings.token_alternatives, getattr(self.lm, "runner", None)
+        if not k or options.logprobs is not None or not getattr(runner, "serves_options", True):
+            return options  # a runner without DecodeOptions (a cluster) writes replies without them
         return replace(options, logprobs=k)
 
     def _generate_locked(self, keep, user_text, sampling, max_new, progress,
@@ -552,6 +556,8 @@ class Conversation:
             return 0
         try:
             end = self.context_tokens
+            if level >= 2:
+                self._release_versions()
             return self.cache.trim(level, {end, self._retry_point()} if self.turns else {end})
         finally:
             self._lock.release()
@@ -602,14 +608,14 @@ class Conversation:
         "branch into a new chat", and compare's panes. Its states are shared (never modified in
         place), so its next turn reads only its own tokens. Other branches stay here."""
         with self._locked():
-            n = len(self.turns) if upto is None else upto + 1
-            if not 0 < n <= len(self.turns):
+            if upto is not None and not (isinstance(upto, int) and 0 <= upto < len(self.turns)):
                 raise ConversationError(f"there is no turn {upto} to branch from ({len(self.turns)} turns)")
+            n = len(self.turns) if upto is None else upto + 1
             other = Conversation(self.lm, self.settings, self.system, self.namespace)
             other.turns = [t.copy() for t in self.turns[:n]]
             other.cache = self.cache.copy(other.token_ids)
             other.cache.truncate(other.context_tokens)
-            other.last_metrics = other.turns[-1].metrics
+            other.last_metrics = other.turns[-1].metrics if other.turns else None
             return other
 
     # -- branches ----------------------------------------------------------------------------
@@ -646,11 +652,12 @@ class Conversation:
         fork = self.forks.setdefault(i, Fork([None]))
         fork.branches[fork.active] = self._stash(i, share=True)
         fork.branches.append(None)
-        fork.active = len(fork.branches) - 1
-        while len(fork.branches) > MAX_BRANCHES:  # the oldest version not shown leaves
-            old = next(k for k, b in enumerate(fork.branches) if b is not None)
+        fork.prev, fork.active = fork.active, len(fork.branches) - 1
+        while len(fork.branches) > MAX_BRANCHES:  # the oldest version not shown (nor just left) leaves
+            old = next(k for k, b in enumerate(fork.branches) if b is not None and k != fork.prev)
             self._release(fork.branches.pop(old))
             fork.active -= old < fork.active
+            fork.prev -= old < fork.prev
 
     def _unbranch(self, i: int) -> None:
         """The version of turn i just begun came to nothing (an error before any token): show the
@@ -659,7 +666,7 @@ class Conversation:
         if fork is None or len(self.turns) > i:
             return
         fork.branches.pop(fork.active)
-        fork.active = len(fork.branches) - 1
+        fork.active = fork.prev
         target, fork.branches[fork.active] = fork.branches[fork.active], None
         self._install(i, target)
         if len(fork.branches) == 1:
@@ -716,7 +723,15 @@ class Conversation:
 
     def _release(self, branch: Branch) -> None:
         self.cache.release(branch.refs)
+        branch.refs, branch.known = {}, set()
         for f in branch.forks.values():
+            for b in f.branches:
+                if b is not None:
+                    self._release(b)
+
+    def _release_versions(self) -> None:
+        """Every other version lets go of its states (their turns stay: a switch reads them again)."""
+        for f in self.forks.values():
             for b in f.branches:
                 if b is not None:
                     self._release(b)
@@ -727,6 +742,7 @@ class Conversation:
             old, self.lm = self.lm, lm
             if old is not None and old.key == lm.key:
                 return
+            self._release_versions()  # states of the old model's cache, every version's
             self.cache.clear()  # the old model's states
             self.cache = StateCache(lm.prefix_cache, self.namespace, self.token_ids)
             if old is None or (old.preset.source, old.kind) != (lm.preset.source, lm.kind):
@@ -747,6 +763,7 @@ class Conversation:
         one else holds. A busy conversation keeps them; the cache's budget frees them later."""
         if self._lock.acquire(blocking=False):
             try:
+                self._release_versions()
                 self.cache.clear()
                 if is_private(self.namespace):  # no one else can ever read them: they go now
                     self.cache.tree.discard_unheld(self.namespace)

@@ -67,6 +67,7 @@ class Fork:
 
     branches: list[Branch | None]
     active: int = 0
+    prev: int = 0  # the version shown before the one being written (shown again if it comes to nothing)
 
     def __post_init__(self) -> None:
         assert self.branches[self.active] is None

@@ -40,6 +40,8 @@ Key = Any  # a model's key, as the GPU worker's resolver knows it
 
 class Runner(Protocol):
     state_device: torch.device | str  # where states live between requests
+    serves_options: bool  # DecodeOptions (log-probabilities, bias, penalties, grammar) are applied
+    serves_n: bool  # Request.n > 1: n rows from one read
 
     def submit(self, req: Request) -> Reply: ...
 
@@ -53,6 +55,8 @@ class Runner(Protocol):
 
 
 class BatchedRunner:
+    serves_options = serves_n = True
+
     def __init__(self, engine: Engine, max_batch: int, prefill_budget: int, max_waiting: int,
                  name: str = "model", cache: PrefixCache | None = None, checkpoint_tokens: int = 1024):
         self.scheduler = Scheduler(engine, max_batch, prefill_budget, max_waiting, name, cache,
@@ -77,6 +81,7 @@ class BatchedRunner:
 
 class ZeroGpuRunner:
     state_device = "cpu"
+    serves_options, serves_n = True, False
 
     def __init__(self, gpu: GpuCalls, key: Key, cache: PrefixCache, new_state: Callable[[], State]):
         self.gpu, self.key, self.cache, self.new_state = gpu, key, cache, new_state

@@ -391,7 +391,8 @@ class ChatView:
 def connect_compare(chat: ChatView, compare_outputs: list, tabs: gr.Tabs) -> list:
     """Wire the reply controls ("compare from here" fills compare's panes and opens its tab)."""
     fn, inputs, outputs, triggers = chat.act
-    return [trigger(fn, inputs, [*outputs, *compare_outputs, tabs], api_name=name, show_progress="hidden")
+    return [trigger(fn, inputs, [*outputs, *compare_outputs, tabs], api_name=name, show_progress="hidden",
+                    api_visibility="private")  # the page's controls send their data; no API client can
             for trigger, name in triggers]
 
 
@@ -504,14 +505,14 @@ def build_chat_tab(ctx: AppContext) -> ChatView:
     changes.append(import_btn.upload(bind(import_file, ctx), import_btn, [*outs, preset, precision],
                                      api_name="chat_import"))
     changes.append(token_view.click(limited(bind(rewind, ctx)), knobs, outs, api_name="chat_rewind",
-                                    concurrency_limit=None))
+                                    concurrency_limit=None, api_visibility="private"))
     redraw = (bind(refresh, ctx), [token_on, view_turn], [branch_ctl, token_view])
     for event in changes:
         event.then(*redraw, api_visibility="private", show_progress="hidden")
     token_on.change(*redraw, api_visibility="private", show_progress="hidden")
     chatbot.select(bind(select_reply, ctx), token_on, [view_turn, token_view], api_visibility="private",
                    show_progress="hidden")
-    act_io = (bind(act, ctx), [points, token_on, view_turn], [*outs, branch_ctl, token_view, many_view],
+    act_io = (limited(bind(act, ctx)), [points, token_on, view_turn], [*outs, branch_ctl, token_view, many_view],
               ((branch_ctl.click, "chat_branch"), (many_view.click, "chat_pick")))
     # its own plot, fed by the points every reply handler already returns (their outputs stay as they are)
     points.change(device_plot, points, device_mem_plot, api_visibility="private", show_progress="hidden")

@@ -3,8 +3,8 @@ bundled tiny models): versions of a reply with ‹ k/n › arrows, Show 3 replie
 rewind to a chosen token, a new chat and a compare from a reply, the same by tap on a phone, and
 an axe-core audit with all of it on screen.
 
-Saves the README's screenshots (branches.png, many.png, tokens.png, phone-explore.png) to a temporary
-folder, or to FM_DEMO_SCREENSHOT_DIR (=docs refreshes them).
+Saves the README's screenshots (branches.png, many.png, tokens.png, compare-from-here.png,
+phone-explore.png) to a temporary folder, or to FM_DEMO_SCREENSHOT_DIR (=docs refreshes them).
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ def the_chat(ctx):
     return max(chat_convs(ctx), key=lambda c: c.last_used)
 
 
-def settled(page, ctx, check=lambda conv: True, what: str = "the chat to settle") -> None:
-    """Until the chat is idle, its readout is not streaming and `check(conv)` holds."""
+def settled(page, ctx, check=lambda conv: True, what: str = "the chat to settle", conv=None) -> None:
+    """Until the chat (`conv`, else the one used last) is idle, its readout is not streaming and
+    `check(conv)` holds."""
+    given = conv
 
     def ok() -> bool:
-        convs = chat_convs(ctx)
-        if not convs:
+        if given is None and not chat_convs(ctx):
             return False
-        conv = the_chat(ctx)
+        conv = given if given is not None else the_chat(ctx)
         if conv.busy or not check(conv):
             return False
         turns = list(conv.turns)  # one look: a reply may begin between two
@@ -174,6 +175,7 @@ def test_branch_into_a_new_chat_and_compare_from_a_reply(page, app):
     wait_for(lambda: page.locator("#compare-left [data-testid='user']").count() == 1, "compare's left pane")
     assert page.locator("#compare-right [data-testid='user']").count() == 1
     assert "reads only itself" in page.inner_text("#compare-left-readout")
+    save_shot(page, "compare-from-here.png")
     page.get_by_role("tab", name="Chat").click()
 
 
@@ -196,15 +198,25 @@ def test_axe_finds_nothing_serious_with_the_exploring_controls_on_screen(page, a
 
 def test_on_a_phone_arrows_and_token_view_work_by_tap_without_side_scrolling(page, app):
     ctx = app[1]
+    desk = {sid for sid, _ in ctx.store._convs}  # the sessions before the phone's page
+
+    def phone_chat():
+        return next((c for (sid, slot), c in ctx.store._convs.items() if slot == "chat" and sid not in desk), None)
+
+    opened = set(ctx.store._opened)
     with phone_page(page, app[0]) as phone:
-        desk = set(map(id, chat_convs(ctx)))
+        # the page's load event (the history) empties the message box: type once it has run
+        wait_for(lambda: set(ctx.store._opened) - opened, "the phone page's load event")
+        phone.wait_for_timeout(1000)
         phone.fill("#chat-input textarea", "What is 47 + 35?")
         phone.tap("#chat-send")
-        wait_for(lambda: any(id(c) not in desk for c in chat_convs(ctx)), "the phone's conversation")
-        conv = next(c for c in chat_convs(ctx) if id(c) not in desk)
-        settled(phone, ctx, lambda c: c is conv and len(c.turns) == 1, "the phone's reply")
+        wait_for(lambda: phone_chat() is not None and len(phone_chat().turns) == 1,
+                 lambda: f"the phone's conversation: {[(k, len(c.turns)) for k, c in ctx.store._convs.items()]}, "
+                         f"desk {desk}, page: {phone.inner_text('#chatbot')[:200]!r}")
+        conv = phone_chat()
+        settled(phone, ctx, lambda c: len(c.turns) == 1, "the phone's reply", conv)
         phone.tap("#chat-retry")
-        settled(phone, ctx, lambda c: c is conv and c.branch_points() == {0: (2, 2)}, "the phone's retry")
+        settled(phone, ctx, lambda c: c.branch_points() == {0: (2, 2)}, "the phone's retry", conv)
         wait_for(lambda: nav(phone) == "2/2", "the arrows on the phone")
         phone.tap("#chatbot .fm-branch-prev")
         wait_for(lambda: nav(phone) == "1/2", "the tapped arrow to switch")

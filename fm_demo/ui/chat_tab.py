@@ -304,7 +304,8 @@ def act(ctx: AppContext, points: list, token_on: bool, view_turn: int | None, ev
         many = explore.many_for(conv, turn)
     elif action == "newchat":
         conv = ctx.store.put(sid, conv.fork(turn), SLOT)
-        gr.Info(f"A new chat with the first {turn + 1} turns; the previous one stays in the history.")
+        first = "the first turn" if turn == 0 else f"the first {turn + 1} turns"
+        gr.Info(f"A new chat with {first}; the previous one stays in the history.")
         many = HIDDEN
     else:
         from .compare_tab import SLOTS, from_here_note

@@ -81,7 +81,8 @@ def compare(
 
 def from_here_note(conv) -> str:
     """A pane's readout after "compare from here" (both panes on the chat's model)."""
-    return (f"<div class='fm-readout fm-empty'>From the chat: {len(conv.turns)} turns, {conv.context_tokens:,} tokens, "
+    turns = "1 turn" if len(conv.turns) == 1 else f"{len(conv.turns)} turns"
+    return (f"<div class='fm-readout fm-empty'>From the chat: {turns}, {conv.context_tokens:,} tokens, "
             f"on {html.escape(conv.lm.label)}. The states are shared with the chat, so the next message reads only "
             f"itself. Pick another model here to compare: that pane reads the history once.</div>")
 

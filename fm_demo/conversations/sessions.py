@@ -44,7 +44,7 @@ from ..stops import first_stop
 from ..templates import REWRITE_REASON, Extension
 from .state_cache import StateCache
 from .transfer import export_bytes, forks_json, import_parts, transcript_parts, transcript_texts
-from .turns import MAX_BRANCHES, Branch, ConversationBusy, ConversationError, Fork, ImportRefused, Turn
+from .turns import MAX_BRANCHES, Branch, ConversationBusy, ConversationError, Fork, ImportRefused, Turn, layout
 
 ProgressFn = Callable[[int, int], None]
 
@@ -71,6 +71,11 @@ class ManyEvent:
     metrics: ReplyMetrics
     done: bool = False
     finish_reasons: list[str | None] | None = None
+
+
+def _metrics(lm: LoadedModel, **fields) -> ReplyMetrics:
+    """A reply's metrics on `lm`, before anything is measured."""
+    return ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})", **fields)
 
 
 def reply_started(reply: Reply | None) -> bool:
@@ -272,7 +277,7 @@ class Conversation:
             turn.reply_ids, turn.logprobs = list(prefix[0]), list(prefix[1])
         tokens = self.token_ids()
         pre = len(tokens) - 1  # the reply's first token comes from the last prompt token's logits
-        m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
+        m = _metrics(lm)
         raw = lm.tokenizer.decode(turn.reply_ids, skip_special_tokens=True) if prefix else ""
         first, finish, reply = True, None, None
         try:
@@ -342,7 +347,7 @@ class Conversation:
         turn, rewritten = self._begin_turn(keep, user_text)
         tokens = self.token_ids()
         pre = len(tokens) - 1
-        m = ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})", replies=n)
+        m = _metrics(lm, replies=n)
         rows = [turn] + [Turn(turn.user, list(turn.prompt_ids)) for _ in range(n - 1)]
         raws, finishes, replies = [""] * n, [None] * n, []
         failed = False
@@ -405,7 +410,7 @@ class Conversation:
         b = self._boundaries()[i]
         retry = self._retry_point()
         shared = {p: n for p, n in self.cache.refs.items() if b < p <= retry}
-        prefix = [(list(t.prompt_ids), list(t.reply_ids)) for t in self.turns[:i]]
+        prefix = layout(self.turns[:i])
         for t, r, finish in zip(turns, replies, finishes):
             t.finish_reason = finish
             end = b + len(t.prompt_ids) + len(t.reply_ids)
@@ -415,8 +420,7 @@ class Conversation:
                 refs[end] = self.cache.tree.hold(node)
             t.metrics = replace(m, new_tokens=len(t.reply_ids), finish_reason=finish, context_tokens=end)
             fork.branches.append(Branch([t], {}, refs, set(refs), t.metrics, prefix))
-        while len(fork.branches) > MAX_BRANCHES:
-            self._release(fork.branches.pop(1))
+        self._prune(fork)
 
     def rewind(self, index: int, position: int, token_id: int, sampling: SamplingParams | None = None,
                max_new_tokens: int | None = None, options: DecodeOptions = PLAIN) -> Iterator[ReplyEvent]:
@@ -641,7 +645,7 @@ class Conversation:
         refs, known = self.cache.split(b, share)
         turns = self.turns[i:]
         forks = {j: self.forks.pop(j) for j in [j for j in self.forks if j > i]}
-        prefix = [(list(t.prompt_ids), list(t.reply_ids)) for t in self.turns[:i]]
+        prefix = layout(self.turns[:i])
         self.turns[i:] = [t.copy() for t in turns] if share else []
         return Branch(turns, forks, refs, known, self.last_metrics, prefix)
 
@@ -653,7 +657,11 @@ class Conversation:
         fork.branches[fork.active] = self._stash(i, share=True)
         fork.branches.append(None)
         fork.prev, fork.active = fork.active, len(fork.branches) - 1
-        while len(fork.branches) > MAX_BRANCHES:  # the oldest version not shown (nor just left) leaves
+        self._prune(fork)
+
+    def _prune(self, fork: Fork) -> None:
+        """Beyond MAX_BRANCHES versions, the oldest one neither shown nor just left goes."""
+        while len(fork.branches) > MAX_BRANCHES:
             old = next(k for k, b in enumerate(fork.branches) if b is not None and k != fork.prev)
             self._release(fork.branches.pop(old))
             fork.active -= old < fork.active
@@ -704,7 +712,7 @@ class Conversation:
         if end and self.cache.at(end) is None:
             start = self._read_from(end)
         read = end - start
-        base = self.last_metrics or ReplyMetrics(device=lm.device, model=f"{lm.key[0]} ({lm.key[1]})")
+        base = self.last_metrics or _metrics(lm)
         f = self.forks[index]
         m = replace(base, reused_tokens=start, prefilled_tokens=read, rebuilt_tokens=read, rebuilt_reason="",
                     cache_hit=read == 0, new_tokens=0, ttft_s=0.0, decode_s=0.0,
@@ -716,25 +724,22 @@ class Conversation:
 
     def _drop_forks(self, i: int) -> None:
         """Forks at turn i and beyond lose their other versions (undo, clear)."""
-        for j in [j for j in self.forks if j >= i]:
-            for b in self.forks.pop(j).branches:
-                if b is not None:
-                    self._release(b)
+        self._release_forks([self.forks.pop(j) for j in [j for j in self.forks if j >= i]])
 
     def _release(self, branch: Branch) -> None:
         self.cache.release(branch.refs)
         branch.refs, branch.known = {}, set()
-        for f in branch.forks.values():
+        self._release_forks(branch.forks.values())
+
+    def _release_forks(self, forks) -> None:
+        for f in forks:
             for b in f.branches:
                 if b is not None:
                     self._release(b)
 
     def _release_versions(self) -> None:
         """Every other version lets go of its states (their turns stay: a switch reads them again)."""
-        for f in self.forks.values():
-            for b in f.branches:
-                if b is not None:
-                    self._release(b)
+        self._release_forks(self.forks.values())
 
     def bind(self, lm: LoadedModel) -> None:
         """Continue this conversation with `lm`; another model re-reads it at the next reply."""
@@ -796,7 +801,7 @@ class Conversation:
                 before = [t.copy() for t in path[:i]]
                 self.turns = before + b.turns
                 self._reprompt_turns(reply_ids)
-                b.turns, b.prefix = self.turns[i:], [(t.prompt_ids, t.reply_ids) for t in self.turns[:i]]
+                b.turns, b.prefix = self.turns[i:], layout(self.turns[:i])
                 self._reprompt_forks(b.forks, self.turns, reply_ids)
 
     def _reprompt_turns(self, reply_ids: Callable[[Turn], list[int] | None]) -> None:

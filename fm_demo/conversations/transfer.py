@@ -25,7 +25,7 @@ from .. import chat
 from ..engine import State, StateError
 from ..models import LoadedModel
 from ..settings import Settings
-from .turns import MAX_BRANCHES, Branch, Fork, ImportRefused, Turn
+from .turns import MAX_BRANCHES, Branch, Fork, ImportRefused, Turn, layout
 
 EXPORT_FORMAT, EXPORT_VERSION = "fm-demo-conversation", 1
 HEADER_SLACK = 64 * 1024  # header bytes besides the transcript: tensor entries, keys, model identity
@@ -200,7 +200,7 @@ def _forks_from(raw, path: list[Turn], system: str, lm: LoadedModel, fmt: chat.C
         if not ok:
             raise ImportRefused("the branches in the file are malformed")
         before = path[:at]
-        prefix = [(list(t.prompt_ids), list(t.reply_ids)) for t in before]
+        prefix = layout(before)
         out: list[Branch | None] = []
         for k, b in enumerate(branches):
             if k == active:

@@ -44,6 +44,11 @@ class Turn:
                     self.metrics, self.keep_at, None if self.logprobs is None else list(self.logprobs))
 
 
+def layout(turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
+    """The turns as tokens (prompt, reply): what a Branch records of the turns before it."""
+    return [(list(t.prompt_ids), list(t.reply_ids)) for t in turns]
+
+
 MAX_BRANCHES = 16  # versions one fork keeps: beyond, the oldest one not shown leaves
 
 

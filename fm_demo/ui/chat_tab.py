@@ -165,10 +165,9 @@ def _stream_many(ctx: AppContext, sid: str, conv, events: Iterator, points: list
                    gr.skip(), gr.skip(), gr.skip(), gr.HTML(explore.many_html(ev.texts, turn, None, False), visible=True))
     m = conv.last_metrics
     points = plot_points(points, m)
-    texts = [conv.turns[turn].reply if b is None else b.turns[0].reply
-             for b in conv.forks[turn].branches] if turn in conv.forks else [t.reply for t in conv.turns[turn:]]
+    many = explore.many_for(conv, turn)
     yield (gr.skip(), conv.messages, readout_html(m), state_kv_frame(points), speed_frame(points), points,
-           gr.HTML(explore.many_html(texts, turn, 0, True), visible=True))
+           HIDDEN if many is None else gr.HTML(many, visible=True))
 
 
 def _user_turn(messages: list[dict], index) -> int:
@@ -302,6 +301,7 @@ def act(ctx: AppContext, points: list, token_on: bool, view_turn: int | None, ev
         conv.switch(turn, explore.event_ints(evt, "version")["version"])
         ctx.store.save(conv)
         many = explore.many_for(conv, turn)
+        many = gr.skip() if many is None else many
     elif action == "newchat":
         conv = ctx.store.put(sid, conv.fork(turn), SLOT)
         first = "the first turn" if turn == 0 else f"the first {turn + 1} turns"

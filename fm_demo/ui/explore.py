@@ -238,11 +238,12 @@ def many_html(texts: list[str], turn: int, shown: int | None, done: bool) -> str
     return f"<div class='fm-many' data-turn='{turn}'>{''.join(cols)}</div>"
 
 
-def many_for(conv, turn: int) -> str:
-    """The N-replies panel for `turn` after a switch: each version's reply, the shown one marked."""
+def many_for(conv, turn: int) -> str | None:
+    """The N-replies panel for `turn`: each version's reply, the shown one marked (None: the turn
+    has no versions)."""
     fork = conv.forks.get(turn)
     if fork is None:
-        return gr.skip()
+        return None
     texts = [conv.turns[turn].reply if b is None else b.turns[0].reply for b in fork.branches]
     return many_html(texts, turn, fork.active, done=True)
 
